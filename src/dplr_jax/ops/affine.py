@@ -1,0 +1,58 @@
+"""The affine form of the recurrence: a segment of tokens maps S_in to M S_in + B.
+
+M [..., K, K] and B [..., K, V] per head. Segments compose associatively,
+(M2, B2) o (M1, B1) = (M2 M1, M2 B1 + B2), which is what context parallelism is built on:
+each shard summarizes its tokens from a zero state, the summaries are scanned, and each
+shard finishes with its true initial state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dplr_jax.ops import chunked, forms
+from dplr_jax.ops.api import SPECS, _cast, acc_dtype, validate
+from dplr_jax.ops._checks import check_options
+
+
+def transition(op, q, k, v, *gates, cu_seqlens=None, chunk_size=64):
+    """(M, B) of each segment for `op` (an op function or its name), taking the op's positional
+    inputs (q is unused and may be None). Segments are batch rows, or packed sequences when
+    cu_seqlens is given. Returns M [N, HV, K, K], B [N, HV, K, V] (float32, or float64)."""
+    name = op if isinstance(op, str) else op.__name__
+    if name not in SPECS:
+        raise ValueError(f"transition: argument 'op' is {name!r}; expected one of {list(SPECS)}")
+    spec = SPECS[name]
+    if q is None:
+        kk = jnp.asarray(k)
+        q = jnp.zeros(kk.shape[:3] + kk.shape[-1:], kk.dtype)
+    dims, args = validate(spec, dict(zip(("q", "k", "v") + spec.gates, (q, k, v) + gates)))
+    check_options(name, dims, chunk_size=chunk_size, backend="xla", cu_seqlens=cu_seqlens,
+                  initial_state=None, n_state_heads=dims.sizes[spec.state_heads], scale=None)
+    inputs = [args[n] for n in ("q", "k", "v") + spec.gates]
+    form = forms.FORMS[name](*_cast(inputs, acc_dtype(*inputs)))
+    n = form.n_virtual
+    vchunk = chunk_size if n == 1 else 1 << (chunk_size * n - 1).bit_length()
+    cu = None if cu_seqlens is None else jnp.asarray(cu_seqlens, jnp.int32) * n
+    _, g, E, y, P, F, V = form.engine_inputs()
+    return chunked.transition(g, E, y, P, F, V, chunk_size=vchunk, cu_seqlens=cu)
+
+
+def compose(second, first):
+    """second o first: apply `first`, then `second`."""
+    M2, B2 = second
+    M1, B1 = first
+    return (jnp.einsum("...ij,...jk->...ik", M2, M1),
+            jnp.einsum("...ij,...jv->...iv", M2, B1) + B2)
+
+
+def apply(t, S):
+    """M S + B."""
+    M, B = t
+    return jnp.einsum("...ij,...jv->...iv", M, S) + B
+
+
+def scan(transitions, axis=0):
+    """Inclusive prefix compositions along `axis`: out[i] = t[i] o ... o t[0], in log depth."""
+    return jax.lax.associative_scan(lambda a, b: compose(b, a), transitions, axis=axis)

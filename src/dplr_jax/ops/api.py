@@ -1,0 +1,167 @@
+"""Public ops: validation, dtype policy and backend dispatch around the reference and chunk engine.
+
+Layout [B, T, H, D]. Every op returns (o, final_state); final_state is None unless
+output_final_state=True. o has q's dtype; states and all accumulation are float32 (float64
+when the inputs are float64). The "reference" backend computes in float64 whenever
+jax_enable_x64 is on, so it can serve as ground truth for any input dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dplr_jax.ops import backends, chunked, forms, reference
+from dplr_jax.ops._checks import (Dims, check_float, check_nonpositive, check_options,
+                                  default_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """An op: its arguments after (q, k, v), their layouts, and its reference step."""
+
+    name: str
+    gates: tuple[str, ...]  # names of the arguments after v, in order
+    layouts: dict  # argument -> dims, or (full dims, rank-1 shorthand dims, rank symbol)
+    state_heads: str  # "HV" (grouped value heads allowed) or "H"
+    step: Callable
+    log_decays: tuple[str, ...] = ("log_decay",)
+    optional: tuple[str, ...] = ()
+
+
+_QK = {"q": ("B", "T", "H", "K"), "k": ("B", "T", "H", "K")}
+SPECS = {
+    s.name: s
+    for s in [
+        Spec("gla", ("log_decay",), {**_QK, "v": ("B", "T", "H", "V"),
+                                     "log_decay": ("B", "T", "H", "K")}, "H", reference.gla_step),
+        Spec("delta_rule", ("beta",), {**_QK, "v": ("B", "T", "HV", "V"), "beta": ("B", "T", "HV")},
+             "HV", reference.delta_rule_step, log_decays=()),
+        Spec("gated_delta_rule", ("log_decay", "beta"),
+             {**_QK, "v": ("B", "T", "HV", "V"), "log_decay": ("B", "T", "HV"),
+              "beta": ("B", "T", "HV")}, "HV", reference.gated_delta_rule_step),
+        Spec("kda", ("log_decay", "beta"),
+             {**_QK, "v": ("B", "T", "HV", "V"), "log_decay": ("B", "T", "HV", "K"),
+              "beta": ("B", "T", "HV")}, "HV", reference.kda_step),
+        Spec("dplr", ("log_decay", "a", "b"),
+             {"q": ("B", "T", "H", "K"),
+              "k": (("B", "T", "H", "Rkv", "K"), ("B", "T", "H", "K"), "Rkv"),
+              "v": (("B", "T", "H", "Rkv", "V"), ("B", "T", "H", "V"), "Rkv"),
+              "log_decay": ("B", "T", "H", "K"),
+              "a": (("B", "T", "H", "R", "K"), ("B", "T", "H", "K"), "R"),
+              "b": (("B", "T", "H", "R", "K"), ("B", "T", "H", "K"), "R")},
+             "H", reference.dplr_step, optional=("log_decay",)),
+        Spec("hdla", ("log_decay", "beta"),
+             {**_QK, "v": ("B", "T", "H", "V"), "log_decay": ("B", "T", "H", "K"),
+              "beta": ("B", "T", "H")}, "H", reference.hdla_step),
+        Spec("gated_delta_product", ("log_decay", "beta"),
+             {"q": ("B", "T", "H", "K"), "k": ("B", "T", "H", "n", "K"),
+              "v": ("B", "T", "H", "n", "V"), "beta": ("B", "T", "H", "n"),
+              "log_decay": ("B", "T", "H")}, "H", reference.gated_delta_product_step),
+    ]
+}
+
+
+def _drop_t(layout):
+    if isinstance(layout[0], tuple):
+        return (_drop_t(layout[0]), _drop_t(layout[1]), layout[2])
+    return tuple(d for d in layout if d != "T")
+
+
+def validate(spec: Spec, args: dict, *, step=False):
+    """Checks shapes/dtypes of q, k, v and the gates; returns (Dims, args with rank axes added)."""
+    dims = Dims(spec.name + ("_step" if step else ""))
+    out = {}
+    for name in ("q", "k", "v") + spec.gates:
+        x = args[name]
+        if x is None and name in spec.optional:
+            out[name] = None
+            continue
+        if x is not None and not hasattr(x, "shape"):
+            x = jnp.asarray(x)
+        layout = spec.layouts[name]
+        if step:
+            layout = _drop_t(layout)
+        check_float(dims.op, name, x)
+        if isinstance(layout[0], tuple):
+            out[name] = dims.bind_either(name, x, *layout)
+        else:
+            out[name] = dims.bind(name, x, layout)
+    if spec.state_heads == "HV":
+        dims.heads()
+    for name in spec.log_decays:
+        check_nonpositive(dims.op, name, out.get(name))
+    return dims, out
+
+
+def acc_dtype(*xs):
+    """float64 if any input is float64 (x64 mode), else float32."""
+    return jnp.float64 if any(x is not None and x.dtype == jnp.float64 for x in xs) else jnp.float32
+
+
+def _cast(xs, dtype):
+    return [None if x is None else x.astype(dtype) for x in xs]
+
+
+def run(spec: Spec, args: dict, *, scale, initial_state, output_final_state, cu_seqlens,
+        chunk_size, backend):
+    dims, args = validate(spec, args)
+    N = check_options(spec.name, dims, chunk_size=chunk_size, backend=backend,
+                      cu_seqlens=cu_seqlens, initial_state=initial_state,
+                      n_state_heads=dims.sizes[spec.state_heads], scale=scale)
+    scale = default_scale(scale, dims.sizes["K"])
+    inputs = [args[n] for n in ("q", "k", "v") + spec.gates]
+    q = inputs[0]
+    if cu_seqlens is not None:
+        cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
+    if backend == "auto":
+        backend = "pallas" if backends.lookup(spec.name) is not None else "xla"
+    if backend == "pallas":
+        kernel = backends.lookup(spec.name)
+        if kernel is None:
+            raise ValueError(f"{spec.name}: argument 'backend' is 'pallas', but no Pallas kernel "
+                             f"is registered for {spec.name} on platform "
+                             f"'{jax.default_backend()}'; use 'xla' or 'auto'")
+        o, S = kernel(*inputs, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                      chunk_size=chunk_size)
+        return o.astype(q.dtype), (S if output_final_state else None)
+
+    if backend == "reference" and jax.config.read("jax_enable_x64"):
+        dtype = jnp.float64
+    else:
+        dtype = acc_dtype(*inputs, initial_state)
+    xs = _cast(inputs, dtype)
+    HV, K, V = dims.sizes[spec.state_heads], dims.sizes["K"], dims.sizes["V"]
+    h0 = (jnp.zeros((N, HV, K, V), dtype) if initial_state is None
+          else initial_state.astype(dtype))
+    if backend == "reference":
+        o, S = reference.scan(spec.step, xs, h0, scale, cu_seqlens)
+    else:
+        xs[0] = xs[0] * scale
+        form = forms.FORMS[spec.name](*xs)
+        n = form.n_virtual
+        vchunk = chunk_size if n == 1 else 1 << (chunk_size * n - 1).bit_length()
+        o, S = chunked.chunked(*form.engine_inputs(), h0, chunk_size=vchunk,
+                               cu_seqlens=None if cu_seqlens is None else cu_seqlens * n)
+        if n > 1:
+            o = o.reshape(o.shape[0], -1, n, *o.shape[2:])[:, :, -1]
+    S = S.astype(acc_dtype(*inputs, initial_state)) if output_final_state else None
+    return o.astype(q.dtype), S
+
+
+def run_step(spec: Spec, args: dict, state, *, scale):
+    dims, args = validate(spec, args, step=True)
+    want = (dims.sizes["B"], dims.sizes[spec.state_heads], dims.sizes["K"], dims.sizes["V"])
+    if state is None or tuple(state.shape) != want:
+        raise ValueError(f"{dims.op}: argument 'state' has shape "
+                         f"{None if state is None else tuple(state.shape)}; expected "
+                         f"[B, {spec.state_heads}, K, V] = {want}")
+    check_float(dims.op, "state", state)
+    inputs = [args[n] for n in ("q", "k", "v") + spec.gates]
+    dtype = acc_dtype(*inputs, state)
+    o, S = spec.step(*_cast(inputs, dtype), state.astype(dtype),
+                     default_scale(scale, dims.sizes["K"]))
+    return o.astype(inputs[0].dtype), S

@@ -1,0 +1,188 @@
+"""The chunk-wise algorithm in plain jnp (backend "xla").
+
+Every op is lowered (see forms.py) to one engine recurrence per value head:
+
+    S_t = D_t S_{t-1} + sum_j E_tj x_tj^T + sum_i F_ti V_ti^T,
+    x_tj = y_tj - P_tj^T S_{t-1},          o_t = scale * S_t^T q_t,
+
+D_t = Diag(exp g_t) (g: none, one scalar per token, or one per key channel). E are the
+"probed" keys, whose values x depend on the state through the probes P (the low-rank part
+of the transition, - sum_j E_tj P_tj^T, is DPLR's - A_t B_t^T); F are plain keys with known
+values V. DPLR is (E, y, P) = (a, 0, b) with F = k; the delta-rule family is (beta k, v, e^g k)
+with no F, so its values and low-rank part share one key and need one C x C inverse; GLA has
+no E at all. This is seed 004's eqs. 12-18, written with x instead of U.
+
+Inside a chunk with cumulative log decay G_t (G_0 = 0) and S_0 its initial state:
+
+    x = (I + L)^-1 (y - (P * e^G_{t-1}) S_0 - L_F V),   L[t,s] = P_t^T e^{G_{t-1} - G_s} E_s (s < t)
+    o = (q * e^G) S_0 + QE x + QF V,                     QE[t,s] = q_t^T e^{G_t - G_s} E_s (s <= t)
+    S_C = e^{G_C} S_0 + sum_s e^{G_C - G_s} (E_s x_s + F_s V_s)
+
+Writing x = X0 - W S_0 splits every chunk into an affine map S_C = M S_0 + Bc and outputs
+o = Qs S_0 + O0 that need S_0 only through one matmul: phase 1 computes (M, Bc, Qs, O0) for
+all chunks in parallel (rematerialized in the backward pass), phase 2 scans S over chunks
+(O(T/C) states saved), phase 3 is a batched matmul.
+
+Numerics: all of this runs in float32 (float64 if inputs are float64). No exponent is ever
+positive: pairwise decays e^{G_t - G_s} on the diagonal 16-token sub-blocks are formed
+directly, and off-diagonal sub-blocks factor through the log decay at the boundary R between
+them, e^{G_t - R} e^{R - G_s}, each factor <= 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dplr_jax.ops.layout import ChunkLayout
+from dplr_jax.ops.triangular import unit_lower_inverse
+
+SUB = 16  # sub-chunk length for decay factoring and for the triangular inverse
+
+
+def _exp_masked(expo, mask):
+    """exp(expo) where mask, else 0; never evaluates exp of a masked (possibly > 0) exponent."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, expo, 0.0)), 0.0)
+
+
+def _rowscale(X, e):
+    """X [C, r, K] times a per-position decay e: None, [C] or [C, K]."""
+    if e is None:
+        return X
+    return X * (e[:, None, None] if e.ndim == 1 else e[:, None, :])
+
+
+def decayed_products(X, gx, Y, gy, strict):
+    """Out[t,a,s,b] = sum_k X[t,a,k] Y[s,b,k] exp(gx[t,k] - gy[s,k]) for s <= t (s < t if strict).
+
+    X [C, a, K], Y [C, b, K]; gx, gy cumulative log decays at the positions of X and Y: None,
+    [C] or [C, K], with gx[t] <= gy[s] whenever s <= t. Masked entries are exactly zero.
+    """
+    C = X.shape[0]
+    t = jnp.arange(C)
+    mask = (t[:, None] > t[None, :]) if strict else (t[:, None] >= t[None, :])
+    if gx is None or gx.ndim == 1:
+        out = jnp.einsum("tak,sbk->tasb", X, Y)
+        decay = mask.astype(X.dtype) if gx is None else _exp_masked(gx[:, None] - gy[None, :], mask)
+        return out * decay[:, None, :, None]
+    # Per-channel decay: factor through sub-chunk boundaries.
+    c = min(SUB, C)
+    n = C // c
+    a, b, K = X.shape[1], Y.shape[1], X.shape[2]
+    Xs, Ys = X.reshape(n, c, a, K), Y.reshape(n, c, b, K)
+    gxs, gys = gx.reshape(n, c, K), gy.reshape(n, c, K)
+    e = _exp_masked(gxs[:, :, None, :] - gys[:, None, :, :], mask[:c, :c, None])
+    diag = jnp.einsum("itak,isbk,itsk->itasb", Xs, Ys, e)  # [n, c, a, c, b]
+    out = diag[:, :, :, None] * jnp.eye(n, dtype=X.dtype)[:, None, None, :, None, None]
+    if n > 1:
+        R = gy[c - 1 : C - 1 : c]  # [n-1, K]: log decay at the end of sub-chunk i-1
+        before = t[None, :] < (jnp.arange(1, n) * c)[:, None]  # [n-1, C]: s before sub-chunk i
+        Xh = Xs[1:] * jnp.exp(gxs[1:] - R[:, None, :])[:, :, None, :]
+        Yh = Y[None] * _exp_masked(R[:, None, :] - gy[None], before[:, :, None])[:, :, None, :]
+        off = jnp.einsum("itak,isbk->itasb", Xh, Yh).reshape(n - 1, c, a, n, c, b)
+        out = out.at[1:].add(off)
+    return out.reshape(C, a, C, b)
+
+
+def chunk_summary(q, g, E, y, P, F, Vk):
+    """One chunk of one head -> (M, Bc, Qs, O0): S_C = M S_0 + Bc and o = Qs S_0 + O0.
+
+    q [C, K]; g None, [C] or [C, K]; E, P [C, m, K] and y [C, m, V] (or None);
+    F [C, r, K] and Vk [C, r, V] (or None). M is [K, K], or [K] when there is no E (diagonal).
+    """
+    C, K = q.shape
+    if g is None:
+        G = Gp = e_q = e_prev = e_end = None
+    else:
+        G = jnp.cumsum(g, axis=0)
+        Gp = jnp.concatenate([jnp.zeros_like(G[:1]), G[:-1]])
+        e_q, e_prev, e_end = jnp.exp(G), jnp.exp(Gp), jnp.exp(G[-1] - G)
+    q1 = q[:, None, :]
+    Qs = _rowscale(q1, e_q)[:, 0]
+    decay_end = jnp.ones((K,), q.dtype) if g is None else jnp.broadcast_to(jnp.exp(G[-1]), (K,))
+    O0 = 0.0
+    Bc = 0.0
+    if F is not None:
+        QF = decayed_products(q1, G, F, G, strict=False)[:, 0]  # [C, C, r]
+        O0 = jnp.einsum("tsi,siv->tv", QF, Vk)
+        Bc = jnp.einsum("sik,siv->kv", _rowscale(F, e_end), Vk)
+    if E is None:
+        return decay_end, Bc, Qs, O0
+    m = E.shape[1]
+    L = decayed_products(P, Gp, E, G, strict=True).reshape(C * m, C * m)
+    Tinv = unit_lower_inverse(L, block=SUB * m)
+    rhs = y
+    if F is not None:
+        PF = decayed_products(P, Gp, F, G, strict=True)  # [C, m, C, r]
+        rhs = y - jnp.einsum("tjsi,siv->tjv", PF, Vk)
+    W = (Tinv @ _rowscale(P, e_prev).reshape(C * m, K)).reshape(C, m, K)
+    X0 = (Tinv @ rhs.reshape(C * m, -1)).reshape(C, m, -1)
+    QE = decayed_products(q1, G, E, G, strict=False)[:, 0]  # [C, C, m]
+    Qs = Qs - jnp.einsum("tsj,sjk->tk", QE, W)
+    O0 = O0 + jnp.einsum("tsj,sjv->tv", QE, X0)
+    Ee = _rowscale(E, e_end)
+    M = jnp.diag(decay_end) - jnp.einsum("sjk,sjl->kl", Ee, W)
+    Bc = Bc + jnp.einsum("sjk,sjv->kv", Ee, X0)
+    return M, Bc, Qs, O0
+
+
+def _apply(M, S):
+    return M[..., :, None] * S if M.ndim == S.ndim - 1 else jnp.einsum("...kl,...lv->...kv", M, S)
+
+
+def _summaries(layout, q, g, E, y, P, F, Vk):
+    """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...]."""
+    def chunks(x):
+        return None if x is None else jnp.moveaxis(layout.to_chunks(x), 3, 1)
+
+    fn = jax.checkpoint(chunk_summary)
+    for _ in range(3):
+        fn = jax.vmap(fn)
+    return fn(*(chunks(x) for x in (q, g, E, y, P, F, Vk)))
+
+
+def _scan_states(layout, M, Bc, h0):
+    """Phase 2: S_in for every chunk [B, H, NC, K, V] and the final states [N, H, K, V]."""
+    def body(S, inp):
+        Mc, Bcc, reset, idx = inp
+        S = jnp.where(reset, h0[idx], S)
+        return _apply(Mc, S) + Bcc, S
+
+    xs = (jnp.moveaxis(M, 2, 0), jnp.moveaxis(Bc, 2, 0), layout.reset, layout.init_idx.T)
+    _, S_in = jax.lax.scan(body, jnp.zeros_like(Bc[:, :, 0]), xs)
+    S_in = jnp.moveaxis(S_in, 0, 2)
+    r, c = layout.final_row, layout.final_chunk
+    finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
+    return S_in, finals
+
+
+def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None):
+    """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype;
+    h0 [N, H, K, V]. Returns o [B, T, H, V] (unscaled) and final states [N, H, K, V]."""
+    B, T = q.shape[:2]
+    layout = ChunkLayout.make(B, T, chunk_size, cu_seqlens)
+    M, Bc, Qs, O0 = _summaries(layout, q, g, E, y, P, F, Vk)
+    S_in, finals = _scan_states(layout, M, Bc, h0)
+    o = jnp.einsum("bhnck,bhnkv->bhncv", Qs, S_in) + O0
+    return layout.from_chunks(jnp.moveaxis(o, 1, 3)), finals
+
+
+def transition(g, E, y, P, F, Vk, *, chunk_size, cu_seqlens=None):
+    """The affine map S_out = M S_in + B of each whole segment (batch row or packed sequence).
+
+    Runs the engine once with state [I | 0] and values [0 | values]: the map is linear in
+    (S, values) jointly, so the K first columns of the final state are M and the rest are B.
+    Returns M [N, H, K, K] and B [N, H, K, V].
+    """
+    ref = y if y is not None else Vk
+    B_, T, H = ref.shape[:3]
+    K = (E if E is not None else F).shape[-1]
+    N = B_ if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    widen = lambda x: None if x is None else jnp.concatenate(
+        [jnp.zeros(x.shape[:-1] + (K,), x.dtype), x], axis=-1)
+    h0 = jnp.concatenate([jnp.broadcast_to(jnp.eye(K, dtype=ref.dtype), (N, H, K, K)),
+                          jnp.zeros((N, H, K, ref.shape[-1]), ref.dtype)], axis=-1)
+    q = jnp.zeros((B_, T, H, K), ref.dtype)
+    _, S = chunked(q, g, E, widen(y), P, F, widen(Vk), h0, chunk_size=chunk_size,
+                   cu_seqlens=cu_seqlens)
+    return S[..., :K], S[..., K:]

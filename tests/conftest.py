@@ -1,0 +1,30 @@
+"""Test setup: 8 virtual CPU devices (for sharding tests) and an opt-in float64 fixture.
+
+XLA_FLAGS must be set before JAX initializes its backend, so it is set here, at import.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.experimental  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+    """Runs the test with float64 enabled."""
+    with jax.experimental.enable_x64():
+        yield
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh, test-specific NumPy generator (seeded from the test id, so failures reproduce)."""
+    seed = abs(hash(request.node.nodeid)) % (2**32)
+    return np.random.default_rng(seed)
