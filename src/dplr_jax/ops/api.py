@@ -117,8 +117,9 @@ def run(spec: Spec, args: dict, *, scale, initial_state, output_final_state, cu_
     q = inputs[0]
     if cu_seqlens is not None:
         cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
-    if backend == "auto":
-        backend = "pallas" if backends.lookup(spec.name) is not None else "xla"
+    if backend == "auto":  # on the CPU a registered kernel only interprets: use xla there
+        backend = ("pallas" if jax.default_backend() != "cpu"
+                   and backends.lookup(spec.name) is not None else "xla")
     if backend == "pallas":
         kernel = backends.lookup(spec.name)
         if kernel is None:

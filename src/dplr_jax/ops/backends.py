@@ -1,6 +1,7 @@
 """Registry of accelerator kernels: (op, platform) -> implementation.
 
-backend="auto" uses a registered kernel for the current platform, else the chunked XLA path.
+backend="auto" uses a registered kernel on GPU/TPU, else the chunked XLA path; on the CPU a
+registered kernel runs only when asked for (backend="pallas"), in Pallas interpret mode.
 A kernel takes the op's validated positional inputs and keywords (scale, initial_state,
 cu_seqlens, chunk_size) and returns (o, final_state).
 """
