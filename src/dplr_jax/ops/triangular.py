@@ -21,7 +21,7 @@ import jax.numpy as jnp
 def _forward_substitution(N):
     """Inverse of I + N for a batch [..., n, n] of small strictly lower-triangular N."""
     n = N.shape[-1]
-    X = jnp.broadcast_to(jnp.eye(n, dtype=N.dtype), N.shape)
+    X = jnp.eye(n, dtype=N.dtype) + jnp.zeros_like(N)  # zeros_like keeps N's shard_map type
 
     def row(i, X):
         # Row i of X = e_i - N[i] @ X; N[i, j >= i] = 0, so only finished rows are read.
