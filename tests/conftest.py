@@ -12,7 +12,6 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.experimental  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -20,7 +19,7 @@ import pytest  # noqa: E402
 @pytest.fixture
 def x64():
     """Runs the test with float64 enabled."""
-    with jax.experimental.enable_x64():
+    with jax.enable_x64(True):
         yield
 
 

@@ -78,9 +78,9 @@ def _concrete(x):
 
 def check_nonpositive(op, name, x):
     """Log decays must be <= 0. Checked when the value is concrete (not under jit)."""
-    if _concrete(x) and bool(jnp.any(jnp.asarray(x) > 0)):
+    if _concrete(x) and bool(np.any(np.asarray(x) > 0)):  # NumPy: also fine inside a jit trace
         raise ValueError(f"{op}: argument '{name}' must be a log decay <= 0, but has "
-                         f"positive entries (max {float(jnp.max(x)):.4g})")
+                         f"positive entries (max {float(np.max(np.asarray(x))):.4g})")
 
 
 def check_options(op, dims: Dims, *, chunk_size, backend, cu_seqlens, initial_state, n_state_heads,

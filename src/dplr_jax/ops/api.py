@@ -137,7 +137,7 @@ def run(spec: Spec, args: dict, *, scale, initial_state, output_final_state, cu_
     xs = _cast(inputs, dtype)
     HV, K, V = dims.sizes[spec.state_heads], dims.sizes["K"], dims.sizes["V"]
     h0 = (jnp.zeros((N, HV, K, V), dtype) if initial_state is None
-          else initial_state.astype(dtype))
+          else jnp.asarray(initial_state, dtype))
     if backend == "reference":
         o, S = reference.scan(spec.step, xs, h0, scale, cu_seqlens)
     else:

@@ -24,9 +24,13 @@ all chunks in parallel (rematerialized in the backward pass), phase 2 scans S ov
 (O(T/C) states saved), phase 3 is a batched matmul.
 
 Numerics: all of this runs in float32 (float64 if inputs are float64). No exponent is ever
-positive: pairwise decays e^{G_t - G_s} on the diagonal 16-token sub-blocks are formed
-directly, and off-diagonal sub-blocks factor through the log decay at the boundary R between
-them, e^{G_t - R} e^{R - G_s}, each factor <= 1.
+positive, and no exponent is a difference of two cumulative sums: after a hard reset (log
+decay -1000) the cumulative sums sit near -1000, where float32's spacing is 6e-5, and
+G_t - G_s would lose the small exponents that matter. Every exponent is a sum over the tokens
+it spans: pairwise decays on the diagonal 16-token sub-blocks come from a cumulative sum of
+masked per-token decays, and off-diagonal sub-blocks factor through the sub-chunk boundary
+as (prefix inside the query's sub-chunk) + (suffix inside the key's) + (whole sub-chunks
+between), each factor <= 1.
 """
 
 from __future__ import annotations
@@ -40,11 +44,6 @@ from dplr_jax.ops.triangular import unit_lower_inverse
 SUB = 16  # sub-chunk length for decay factoring and for the triangular inverse
 
 
-def _exp_masked(expo, mask):
-    """exp(expo) where mask, else 0; never evaluates exp of a masked (possibly > 0) exponent."""
-    return jnp.where(mask, jnp.exp(jnp.where(mask, expo, 0.0)), 0.0)
-
-
 def _rowscale(X, e):
     """X [C, r, K] times a per-position decay e: None, [C] or [C, K]."""
     if e is None:
@@ -52,33 +51,63 @@ def _rowscale(X, e):
     return X * (e[:, None, None] if e.ndim == 1 else e[:, None, :])
 
 
-def decayed_products(X, gx, Y, gy, strict):
-    """Out[t,a,s,b] = sum_k X[t,a,k] Y[s,b,k] exp(gx[t,k] - gy[s,k]) for s <= t (s < t if strict).
+def _shift_down(x, axis):
+    """x moved one step along `axis`, zero first: the exclusive version of a cumulative sum."""
+    x = jnp.moveaxis(x, axis, 0)
+    return jnp.moveaxis(jnp.concatenate([jnp.zeros_like(x[:1]), x[:-1]]), 0, axis)
 
-    X [C, a, K], Y [C, b, K]; gx, gy cumulative log decays at the positions of X and Y: None,
-    [C] or [C, K], with gx[t] <= gy[s] whenever s <= t. Masked entries are exactly zero.
+
+def prefix_suffix(g, axis=0):
+    """Inclusive prefix sums, exclusive prefix sums and exclusive suffix sums of g along `axis`,
+    each computed as a sum of the tokens it covers (the suffix by a reversed cumsum)."""
+    incl = jnp.cumsum(g, axis=axis)
+    rev = jnp.flip(jnp.cumsum(jnp.flip(g, axis), axis=axis), axis)  # sum over u >= s
+    suffix = jnp.flip(_shift_down(jnp.flip(rev, axis), axis), axis)  # sum over u > s
+    return incl, _shift_down(incl, axis), suffix
+
+
+def segment_sums(g, probe):
+    """S[t, s] = sum of g_u over s < u <= t (over s < u <= t - 1 if probe), for s < t; 0 elsewhere.
+    g [c, ...]; returns [c, c, ...]. A cumulative sum of masked decays: no differences."""
+    c = g.shape[0]
+    u = jnp.arange(c)
+    after = (u[:, None] > u[None, :]).reshape((c, c) + (1,) * (g.ndim - 1))  # [u, s]: u > s
+    S = jnp.cumsum(jnp.where(after, g[:, None], 0.0), axis=0)
+    return _shift_down(S, 0) if probe else S
+
+
+def decayed_products(X, Y, g, probe):
+    """Out[t,a,s,b] = sum_k X[t,a,k] Y[s,b,k] exp(sum_{s<u<=t} g[u,k]) for s <= t.
+
+    With probe=True the decay runs to t - 1 and only s < t is kept (a probe reads the state
+    before token t's decay). X [C, a, K], Y [C, b, K]; g per-token log decays: None, [C]
+    or [C, K]. Masked entries are exactly zero.
     """
     C = X.shape[0]
     t = jnp.arange(C)
-    mask = (t[:, None] > t[None, :]) if strict else (t[:, None] >= t[None, :])
-    if gx is None or gx.ndim == 1:
+    mask = (t[:, None] > t[None, :]) if probe else (t[:, None] >= t[None, :])
+    if g is None or g.ndim == 1:
         out = jnp.einsum("tak,sbk->tasb", X, Y)
-        decay = mask.astype(X.dtype) if gx is None else _exp_masked(gx[:, None] - gy[None, :], mask)
+        decay = mask.astype(X.dtype) if g is None else mask * jnp.exp(segment_sums(g, probe))
         return out * decay[:, None, :, None]
-    # Per-channel decay: factor through sub-chunk boundaries.
+    # Per-channel decay: exact pairwise decays on the diagonal sub-blocks...
     c = min(SUB, C)
     n = C // c
     a, b, K = X.shape[1], Y.shape[1], X.shape[2]
-    Xs, Ys = X.reshape(n, c, a, K), Y.reshape(n, c, b, K)
-    gxs, gys = gx.reshape(n, c, K), gy.reshape(n, c, K)
-    e = _exp_masked(gxs[:, :, None, :] - gys[:, None, :, :], mask[:c, :c, None])
+    Xs, Ys, gs = X.reshape(n, c, a, K), Y.reshape(n, c, b, K), g.reshape(n, c, K)
+    e = mask[:c, :c, None] * jnp.exp(jax.vmap(lambda x: segment_sums(x, probe))(gs))
     diag = jnp.einsum("itak,isbk,itsk->itasb", Xs, Ys, e)  # [n, c, a, c, b]
     out = diag[:, :, :, None] * jnp.eye(n, dtype=X.dtype)[:, None, None, :, None, None]
     if n > 1:
-        R = gy[c - 1 : C - 1 : c]  # [n-1, K]: log decay at the end of sub-chunk i-1
-        before = t[None, :] < (jnp.arange(1, n) * c)[:, None]  # [n-1, C]: s before sub-chunk i
-        Xh = Xs[1:] * jnp.exp(gxs[1:] - R[:, None, :])[:, :, None, :]
-        Yh = Y[None] * _exp_masked(R[:, None, :] - gy[None], before[:, :, None])[:, :, None, :]
+        # ...and off-diagonal blocks (query sub-chunk i > key sub-chunk j) through the boundary.
+        incl, excl, suffix = prefix_suffix(gs, axis=1)  # inside each sub-chunk
+        between = segment_sums(incl[:, -1], probe=True)  # [i, j]: whole sub-chunks j < l < i
+        Xh = Xs[1:] * jnp.exp(excl if probe else incl)[1:, :, None, :]
+        j_of_s = t // c
+        expo = suffix.reshape(C, K)[None] + between[1:, j_of_s]  # [n-1, C, K]
+        before = j_of_s[None, :] < jnp.arange(1, n)[:, None]  # [n-1, C]: key before sub-chunk i
+        Yh = Y[None] * (before[:, :, None] * jnp.exp(jnp.where(before[:, :, None], expo, 0.0)))[
+            :, :, None, :]
         off = jnp.einsum("itak,isbk->itasb", Xh, Yh).reshape(n - 1, c, a, n, c, b)
         out = out.at[1:].add(off)
     return out.reshape(C, a, C, b)
@@ -92,32 +121,32 @@ def chunk_summary(q, g, E, y, P, F, Vk):
     """
     C, K = q.shape
     if g is None:
-        G = Gp = e_q = e_prev = e_end = None
+        e_q = e_prev = e_end = None
+        decay_end = jnp.ones((K,), q.dtype)
     else:
-        G = jnp.cumsum(g, axis=0)
-        Gp = jnp.concatenate([jnp.zeros_like(G[:1]), G[:-1]])
-        e_q, e_prev, e_end = jnp.exp(G), jnp.exp(Gp), jnp.exp(G[-1] - G)
+        incl, excl, suffix = prefix_suffix(g)
+        e_q, e_prev, e_end = jnp.exp(incl), jnp.exp(excl), jnp.exp(suffix)
+        decay_end = jnp.broadcast_to(e_q[-1], (K,))
     q1 = q[:, None, :]
     Qs = _rowscale(q1, e_q)[:, 0]
-    decay_end = jnp.ones((K,), q.dtype) if g is None else jnp.broadcast_to(jnp.exp(G[-1]), (K,))
     O0 = 0.0
     Bc = 0.0
     if F is not None:
-        QF = decayed_products(q1, G, F, G, strict=False)[:, 0]  # [C, C, r]
+        QF = decayed_products(q1, F, g, probe=False)[:, 0]  # [C, C, r]
         O0 = jnp.einsum("tsi,siv->tv", QF, Vk)
         Bc = jnp.einsum("sik,siv->kv", _rowscale(F, e_end), Vk)
     if E is None:
         return decay_end, Bc, Qs, O0
     m = E.shape[1]
-    L = decayed_products(P, Gp, E, G, strict=True).reshape(C * m, C * m)
+    L = decayed_products(P, E, g, probe=True).reshape(C * m, C * m)
     Tinv = unit_lower_inverse(L, block=SUB * m)
     rhs = y
     if F is not None:
-        PF = decayed_products(P, Gp, F, G, strict=True)  # [C, m, C, r]
+        PF = decayed_products(P, F, g, probe=True)  # [C, m, C, r]
         rhs = y - jnp.einsum("tjsi,siv->tjv", PF, Vk)
     W = (Tinv @ _rowscale(P, e_prev).reshape(C * m, K)).reshape(C, m, K)
     X0 = (Tinv @ rhs.reshape(C * m, -1)).reshape(C, m, -1)
-    QE = decayed_products(q1, G, E, G, strict=False)[:, 0]  # [C, C, m]
+    QE = decayed_products(q1, E, g, probe=False)[:, 0]  # [C, C, m]
     Qs = Qs - jnp.einsum("tsj,sjk->tk", QE, W)
     O0 = O0 + jnp.einsum("tsj,sjv->tv", QE, X0)
     Ee = _rowscale(E, e_end)
