@@ -17,6 +17,7 @@ import inspect
 from dplr_jax.ops import affine
 from dplr_jax.ops.api import SPECS, run, run_step
 from dplr_jax.ops.hdla_factors import hdla_factors
+from dplr_jax.ops import pallas  # noqa: F401  (registers the Pallas kernels with ops.backends)
 
 
 def _op(name):

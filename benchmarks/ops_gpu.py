@@ -1,0 +1,471 @@
+"""GPU benchmark and correctness check: dplr_jax (pallas, xla) vs flash-linear-attention.
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/ops_gpu.py \
+        [--T 2048 4096 8192 16384] [--out DIR] [--budget SECONDS]
+
+One call does, on one GPU:
+1. correctness of backend="pallas" against the reference (float64 token scan) for kda,
+   gated_delta_rule, delta_rule and gla: outputs, final states and every gradient, at float32
+   (<= 1e-5) and bf16 (DESIGN.md tolerances), with T % C != 0, an initial state, packed
+   sequences (cu_seqlens), and log decays down to -1000 with beta in (0, 2) (finite check);
+2. timings at B=4, H=16, K=V=128, bf16 (log decays float32): forward and forward+backward,
+   median device time after warm-up, and peak memory beyond the inputs, for dplr_jax pallas
+   and xla, FLA (fla-core 0.6.0: chunk_kda, chunk_gla, chunk_gated_delta_rule), causal softmax
+   attention (torch SDPA, jax.nn.dot_product_attention), and the Pallas state pass alone;
+3. a table with ratios to FLA and to the memory/compute floor (benchmarks/NOTES.md), and JSON.
+
+JAX timing: 10 back-to-back calls of the jitted function then block_until_ready, per call;
+median of 7 such groups after 2 warm-up calls. torch timing: triton.testing.do_bench median
+(CUDA events). JAX memory: XLA's compiled temp + output bytes; torch: max_memory_allocated
+during the call minus what was allocated before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dplr_jax import ops
+from dplr_jax.ops.pallas import PLATFORM_CONFIGS
+from dplr_jax.ops.pallas.state_pass import Launch, state_pass
+
+B, H, K, V, C = 4, 16, 128, 128, 64
+BW, FLOPS = 3.0e12, 750e12  # H100: measured copy bandwidth, dense bf16 rate (NOTES.md)
+OPS4 = ("kda", "gated_delta_rule", "delta_rule", "gla")
+TOL_BF16 = {"o": 5e-3, "S": 5e-3, "q": 8e-3, "k": 8e-3, "v": 8e-3, "h0": 8e-3,
+            "log_decay": 2e-2, "beta": 2e-2}
+T0 = time.time()
+RESULTS = {"checks": [], "timings": []}
+OUT_DIR = None  # set by main(): where record() saves the JSON after every measurement
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+def inputs(op, B_, T, H_, K_, V_, key, dtype, strong=False):
+    """Positional inputs of op (q, k, v, gates): keys L2-normalized, beta in (0, 2), log decays
+    float32 (strong: 2% of them -1000, hard resets)."""
+    ks = jax.random.split(key, 8)
+    nrm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    q = jax.random.normal(ks[0], (B_, T, H_, K_))
+    k = nrm(jax.random.normal(ks[1], (B_, T, H_, K_)))
+    v = jax.random.normal(ks[2], (B_, T, H_, V_))
+    beta = 2 * jax.nn.sigmoid(jax.random.normal(ks[3], (B_, T, H_)))
+
+    def log_decay(shape):
+        g = jax.nn.log_sigmoid(1.5 * jax.random.normal(ks[4], shape) + 3.0)
+        if strong:
+            g = jnp.where(jax.random.uniform(ks[5], shape) < 0.02, -1000.0, 10 * g)
+        return g
+
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    if op == "gla":
+        return (q, k, v, log_decay((B_, T, H_, K_)))
+    if op == "delta_rule":
+        return (q, k, v, beta.astype(dtype))
+    if op == "gated_delta_rule":
+        return (q, k, v, log_decay((B_, T, H_)), beta.astype(dtype))
+    return (q, k, v, log_decay((B_, T, H_, K_)), beta.astype(dtype))
+
+
+GATE_NAMES = {"gla": ("log_decay",), "delta_rule": ("beta",),
+              "gated_delta_rule": ("log_decay", "beta"), "kda": ("log_decay", "beta")}
+
+
+def loss_and_grads(op, backend, args, h0, do, dS, cu=None, chunk_size=C):
+    def f(args, h0):
+        o, S = ops.OPS[op](*args, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                           backend=backend, chunk_size=chunk_size)
+        return o, S
+
+    def run(args, h0):
+        (o, S), pull = jax.vjp(f, args, h0)
+        da, dh0 = pull((do.astype(o.dtype), dS))
+        return o, S, da, dh0
+
+    return jax.jit(run)(args, h0)
+
+
+def rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.sqrt(np.sum((x - ref) ** 2) / np.sum(ref ** 2)))
+
+
+# ---- 1. correctness -------------------------------------------------------------------------
+
+def check(op, dtype, case, key):
+    T, N = 300, 2
+    cu = None
+    Bc = 2
+    if case == "varlen":
+        Bc, cu = 1, jnp.array([0, 77, 300], jnp.int32)
+    args = inputs(op, Bc, T, 2, 64, 64, key, dtype, strong=(case == "strong"))
+    h0 = 0.5 * jax.random.normal(jax.random.fold_in(key, 1), (N, 2, 64, 64))
+    do = jax.random.normal(jax.random.fold_in(key, 2), (Bc, T, 2, 64))
+    dS = jax.random.normal(jax.random.fold_in(key, 3), (N, 2, 64, 64))
+    got = loss_and_grads(op, "pallas", args, h0, do, dS, cu)
+    with jax.enable_x64(True):
+        a64 = tuple(jnp.asarray(np.asarray(a, np.float64)) for a in args)
+        ref = loss_and_grads(op, "reference", a64, jnp.asarray(np.asarray(h0, np.float64)),
+                             jnp.asarray(np.asarray(do, np.float64)),
+                             jnp.asarray(np.asarray(dS, np.float64)), cu)
+        ref = jax.tree.map(np.asarray, ref)
+    names = ("q", "k", "v") + GATE_NAMES[op]
+    pairs = [("o", got[0], ref[0]), ("S", got[1], ref[1]), ("h0", got[3], ref[3])]
+    pairs += [(n, a, b) for n, a, b in zip(names, got[2], ref[2])]
+    out = {}
+    ok = True
+    for n, a, b in pairs:
+        a = np.asarray(a.astype(jnp.float32) if hasattr(a, "astype") else a)
+        finite = bool(np.all(np.isfinite(a)))
+        err = rel(a, b)
+        tol = 1e-5 if dtype == jnp.float32 else TOL_BF16[n]
+        good = finite and err < tol
+        ok &= good
+        out[n] = {"rel_rmse": err, "tol": tol, "finite": finite, "pass": good}
+    RESULTS["checks"].append({"op": op, "dtype": jnp.dtype(dtype).name, "case": case,
+                              "pass": ok, "errors": out})
+    worst = max(out, key=lambda n: out[n]["rel_rmse"] / out[n]["tol"])
+    log(f"check {op:17s} {jnp.dtype(dtype).name:8s} {case:7s} {'PASS' if ok else 'FAIL'} "
+        f"worst {worst} {out[worst]['rel_rmse']:.2e} (tol {out[worst]['tol']:.0e})")
+
+
+# ---- 2. timing ------------------------------------------------------------------------------
+
+def time_jax(fn, args, groups=7, per=10):
+    jf = jax.jit(fn)
+    compiled = jf.lower(*args).compile()
+    mem = None
+    try:
+        ma = compiled.memory_analysis()
+        mem = int(ma.temp_size_in_bytes + ma.output_size_in_bytes)
+    except Exception:  # noqa: BLE001 - memory analysis is optional on some backends
+        pass
+    for _ in range(2):
+        jax.block_until_ready(compiled(*args))
+    ts = []
+    for _ in range(groups):
+        t = time.perf_counter()
+        for _ in range(per):
+            out = compiled(*args)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t) / per * 1e3)
+    return statistics.median(ts), mem
+
+
+def jax_op_fns(op, backend):
+    def fwd(*args):
+        return ops.OPS[op](*args, backend=backend, chunk_size=C)[0]
+
+    def fwd_bwd(do, *args):
+        o, pull = jax.vjp(fwd, *args)
+        return pull(do)
+
+    return fwd, fwd_bwd
+
+
+def record(name, T, mode, ms, mem, extra=None):
+    row = {"name": name, "T": T, "mode": mode, "ms": ms, "mem_bytes": mem}
+    row.update(extra or {})
+    RESULTS["timings"].append(row)
+    if OUT_DIR:
+        save(OUT_DIR)  # keep what was measured if the device call is cut off
+    log(f"time {name:28s} T={T:6d} {mode:8s} {ms:9.3f} ms  mem "
+        f"{'-' if mem is None else f'{mem / 2**30:.2f} GiB'}")
+
+
+def guarded(what, fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - one failing variant must not stop the benchmark
+        log(f"FAILED {what}: {type(e).__name__}: {str(e)[:300]}")
+        RESULTS.setdefault("failures", []).append({"what": what, "error": repr(e)[:2000]})
+
+
+def bench_jax(T, jops, backends_):
+    key = jax.random.PRNGKey(T)
+    for op in jops:
+        args = inputs(op, B, T, H, K, V, key, jnp.bfloat16)
+        do = jax.random.normal(key, (B, T, H, V), jnp.bfloat16)
+        for be in backends_:
+            fwd, fwd_bwd = jax_op_fns(op, be)
+            guarded(f"{op} {be} fwd T={T}",
+                    lambda: record(f"jax {op} {be}", T, "fwd", *time_jax(fwd, args)))
+            guarded(f"{op} {be} fwd+bwd T={T}",
+                    lambda: record(f"jax {op} {be}", T, "fwd+bwd",
+                                   *time_jax(fwd_bwd, (do,) + args)))
+
+
+def bench_state_pass(T, configs):
+    """The Pallas state pass alone (forward, and forward+backward), random float32 summaries."""
+    NC = T // C
+    ks = jax.random.split(jax.random.PRNGKey(7), 6)
+    M = jnp.eye(K) * 0.9 + 0.01 * jax.random.normal(ks[0], (B, H, NC, K, K))
+    Bc = jax.random.normal(ks[1], (B, H, NC, K, V))
+    Qs = jax.random.normal(ks[2], (B, H, NC, C, K))
+    O0 = jax.random.normal(ks[3], (B, H, NC, C, V))
+    h0 = jnp.zeros((B, 1, H, K, V))
+    src = jnp.where(jnp.arange(NC)[None] == 0, 0, -1).astype(jnp.int32) + jnp.zeros((B, 1),
+                                                                                  jnp.int32)
+    for cfg in configs:
+        launch = lambda x: f"{x.block_v}/{x.num_warps}/{x.num_stages}"
+        tag = (f"state_pass {getattr(cfg.precision, 'name', cfg.precision)} fwd "
+               f"{launch(cfg.fwd)} bwd {launch(cfg.bwd)}")
+        f = lambda M, Bc, Qs, O0: state_pass(M, Bc, Qs, O0, h0, src, cfg)[0]
+
+        def fb(M, Bc, Qs, O0):
+            o, pull = jax.vjp(f, M, Bc, Qs, O0)
+            return pull(o)
+
+        guarded(tag + " fwd", lambda: record(tag, T, "fwd", *time_jax(f, (M, Bc, Qs, O0))))
+        guarded(tag + " fwd+bwd",
+                lambda: record(tag, T, "fwd+bwd", *time_jax(fb, (M, Bc, Qs, O0))))
+
+
+def bench_jax_attention(T):
+    key = jax.random.PRNGKey(1)
+    q, k, v = (jax.random.normal(kk, (B, T, H, K), jnp.bfloat16) for kk in jax.random.split(key, 3))
+    do = jax.random.normal(key, (B, T, H, V), jnp.bfloat16)
+    fwd = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                       implementation="cudnn")
+
+    def fb(do, q, k, v):
+        return jax.vjp(fwd, q, k, v)[1](do)
+
+    guarded(f"jax attention fwd T={T}",
+            lambda: record("jax attention cudnn", T, "fwd", *time_jax(fwd, (q, k, v))))
+    guarded(f"jax attention fwd+bwd T={T}",
+            lambda: record("jax attention cudnn", T, "fwd+bwd", *time_jax(fb, (do, q, k, v))))
+
+
+def bench_torch(T, which):
+    import torch
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(T)
+    rn = lambda *s, dt=torch.bfloat16: torch.randn(*s, device=dev, generator=g, dtype=dt)
+    nrm = lambda x: x / x.float().norm(dim=-1, keepdim=True).to(x.dtype)
+    q, k, v = rn(B, T, H, K), nrm(rn(B, T, H, K)), rn(B, T, H, V)
+    g_ch = F.logsigmoid(1.5 * rn(B, T, H, K, dt=torch.float32) + 3.0)
+    g_sc = F.logsigmoid(1.5 * rn(B, T, H, dt=torch.float32) + 3.0)
+    beta = (2 * torch.sigmoid(rn(B, T, H, dt=torch.float32))).to(torch.bfloat16)
+    do = rn(B, T, H, V)
+
+    def measure(name, fwd, grads_of, modes):
+        for mode in modes:
+            def call():
+                for x in grads_of:
+                    x.grad = None
+                o = fwd()
+                if mode == "fwd+bwd":
+                    o.backward(do)
+
+            def go():
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                call()
+                torch.cuda.synchronize()
+                mem = torch.cuda.max_memory_allocated() - base
+                ms = do_bench(call, warmup=50, rep=300, return_mode="median")
+                record(name, T, mode, ms, mem)
+
+            guarded(f"{name} {mode} T={T}", go)
+
+    leaves = [q, k, v, g_ch, g_sc, beta]
+    for x in leaves:
+        x.requires_grad_(True)
+    from fla.ops import chunk_gated_delta_rule, chunk_gla, chunk_kda
+    if "kda" in which:
+        measure("fla chunk_kda", lambda: chunk_kda(q, k, v, g_ch, beta)[0], leaves,
+                ("fwd", "fwd+bwd"))
+    if "gla" in which:
+        measure("fla chunk_gla", lambda: chunk_gla(q, k, v, g_ch)[0], leaves,
+                ("fwd", "fwd+bwd"))
+    if "gdn" in which:
+        measure("fla chunk_gated_delta_rule",
+                lambda: chunk_gated_delta_rule(q, k, v, g_sc, beta)[0], leaves, ("fwd",))
+    if "sdpa" not in which:
+        return
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v))
+    dot_ = do.transpose(1, 2).contiguous()
+    measure("torch sdpa", lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+            [qt, kt, vt], ("fwd",))
+    # SDPA's backward, with the cotangent in its [B, H, T, V] layout.
+    def sdpa_fb():
+        for x in (qt, kt, vt):
+            x.grad = None
+        F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).backward(dot_)
+
+    def go():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        sdpa_fb()
+        torch.cuda.synchronize()
+        mem = torch.cuda.max_memory_allocated() - base
+        record("torch sdpa", T, "fwd+bwd", do_bench(sdpa_fb, warmup=50, rep=300,
+                                                     return_mode="median"), mem)
+
+    guarded(f"torch sdpa fwd+bwd T={T}", go)
+    del q, k, v, g_ch, g_sc, beta, do, qt, kt, vt
+    torch.cuda.empty_cache()
+
+
+# ---- 3. floors and table --------------------------------------------------------------------
+
+def floor_ms(op, T, mode):
+    """max(bytes / BW, flops / FLOPS) of a fused layer (NOTES.md "GPU kernels")."""
+    n = B * T * H
+    e = n * K * 2  # one bf16 [B, T, H, 128] tensor
+    gate = {"kda": n * K * 4 + n * 2, "gla": n * K * 4, "gated_delta_rule": n * 4 + n * 2,
+            "delta_rule": n * 2, "attention": 0}[op]
+    fwd_bytes = 4 * e + gate  # q, k, v, gates in; o out
+    bwd_bytes = fwd_bytes + e + 3 * e + gate  # again + do in; dq, dk, dv, dgates out
+    chunks = n // C
+    if op == "attention":
+        fwd_fl = 2 * 2 * B * H * T * T * K / 2
+    else:
+        fwd_fl = chunks * (6 * C * C * K + 4 * C * C * V + 6 * C * K * V)
+    flops = fwd_fl if mode == "fwd" else 3.5 * fwd_fl
+    byts = fwd_bytes if mode == "fwd" else fwd_bytes + bwd_bytes
+    return max(byts / BW, flops / FLOPS) * 1e3
+
+
+def table():
+    rows = RESULTS["timings"]
+    fla = {(r["T"], r["mode"], r["name"].split()[-1].replace("chunk_", "")): r["ms"]
+           for r in rows if r["name"].startswith("fla")}
+    def opname(name):
+        name = name.replace("chunk_", "")
+        return next((o for o in OPS4 if name.endswith(" " + o) or f" {o} " in name),
+                    "attention" if "attention" in name or "sdpa" in name else None)
+
+    print("\n| variant | T | mode | ms | peak mem GiB | vs FLA | vs floor |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        op = opname(r["name"])
+        short = {"kda": "kda", "gla": "gla", "gated_delta_rule": "gated_delta_rule"}.get(op)
+        f = fla.get((r["T"], r["mode"], short)) if short else None
+        vs_fla = f"{r['ms'] / f:.2f}x" if f else "-"
+        vs_floor = f"{r['ms'] / floor_ms(op, r['T'], r['mode']):.1f}x" if op else "-"
+        mem = "-" if r["mem_bytes"] is None else f"{r['mem_bytes'] / 2**30:.2f}"
+        print(f"| {r['name']} | {r['T']} | {r['mode']} | {r['ms']:.3f} | {mem} | {vs_fla} | "
+              f"{vs_floor} |")
+
+
+def save(out_dir):
+    RESULTS["meta"] = {
+        "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+        "command": " ".join(sys.argv), "python": platform.python_version(),
+        "shape": {"B": B, "H": H, "K": K, "V": V, "chunk": C, "dtype": "bfloat16"},
+        "pallas_gpu_config": repr(PLATFORM_CONFIGS["gpu"]),
+    }
+    try:
+        import torch
+        import triton
+        RESULTS["meta"].update(torch=torch.__version__, triton=triton.__version__)
+    except ImportError:
+        pass
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "ops_gpu.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--budget", type=float, default=480.0,
+                    help="seconds after which no further sequence length is started")
+    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--only", choices=("all", "jax", "torch"), default="all",
+                    help="time only the JAX variants or only the torch ones (FLA's first calls "
+                         "autotune for minutes, so a device call may hold one part)")
+    ap.add_argument("--ops", nargs="+", default=list(OPS4), choices=OPS4,
+                    help="dplr_jax ops to time at the first sequence length (later: kda)")
+    ap.add_argument("--backends", nargs="+", default=["pallas", "xla"],
+                    choices=("pallas", "xla"), help="dplr_jax backends to time at the first T")
+    ap.add_argument("--torch", nargs="+", default=["kda", "gla", "gdn", "sdpa"],
+                    choices=("kda", "gla", "gdn", "sdpa"), help="torch variants to time")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="print the table of earlier runs' JSON files and write their union "
+                         "to --out; measures nothing")
+    a = ap.parse_args()
+    global OUT_DIR
+    if a.combine:
+        for path in a.combine:
+            with open(path) as f:
+                part = json.load(f)
+            RESULTS["checks"] += part["checks"]
+            RESULTS["timings"] += part["timings"]
+            RESULTS.setdefault("failures", []).extend(part.get("failures", []))
+            RESULTS.setdefault("runs", []).append(part["meta"])
+        RESULTS["meta"] = RESULTS["runs"][0]
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "ops_gpu.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1)
+        table()
+        return
+    OUT_DIR = a.out
+    log("devices", jax.devices())
+    if not a.skip_checks:
+        key = jax.random.PRNGKey(0)
+        for i, op in enumerate(OPS4):
+            for dtype in (jnp.float32, jnp.bfloat16):
+                with jax.default_matmul_precision("highest"):
+                    guarded(f"check {op}", lambda: check(op, dtype, "plain",
+                                                         jax.random.fold_in(key, i)))
+            guarded(f"check {op} varlen", lambda: check(op, jnp.bfloat16, "varlen",
+                                                        jax.random.fold_in(key, 10 + i)))
+            if op != "delta_rule":
+                guarded(f"check {op} strong", lambda: check(op, jnp.bfloat16, "strong",
+                                                            jax.random.fold_in(key, 20 + i)))
+        save(a.out)
+    gpu = PLATFORM_CONFIGS["gpu"]
+    fast = dataclasses.replace(gpu, precision=gpu.precision_16bit)
+    sp_configs = [gpu, fast] + [dataclasses.replace(fast, fwd=Launch(*f), bwd=Launch(*b))
+                                for f, b in (((64, 8, 2), (64, 8, 1)), ((64, 4, 2), (64, 4, 1)),
+                                             ((128, 8, 1), (128, 8, 1)))]
+    Ts = sorted(a.T, key=lambda T: (T != 4096, T))  # the headline shape first
+    for i, T in enumerate(Ts):
+        if i > 0 and time.time() - T0 > a.budget:
+            log(f"budget reached: skipping T={T}")
+            continue
+        first = i == 0
+        if a.only in ("all", "torch"):
+            bench_torch(T, a.torch)
+        if a.only in ("all", "jax"):
+            bench_jax(T, a.ops if first else ("kda",),
+                      a.backends if first else ("pallas",))
+            if first:
+                bench_state_pass(T, sp_configs)
+            bench_jax_attention(T)
+        save(a.out)
+    save(a.out)
+    table()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:  # noqa: BLE001 - print, then still save what was measured
+        traceback.print_exc()
+        save(os.environ.get("OUT", "benchmarks/results"))
+        table()

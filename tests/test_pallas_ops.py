@@ -1,0 +1,137 @@
+"""backend="pallas" (the Pallas state-pass kernels, interpret mode on the CPU) vs the reference.
+
+Outputs, final states and the gradients w.r.t. every input and the initial state, against
+the float64 token-by-token reference on the same (rounded) inputs and cotangents: float32
+to 1e-5, bf16 to DESIGN.md's tolerances. Cases: T not a multiple of the chunk, initial
+state, packed sequences with hard resets (log decay -1000), grouped value heads, head dims
+that need padding, and the TPU form of the kernels under the TPU interpreter.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from _ops_inputs import (assert_close, call, call_vjp, cast, make_inputs, make_state,  # noqa: F401
+                         random_cotangents)
+from dplr_jax import ops
+from dplr_jax.ops import backends
+from dplr_jax.ops.pallas import engine
+from dplr_jax.ops.pallas.state_pass import Config
+
+BF16_TOL = {"q": 8e-3, "k": 8e-3, "v": 8e-3, "initial_state": 8e-3, "log_decay": 2e-2,
+            "beta": 2e-2}
+
+
+def check_pallas_vjp(name, args, h0, rng, tol_o, tol_S, tol_grad, *, chunk_size=16,
+                     cu_seqlens=None):
+    """backend="pallas" forward and pullback against the float64 reference (x64 must be on).
+    tol_grad(arg_name) is the tolerance of the gradient w.r.t. that input or "initial_state"."""
+    dtype = args[0].dtype
+    o, S = call(name, args, h0, backend="reference", cu_seqlens=cu_seqlens)
+    cot = random_cotangents(rng, o, S)
+    ref = call_vjp(name, cast(args, jnp.float64), cast(h0, jnp.float64), *cast(cot, jnp.float64),
+                   backend="reference", cu_seqlens=cu_seqlens)
+    o, S, d_args, d_h0 = call_vjp(name, args, h0, cast(cot[0], dtype), cast(cot[1], jnp.float32),
+                                  backend="pallas", chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+    assert o.dtype == dtype and S.dtype == d_h0.dtype == jnp.float32
+    assert_close(o, ref[0], tol_o, "o")
+    assert_close(S, ref[1], tol_S, "final state")
+    names = ("q", "k", "v") + ops.api.SPECS[name].gates
+    for arg_name, x, d, d_ref in zip(names, args, d_args, ref[2]):
+        if x is not None:
+            assert d.dtype == x.dtype
+            assert_close(d, d_ref, tol_grad(arg_name), f"d {arg_name}")
+    assert_close(d_h0, ref[3], tol_grad("initial_state"), "d initial_state")
+
+
+def test_kernels_registered_for_every_op_and_platform():
+    for name in ops.OPS:
+        for platform in ("cpu", "gpu", "tpu"):
+            assert backends.lookup(name, platform) is not None, (name, platform)
+
+
+def test_pallas_runs_a_pallas_call():
+    args = cast(make_inputs("kda", np.random.default_rng(0), T=20), jnp.float32)
+    fn = lambda *a: ops.kda(*a, backend="pallas", chunk_size=16)[0]
+    assert "pallas_call" in str(jax.make_jaxpr(jax.grad(lambda *a: fn(*a).sum()))(*args))
+
+
+FP32_CASES = [
+    ("kda", dict(G=2)),
+    ("gated_delta_rule", dict(G=2)),
+    ("delta_rule", {}),
+    ("gla", {}),
+    ("kda", dict(K=24, V=40)),  # padded to 32 and 64 inside the kernel
+    ("dplr", dict(R=2, Rkv=1)),
+    ("hdla", {}),
+    ("gated_delta_product", dict(n=2)),
+]
+
+
+@pytest.mark.parametrize("case", FP32_CASES,
+                         ids=lambda c: c[0] + "".join(f"-{k}{v}" for k, v in c[1].items()))
+def test_float32_forward_and_gradients(case, rng, x64):
+    """T = 50 with chunk 16 (T % C != 0), an initial state, every gradient, to 1e-5."""
+    name, kw = case
+    args = cast(make_inputs(name, rng, T=50, K=kw.pop("K", 16), V=kw.pop("V", 16), **kw),
+                jnp.float32)
+    h0 = cast(make_state(args, rng), jnp.float32)
+    check_pallas_vjp(name, args, h0, rng, 1e-5, 1e-5, lambda _: 1e-5)
+
+
+@pytest.mark.parametrize("name", ["kda", "gla"])
+def test_bfloat16(name, rng, x64):
+    args = cast(make_inputs(name, rng, T=100, K=16, V=32), jnp.bfloat16)
+    h0 = cast(make_state(args, rng), jnp.float32)
+    check_pallas_vjp(name, args, h0, rng, 5e-3, 5e-3, BF16_TOL.__getitem__, chunk_size=32)
+
+
+VARLEN_CASES = [  # (op, dtype, hard resets with 10x gates)
+    ("kda", jnp.float32, True),
+    ("gated_delta_rule", jnp.float32, True),
+    ("gla", jnp.float32, True),
+    ("kda", jnp.bfloat16, True),
+]
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: "-".join(
+    [c[0], jnp.dtype(c[1]).name, "strong" if c[2] else "plain"]))
+def test_varlen(case, rng, x64):
+    """Packed sequences (one shorter than a chunk, one empty), grouped value heads where the
+    op has them; strong: gates x10 and 5% of log decays -1000 (hard resets)."""
+    name, dtype, strong = case
+    args = list(make_inputs(name, rng, B=1, T=70, K=16, V=16, G=1 if name == "gla" else 2))
+    if strong:
+        g = 10 * args[3]
+        args[3] = np.where(rng.random(g.shape) < 0.05, -1000.0, g)
+    args = cast(tuple(args), dtype)
+    cu = jnp.array([0, 9, 9, 70], jnp.int32)
+    h0 = cast(make_state(args, rng, N=3), jnp.float32)
+    if dtype == jnp.float32:
+        check_pallas_vjp(name, args, h0, rng, 1e-5, 1e-5, lambda _: 1e-5, cu_seqlens=cu)
+    else:
+        check_pallas_vjp(name, args, h0, rng, 5e-3, 5e-3, BF16_TOL.__getitem__, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("name", ["kda", "gla"])
+def test_tpu_form_under_tpu_interpreter(name, rng, x64):
+    """The Mosaic kernels (chunk axis on the grid, state in VMEM, resets in SMEM) run with TPU
+    semantics by the TPU interpreter and agree with the reference."""
+    args = cast(make_inputs(name, rng, T=40, K=16, V=16), jnp.float32)
+    h0 = cast(make_state(args, rng), jnp.float32)
+    fn = engine.kernel(name, Config(form="grid", interpret=pltpu.InterpretParams()))
+    o, S = jax.jit(lambda a, h: fn(*a, scale=0.25, initial_state=h, cu_seqlens=None,
+                                   chunk_size=16))(args, h0)
+    o_ref, S_ref = call(name, cast(args, jnp.float64), cast(h0, jnp.float64), scale=0.25,
+                        backend="reference")
+    assert_close(o, o_ref, 1e-5, "o")
+    assert_close(S, S_ref, 1e-5, "final state")
+    grad = lambda f: jax.jit(jax.grad(lambda a, h: jnp.sum(f(a, h)[0] ** 2), argnums=(0, 1)))
+    g_tpu = grad(lambda a, h: fn(*a, scale=0.25, initial_state=h, cu_seqlens=None,
+                                 chunk_size=16))(args, h0)
+    g_ref = grad(lambda a, h: ops.OPS[name](*a, scale=0.25, initial_state=h,
+                                            backend="reference"))(args, h0)
+    for i, (a, b) in enumerate(zip(jax.tree.leaves(g_tpu), jax.tree.leaves(g_ref))):
+        assert_close(a, b, 1e-5, f"gradient {i}")
