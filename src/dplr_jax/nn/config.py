@@ -28,6 +28,9 @@ class LMConfig:
     dplr_rank: rank of the removal term of the RWKV-7-style dplr mixer.
     max_len: longest sequence the KV caches of the softmax layers are built for by generate().
     dtype: compute dtype of activations (parameters, norms, states and logits stay float32).
+    seq_axis: mesh axis the sequence is sharded over (context parallelism): when set, the
+        linear mixers run through `dplr_jax.parallel.context_parallel` on the mesh given by
+        `jax.set_mesh`, with the batch over `batch_axis` (None: batch not sharded there).
     """
 
     vocab_size: int
@@ -51,6 +54,8 @@ class LMConfig:
     max_len: int = 4096
     rope_theta: float = 10000.0
     dtype: str = "float32"
+    seq_axis: str | None = None
+    batch_axis: str | None = "data"
 
     @classmethod
     def from_dict(cls, d: dict) -> "LMConfig":
@@ -87,6 +92,9 @@ class LMConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 fail(f, "must be a positive integer")
+        for f in ("seq_axis", "batch_axis"):
+            if getattr(self, f) is not None and not isinstance(getattr(self, f), str):
+                fail(f, "must be a mesh axis name or None")
         if self.mixer not in MIXERS:
             fail("mixer", f"is not a known token mixer; expected one of {MIXERS}")
         if self.head_dim is None:

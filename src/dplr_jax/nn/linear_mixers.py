@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dplr_jax import ops
+from dplr_jax import ops, parallel
 from dplr_jax.nn.basic import (COLUMN, ROW, Dense, GatedRMSNorm, ShortConv, a_log_init,
                                constant, dt_bias_init, l2_normalize, param)
 
@@ -70,7 +70,7 @@ class LinearMixer(nnx.Module):
 
     def __init__(self, d_model, n_heads, head_dim=None, *, rngs, num_value_groups=1,
                  beta_range=1.0, conv_size=4, chunk_size=64, backend="auto", dtype="float32",
-                 n_keys=1):
+                 n_keys=1, seq_axis=None, batch_axis=None):
         if num_value_groups != 1 and not self.grouped_values:
             raise ValueError(f"{type(self).__name__}: argument 'num_value_groups' = "
                              f"{num_value_groups}, but its op has no grouped value heads (use 1)")
@@ -84,6 +84,7 @@ class LinearMixer(nnx.Module):
         self.H, self.K, self.V, self.n = n_heads, K, K, n_keys
         self.HV = n_heads * num_value_groups
         self.beta_range, self.chunk_size, self.backend = beta_range, chunk_size, backend
+        self.seq_axis, self.batch_axis = seq_axis, batch_axis
         self.dtype = jnp.dtype(dtype)
         kw = dict(rngs=rngs, dtype=self.dtype)
         self.q_proj = Dense(d_model, self.H * K, sharding=COLUMN, **kw)
@@ -123,8 +124,13 @@ class LinearMixer(nnx.Module):
 
     def _sequence(self, x, output_final_state):
         args, conv_state = self._inputs(x, self.conv.init_state(x.shape[0]))
-        o, S = ops.OPS[self.op_name](*args, output_final_state=output_final_state,
-                                     chunk_size=self.chunk_size, backend=self.backend)
+        kw = dict(output_final_state=output_final_state, chunk_size=self.chunk_size,
+                  backend=self.backend)
+        if self.seq_axis is None:
+            o, S = ops.OPS[self.op_name](*args, **kw)
+        else:  # T sharded over seq_axis of the mesh in context (jax.set_mesh)
+            o, S = parallel.context_parallel(self.op_name, *args, axis=self.seq_axis,
+                                             batch_axis=self.batch_axis, **kw)
         return self._output(x, o), conv_state, S
 
     def __call__(self, x):

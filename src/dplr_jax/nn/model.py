@@ -26,7 +26,7 @@ def make_mixer(config: LMConfig, kind: str, *, rngs: nnx.Rngs) -> nnx.Module:
                          rope_theta=config.rope_theta, dtype=config.dtype)
     kw = dict(num_value_groups=config.num_value_groups, beta_range=config.beta_range,
               conv_size=config.conv_size, chunk_size=config.chunk_size, backend=config.backend,
-              dtype=config.dtype)
+              dtype=config.dtype, seq_axis=config.seq_axis, batch_axis=config.batch_axis)
     if kind == "kda":
         kw["gate_lower_bound"] = config.gate_lower_bound
     elif kind == "gated_deltaproduct":
