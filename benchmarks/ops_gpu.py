@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dplr_jax import ops
-from dplr_jax.ops.pallas import PLATFORM_CONFIGS
+from dplr_jax.ops.pallas import PLATFORM_CONFIGS, chunk_prepare, engine
 from dplr_jax.ops.pallas.state_pass import Launch, state_pass
 
 B, H, K, V, C = 4, 16, 128, 128, 64
@@ -236,6 +236,41 @@ def bench_state_pass(T, configs):
                 lambda: record(tag, T, "fwd+bwd", *time_jax(fb, (M, Bc, Qs, O0))))
 
 
+def bench_phase1(T):
+    """Phase 1 alone, forward, on KDA's engine form (float32 chunks, as the engine passes them):
+    the Pallas kernel (chunk_prepare.py, bf16-path precisions) vs the XLA chunk_summary."""
+    N = B * H * (T // C)
+    ks = jax.random.split(jax.random.PRNGKey(11), 5)
+    k = jax.random.normal(ks[1], (N, C, K))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    g = jax.nn.log_sigmoid(1.5 * jax.random.normal(ks[2], (N, C, K)) + 3.0)
+    beta = 2 * jax.nn.sigmoid(jax.random.normal(ks[3], (N, C, 1)))
+    xs = (jax.random.normal(ks[0], (N, C, K)), g, beta * k, jax.random.normal(ks[4], (N, C, V)),
+          k * jnp.exp(g))
+    prep = engine._prepare_config(dataclasses.replace(PLATFORM_CONFIGS["gpu"], phase1_kernel=True),
+                                  True)
+    ref = jax.jit(chunk_prepare._xla_summaries)(*xs)
+    for strong in (False, True):  # kernel vs XLA on the GPU, and hard resets (-1000) finite
+        ys = xs
+        if strong:
+            gs = jnp.where(jax.random.uniform(ks[0], g.shape) < 0.02, -1000.0, 10 * g)
+            ys = (xs[0], gs, xs[2], xs[3], k * jnp.exp(gs))
+            ref = jax.jit(chunk_prepare._xla_summaries)(*ys)
+        got = jax.jit(lambda *a: chunk_prepare._prepare(prep, *a))(*ys)
+        errs = {n: rel(a, b) for n, a, b in zip(("M", "Bc", "Qs", "O0"), got, ref)}
+        finite = all(bool(jnp.all(jnp.isfinite(a))) for a in got)
+        RESULTS["checks"].append({"op": "phase1 kda", "case": "strong" if strong else "plain",
+                                  "errors_vs_xla": errs, "finite": finite})
+        log(f"phase1 kernel vs xla ({'strong' if strong else 'plain'}): finite {finite} {errs}")
+    del ref
+    for warps in (4, 8):
+        cfg = dataclasses.replace(prep, launch=Launch(num_warps=warps, num_stages=1))
+        guarded("phase1 pallas", lambda: record(f"phase1 kda pallas w{warps}", T, "fwd", *time_jax(
+            lambda *a: chunk_prepare._prepare(cfg, *a), xs)))
+    guarded("phase1 xla", lambda: record("phase1 kda xla", T, "fwd", *time_jax(
+        chunk_prepare._xla_summaries, xs)))
+
+
 def bench_jax_attention(T):
     key = jax.random.PRNGKey(1)
     q, k, v = (jax.random.normal(kk, (B, T, H, K), jnp.bfloat16) for kk in jax.random.split(key, 3))
@@ -399,11 +434,15 @@ def main():
                     help="time only the JAX variants or only the torch ones (FLA's first calls "
                          "autotune for minutes, so a device call may hold one part)")
     ap.add_argument("--ops", nargs="+", default=list(OPS4), choices=OPS4,
-                    help="dplr_jax ops to time at the first sequence length (later: kda)")
+                    help="dplr_jax ops to check, and to time at the first T (later: kda)")
     ap.add_argument("--backends", nargs="+", default=["pallas", "xla"],
                     choices=("pallas", "xla"), help="dplr_jax backends to time at the first T")
     ap.add_argument("--torch", nargs="+", default=["kda", "gla", "gdn", "sdpa"],
                     choices=("kda", "gla", "gdn", "sdpa"), help="torch variants to time")
+    ap.add_argument("--phase1", action="store_true",
+                    help="at the first T, also time phase 1 alone (Pallas kernel vs XLA)")
+    ap.add_argument("--no-extras", action="store_true",
+                    help="skip the state-pass-alone and jax attention timings")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="print the table of earlier runs' JSON files and write their union "
                          "to --out; measures nothing")
@@ -428,6 +467,8 @@ def main():
     if not a.skip_checks:
         key = jax.random.PRNGKey(0)
         for i, op in enumerate(OPS4):
+            if op not in a.ops:
+                continue
             for dtype in (jnp.float32, jnp.bfloat16):
                 with jax.default_matmul_precision("highest"):
                     guarded(f"check {op}", lambda: check(op, dtype, "plain",
@@ -454,9 +495,12 @@ def main():
         if a.only in ("all", "jax"):
             bench_jax(T, a.ops if first else ("kda",),
                       a.backends if first else ("pallas",))
-            if first:
+            if first and a.phase1:
+                bench_phase1(T)
+            if first and not a.no_extras:
                 bench_state_pass(T, sp_configs)
-            bench_jax_attention(T)
+            if not a.no_extras:
+                bench_jax_attention(T)
         save(a.out)
     save(a.out)
     table()

@@ -128,29 +128,46 @@ def run(spec: Spec, args: dict, *, scale, initial_state, output_final_state, cu_
                              f"'{jax.default_backend()}'; use 'xla' or 'auto'")
         o, S = kernel(*inputs, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
                       chunk_size=chunk_size)
-        return o.astype(q.dtype), (S if output_final_state else None)
-
-    if backend == "reference" and jax.config.read("jax_enable_x64"):
-        dtype = jnp.float64
+    elif backend == "reference":
+        dtype = jnp.float64 if jax.config.read("jax_enable_x64") else acc_dtype(*inputs)
+        h0 = _initial_state(initial_state, N, dims.sizes[spec.state_heads], dims.sizes["K"],
+                            dims.sizes["V"], dtype)
+        o, S = reference.scan(spec.step, _cast(inputs, dtype), h0, scale, cu_seqlens)
     else:
-        dtype = acc_dtype(*inputs, initial_state)
-    xs = _cast(inputs, dtype)
-    HV, K, V = dims.sizes[spec.state_heads], dims.sizes["K"], dims.sizes["V"]
-    h0 = (jnp.zeros((N, HV, K, V), dtype) if initial_state is None
-          else jnp.asarray(initial_state, dtype))
-    if backend == "reference":
-        o, S = reference.scan(spec.step, xs, h0, scale, cu_seqlens)
-    else:
-        xs[0] = xs[0] * scale
-        form = forms.FORMS[spec.name](*xs)
-        n = form.n_virtual
-        vchunk = chunk_size if n == 1 else 1 << (chunk_size * n - 1).bit_length()
-        o, S = chunked.chunked(*form.engine_inputs(), h0, chunk_size=vchunk,
-                               cu_seqlens=None if cu_seqlens is None else cu_seqlens * n)
-        if n > 1:
-            o = o.reshape(o.shape[0], -1, n, *o.shape[2:])[:, :, -1]
+        o, S = run_chunked(spec.name, inputs, scale=scale, initial_state=initial_state,
+                           cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     S = S.astype(acc_dtype(*inputs, initial_state)) if output_final_state else None
     return o.astype(q.dtype), S
+
+
+def _initial_state(initial_state, N, HV, K, V, dtype):
+    if initial_state is None:
+        return jnp.zeros((N, HV, K, V), dtype)
+    return jnp.asarray(initial_state, dtype)
+
+
+def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, summaries=None,
+                scan=None):
+    """The chunk engine for op `name` on validated inputs (backend "xla"; the Pallas kernels
+    pass their phases as `summaries` / `scan`, see chunked.chunked): cast to the accumulation
+    dtype, scale q, build the op's form, run it (n virtual tokens per token for multi-factor
+    ops, in chunks of chunk_size * n rounded up to a power of two) and keep each token's last
+    virtual output. Returns o (accumulation dtype) and the final states."""
+    dtype = acc_dtype(*inputs, initial_state)
+    xs = _cast(inputs, dtype)
+    xs[0] = xs[0] * scale
+    q, v = xs[0], xs[2]
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    h0 = _initial_state(initial_state, N, v.shape[2], q.shape[-1], v.shape[-1], dtype)
+    form = forms.FORMS[name](*xs)
+    n = form.n_virtual
+    vchunk = chunk_size if n == 1 else 1 << (chunk_size * n - 1).bit_length()
+    o, S = chunked.chunked(*form.engine_inputs(), h0, chunk_size=vchunk,
+                           cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
+                           summaries=summaries, scan=scan)
+    if n > 1:
+        o = o.reshape(o.shape[0], -1, n, *o.shape[2:])[:, :, -1]
+    return o, S
 
 
 def run_step(spec: Spec, args: dict, state, *, scale):

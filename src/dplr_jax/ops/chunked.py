@@ -170,8 +170,9 @@ def _summaries(layout, q, g, E, y, P, F, Vk):
     return fn(*(chunks(x) for x in (q, g, E, y, P, F, Vk)))
 
 
-def _scan_states(layout, M, Bc, h0):
-    """Phase 2: S_in for every chunk [B, H, NC, K, V] and the final states [N, H, K, V]."""
+def _scan_outputs(layout, M, Bc, Qs, O0, h0):
+    """Phases 2 and 3: outputs o [B, H, NC, C, V] and the state entering every chunk S_in
+    [B, H, NC, K, V], scanning S <- M S + Bc over chunks (reset to h0 at sequence starts)."""
     def body(S, inp):
         Mc, Bcc, reset, idx = inp
         S = jnp.where(reset, h0[idx], S)
@@ -180,19 +181,24 @@ def _scan_states(layout, M, Bc, h0):
     xs = (jnp.moveaxis(M, 2, 0), jnp.moveaxis(Bc, 2, 0), layout.reset, layout.init_idx.T)
     _, S_in = jax.lax.scan(body, jnp.zeros_like(Bc[:, :, 0]), xs)
     S_in = jnp.moveaxis(S_in, 0, 2)
-    r, c = layout.final_row, layout.final_chunk
-    finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
-    return S_in, finals
+    return jnp.einsum("bhnck,bhnkv->bhncv", Qs, S_in) + O0, S_in
 
 
-def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None):
+def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, summaries=None,
+            scan=None):
     """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype;
-    h0 [N, H, K, V]. Returns o [B, T, H, V] (unscaled) and final states [N, H, K, V]."""
+    h0 [N, H, K, V]. Returns o [B, T, H, V] (unscaled) and final states [N, H, K, V].
+
+    summaries(layout, q, g, E, y, P, F, Vk) -> (M, Bc, Qs, O0) and
+    scan(layout, M, Bc, Qs, O0, h0) -> (o, S_in) replace phase 1 and phases 2+3 (the Pallas
+    kernels plug in here); the defaults are the jnp versions above.
+    """
     B, T = q.shape[:2]
     layout = ChunkLayout.make(B, T, chunk_size, cu_seqlens)
-    M, Bc, Qs, O0 = _summaries(layout, q, g, E, y, P, F, Vk)
-    S_in, finals = _scan_states(layout, M, Bc, h0)
-    o = jnp.einsum("bhnck,bhnkv->bhncv", Qs, S_in) + O0
+    M, Bc, Qs, O0 = (summaries or _summaries)(layout, q, g, E, y, P, F, Vk)
+    o, S_in = (scan or _scan_outputs)(layout, M, Bc, Qs, O0, h0)
+    r, c = layout.final_row, layout.final_chunk
+    finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
     return layout.from_chunks(jnp.moveaxis(o, 1, 3)), finals
 
 

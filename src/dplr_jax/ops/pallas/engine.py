@@ -1,9 +1,14 @@
-"""The chunk engine with its state pass in Pallas, and the ops built on it (backend "pallas").
+"""The chunk engine with Pallas phases, and the ops built on it (backend "pallas").
 
-Phase 1 (per-chunk summaries M, Bc, Qs, O0) is still the XLA `chunk_summary` of chunked.py,
-differentiated by JAX (rematerialized in the backward pass); phases 2 and 3 (the state scan
-and the output matmul o = Qs S + O0) are one Pallas kernel forward and one backward
-(state_pass.py). Every op of forms.py therefore runs here.
+Phases 2 and 3 (the state scan and the output matmul o = Qs S + O0) are one Pallas kernel
+forward and one backward (state_pass.py), for every op of forms.py. Phase 1 (per-chunk
+summaries M, Bc, Qs, O0) is the XLA `chunk_summary` of chunked.py, differentiated by JAX and
+rematerialized in the backward pass, unless the configuration turns on `phase1_kernel`: then
+the delta-rule family (one probed key per token, no plain keys: delta_rule,
+gated_delta_rule, kda, hdla, gated_delta_product) on the "loop" form uses the Pallas kernel
+of chunk_prepare.py, whose backward recomputes the XLA `chunk_summary`. That kernel is
+correct but, as measured on the H100 (benchmarks/NOTES.md), slower than XLA's phase 1, so no
+registered configuration turns it on yet.
 """
 
 from __future__ import annotations
@@ -14,52 +19,49 @@ import functools
 import jax.numpy as jnp
 
 from dplr_jax.ops import chunked as xla_chunked
-from dplr_jax.ops import forms
-from dplr_jax.ops.api import acc_dtype
-from dplr_jax.ops.layout import ChunkLayout
+from dplr_jax.ops.api import run_chunked
+from dplr_jax.ops.pallas import chunk_prepare
 from dplr_jax.ops.pallas.state_pass import Config, state_pass
 
 
-def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens, cfg: Config):
-    """chunked.chunked with the state pass in Pallas: same inputs and outputs."""
-    B, T, H = q.shape[:3]
-    layout = ChunkLayout.make(B, T, chunk_size, cu_seqlens)
-    M, Bc, Qs, O0 = xla_chunked._summaries(layout, q, g, E, y, P, F, Vk)
-    N = h0.shape[0]
-    Nb = N // B  # initial states a batch row can load: 1, or N packed sequences when B == 1
+def _prepare_config(cfg: Config, sixteen_bit: bool):
+    """The phase-1 kernel's configuration for cfg, or None where phase 1 stays in XLA.
+    Gate sums always use cfg's float32 precision."""
+    if not cfg.phase1_kernel or cfg.form != "loop":
+        return None
+    return chunk_prepare.PrepareConfig(
+        interpret=cfg.interpret, gate_precision=cfg.precision,
+        precision=cfg.precision_16bit if sixteen_bit else cfg.precision)
+
+
+def _summaries(layout, q, g, E, y, P, F, Vk, *, prep):
+    """Phase 1: the Pallas kernel where prep is given and the form has one probed key and no
+    plain keys, else the XLA summaries."""
+    if prep is not None and F is None and E is not None and E.shape[-2] == 1:
+        return chunk_prepare.summaries(layout, q, g, E, y, P, prep)
+    return xla_chunked._summaries(layout, q, g, E, y, P, F, Vk)
+
+
+def _scan(layout, M, Bc, Qs, O0, h0, *, cfg):
+    """Phases 2 and 3 in the state-pass kernel: (o, S_in) as chunked._scan_outputs."""
+    B = Qs.shape[0]
+    Nb = h0.shape[0] // B  # initial states a batch row can load: 1, or N packed sequences
     src = jnp.where(layout.reset[None, :], layout.init_idx % Nb, -1).astype(jnp.int32)
     h0 = h0.reshape((B, Nb) + h0.shape[1:])
     # The kernels hold states in float32 (float64 inputs under x64 run them in float32 too).
-    o, S_in = state_pass(*(x.astype(jnp.float32) for x in (M, Bc, Qs, O0)), h0, src, cfg)
-    r, c = layout.final_row, layout.final_chunk
-    finals = xla_chunked._apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
-    return layout.from_chunks(jnp.moveaxis(o, 1, 3)), finals
+    return state_pass(*(x.astype(jnp.float32) for x in (M, Bc, Qs, O0)), h0, src, cfg)
 
 
 def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config):
-    """Op `name` (a key of forms.FORMS) on validated inputs; returns (o float32, final state).
-
-    Mirrors the "xla" branch of api.run: cast to the accumulation dtype, scale q, build the
-    engine form, run the engine (virtual tokens for multi-factor ops) and keep the outputs at
-    each token's last virtual step.
-    """
-    dtype = acc_dtype(*inputs, initial_state)
-    xs = [None if x is None else x.astype(dtype) for x in inputs]
-    xs[0] = xs[0] * scale
-    form = forms.FORMS[name](*xs)
-    n = form.n_virtual
-    B, HV, K, V = xs[0].shape[0], xs[2].shape[2], xs[0].shape[-1], xs[2].shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    h0 = (jnp.zeros((N, HV, K, V), dtype) if initial_state is None
-          else initial_state.astype(dtype))
-    vchunk = chunk_size if n == 1 else 1 << (chunk_size * n - 1).bit_length()
-    if any(x.dtype not in (jnp.float32, jnp.float64) for x in inputs if x is not None):
+    """Op `name` (a key of forms.FORMS) on validated inputs; returns (o, final state)."""
+    sixteen_bit = any(x.dtype not in (jnp.float32, jnp.float64) for x in inputs if x is not None)
+    prep = _prepare_config(cfg, sixteen_bit)
+    if sixteen_bit:
         cfg = dataclasses.replace(cfg, precision=cfg.precision_16bit)
-    o, S = chunked(*form.engine_inputs(), h0, chunk_size=vchunk,
-                   cu_seqlens=None if cu_seqlens is None else cu_seqlens * n, cfg=cfg)
-    if n > 1:
-        o = o.reshape(o.shape[0], -1, n, *o.shape[2:])[:, :, -1]
-    return o, S.astype(dtype)
+    return run_chunked(name, inputs, scale=scale, initial_state=initial_state,
+                       cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                       summaries=functools.partial(_summaries, prep=prep),
+                       scan=functools.partial(_scan, cfg=cfg))
 
 
 def kernel(name, cfg: Config):
