@@ -68,12 +68,13 @@ def prefix_suffix(g, axis=0):
 
 def segment_sums(g, probe):
     """S[t, s] = sum of g_u over s < u <= t (over s < u <= t - 1 if probe), for s < t; 0 elsewhere.
-    g [c, ...]; returns [c, c, ...]. A cumulative sum of masked decays: no differences."""
+    g [c, ...]; returns [c, c, ...]. A 0/1 matrix product at full precision: sums of the
+    per-token decays, never differences of cumulative sums."""
     c = g.shape[0]
-    u = jnp.arange(c)
-    after = (u[:, None] > u[None, :]).reshape((c, c) + (1,) * (g.ndim - 1))  # [u, s]: u > s
-    S = jnp.cumsum(jnp.where(after, g[:, None], 0.0), axis=0)
-    return _shift_down(S, 0) if probe else S
+    t = jnp.arange(c)
+    hi = t[:, None, None] - (1 if probe else 0)  # [t, s, u]: s < u <= hi
+    span = ((t[None, :, None] < t[None, None, :]) & (t[None, None, :] <= hi)).astype(g.dtype)
+    return jnp.einsum("tsu,u...->ts...", span, g, precision=jax.lax.Precision.HIGHEST)
 
 
 def decayed_products(X, Y, g, probe):
