@@ -302,26 +302,29 @@ def bench_torch(T, which):
     beta = (2 * torch.sigmoid(rn(B, T, H, dt=torch.float32))).to(torch.bfloat16)
     do = rn(B, T, H, V)
 
-    def measure(name, fwd, grads_of, modes):
+    def time_call(name, mode, call):
+        """Peak memory of one call, then its median time over do_bench's repetitions."""
+        def go():
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            call()
+            torch.cuda.synchronize()
+            mem = torch.cuda.max_memory_allocated() - base
+            record(name, T, mode, do_bench(call, warmup=50, rep=300, return_mode="median"), mem)
+
+        guarded(f"{name} {mode} T={T}", go)
+
+    def measure(name, fwd, grads_of, modes, cotangent=do):
         for mode in modes:
             def call():
                 for x in grads_of:
                     x.grad = None
                 o = fwd()
                 if mode == "fwd+bwd":
-                    o.backward(do)
+                    o.backward(cotangent)
 
-            def go():
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                call()
-                torch.cuda.synchronize()
-                mem = torch.cuda.max_memory_allocated() - base
-                ms = do_bench(call, warmup=50, rep=300, return_mode="median")
-                record(name, T, mode, ms, mem)
-
-            guarded(f"{name} {mode} T={T}", go)
+            time_call(name, mode, call)
 
     leaves = [q, k, v, g_ch, g_sc, beta]
     for x in leaves:
@@ -340,27 +343,9 @@ def bench_torch(T, which):
         return
     qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v))
     dot_ = do.transpose(1, 2).contiguous()
+    # SDPA with the cotangent in its [B, H, T, V] layout.
     measure("torch sdpa", lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
-            [qt, kt, vt], ("fwd",))
-    # SDPA's backward, with the cotangent in its [B, H, T, V] layout.
-    def sdpa_fb():
-        for x in (qt, kt, vt):
-            x.grad = None
-        F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).backward(dot_)
-
-    def go():
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        sdpa_fb()
-        torch.cuda.synchronize()
-        mem = torch.cuda.max_memory_allocated() - base
-        record("torch sdpa", T, "fwd+bwd", do_bench(sdpa_fb, warmup=50, rep=300,
-                                                     return_mode="median"), mem)
-
-    guarded(f"torch sdpa fwd+bwd T={T}", go)
-    del q, k, v, g_ch, g_sc, beta, do, qt, kt, vt
-    torch.cuda.empty_cache()
+            [qt, kt, vt], ("fwd", "fwd+bwd"), cotangent=dot_)
 
 
 # ---- 3. floors and table --------------------------------------------------------------------
