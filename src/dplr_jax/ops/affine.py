@@ -11,15 +11,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dplr_jax.ops import chunked, forms
-from dplr_jax.ops.api import SPECS, _cast, acc_dtype, validate
+from dplr_jax.ops.api import SPECS, acc_dtype, run, validate
 from dplr_jax.ops._checks import check_options
 
 
-def transition(op, q, k, v, *gates, cu_seqlens=None, chunk_size=64):
+def transition(op, q, k, v, *gates, cu_seqlens=None, chunk_size=64, backend="auto"):
     """(M, B) of each segment for `op` (an op function or its name), taking the op's positional
     inputs (q is unused and may be None). Segments are batch rows, or packed sequences when
-    cu_seqlens is given. Returns M [N, HV, K, K], B [N, HV, K, V] (float32, or float64)."""
+    cu_seqlens is given. Returns M [N, HV, K, K], B [N, HV, K, V] (float32, or float64).
+
+    The recurrence is linear in (state, values) jointly, so one run of the op itself from the
+    state [I | 0] with values [0 | v] ends in [M | B].
+    """
     name = op if isinstance(op, str) else op.__name__
     if name not in SPECS:
         raise ValueError(f"transition: argument 'op' is {name!r}; expected one of {list(SPECS)}")
@@ -28,15 +31,18 @@ def transition(op, q, k, v, *gates, cu_seqlens=None, chunk_size=64):
         kk = jnp.asarray(k)
         q = jnp.zeros(kk.shape[:3] + kk.shape[-1:], kk.dtype)
     dims, args = validate(spec, dict(zip(("q", "k", "v") + spec.gates, (q, k, v) + gates)))
-    check_options(name, dims, chunk_size=chunk_size, backend="xla", cu_seqlens=cu_seqlens,
-                  initial_state=None, n_state_heads=dims.sizes[spec.state_heads], scale=None)
+    N = check_options(name, dims, chunk_size=chunk_size, backend=backend, cu_seqlens=cu_seqlens,
+                      initial_state=None, n_state_heads=dims.sizes[spec.state_heads], scale=None)
     inputs = [args[n] for n in ("q", "k", "v") + spec.gates]
-    form = forms.FORMS[name](*_cast(inputs, acc_dtype(*inputs)))
-    n = form.n_virtual
-    vchunk = chunk_size if n == 1 else 1 << (chunk_size * n - 1).bit_length()
-    cu = None if cu_seqlens is None else jnp.asarray(cu_seqlens, jnp.int32) * n
-    _, g, E, y, P, F, V = form.engine_inputs()
-    return chunked.transition(g, E, y, P, F, V, chunk_size=vchunk, cu_seqlens=cu)
+    HV, K, V = dims.sizes[spec.state_heads], dims.sizes["K"], dims.sizes["V"]
+    dtype = acc_dtype(*inputs)
+    h = jnp.concatenate([jnp.broadcast_to(jnp.eye(K, dtype=dtype), (N, HV, K, K)),
+                         jnp.zeros((N, HV, K, V), dtype)], axis=-1)
+    v_wide = jnp.concatenate([jnp.zeros(v.shape[:-1] + (K,), v.dtype), jnp.asarray(v)], axis=-1)
+    widened = dict(zip(("q", "k", "v") + spec.gates, (q, k, v_wide) + gates))
+    _, S = run(spec, widened, scale=None, initial_state=h, output_final_state=True,
+               cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend)
+    return S[..., :K], S[..., K:]
 
 
 def compose(second, first):

@@ -201,24 +201,3 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, summaries=
     r, c = layout.final_row, layout.final_chunk
     finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
     return layout.from_chunks(jnp.moveaxis(o, 1, 3)), finals
-
-
-def transition(g, E, y, P, F, Vk, *, chunk_size, cu_seqlens=None):
-    """The affine map S_out = M S_in + B of each whole segment (batch row or packed sequence).
-
-    Runs the engine once with state [I | 0] and values [0 | values]: the map is linear in
-    (S, values) jointly, so the K first columns of the final state are M and the rest are B.
-    Returns M [N, H, K, K] and B [N, H, K, V].
-    """
-    ref = y if y is not None else Vk
-    B_, T, H = ref.shape[:3]
-    K = (E if E is not None else F).shape[-1]
-    N = B_ if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    widen = lambda x: None if x is None else jnp.concatenate(
-        [jnp.zeros(x.shape[:-1] + (K,), x.dtype), x], axis=-1)
-    h0 = jnp.concatenate([jnp.broadcast_to(jnp.eye(K, dtype=ref.dtype), (N, H, K, K)),
-                          jnp.zeros((N, H, K, ref.shape[-1]), ref.dtype)], axis=-1)
-    q = jnp.zeros((B_, T, H, K), ref.dtype)
-    _, S = chunked(q, g, E, widen(y), P, F, widen(Vk), h0, chunk_size=chunk_size,
-                   cu_seqlens=cu_seqlens)
-    return S[..., :K], S[..., K:]
