@@ -64,32 +64,44 @@ def main():
                                                  "gated_delta_product"])
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--H", type=int, default=2)
-    p.add_argument("--D", type=int, default=64, help="K = V")
+    p.add_argument("--D", type=int, default=64, help="K = V (unless --V)")
+    p.add_argument("--V", type=int, default=None, help="value width (default: D)")
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--memory", action="store_true",
+                   help="print XLA's compiled temp size of forward+backward instead of times")
     p.add_argument("--out", default=None)
     a = p.parse_args()
 
     rows = []
-    print(f"{'op':<22}{'T':>6}{'backend':>11}{'fwd ms':>10}{'fwd+bwd ms':>12}")
+    if a.memory:
+        print(f"{'op':<22}{'T':>6}{'backend':>11}{'fwd+bwd temp MB':>17}")
+    else:
+        print(f"{'op':<22}{'T':>6}{'backend':>11}{'fwd ms':>10}{'fwd+bwd ms':>12}")
     for op in a.ops:
         fn = getattr(ops, op)
         for T in a.T:
-            args = make_inputs(op, a.B, T, a.H, a.D, a.D, jax.random.key(T))
+            args = make_inputs(op, a.B, T, a.H, a.D, a.V or a.D, jax.random.key(T))
             for backend in ("reference", "xla"):
                 fwd = jax.jit(lambda *x, b=backend: fn(*x, backend=b, chunk_size=a.chunk)[0])
                 loss = lambda *x, b=backend: jnp.sum(fn(*x, backend=b, chunk_size=a.chunk)[0] ** 2)
                 bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+                if a.memory:
+                    mb = bwd.lower(*args).compile().memory_analysis().temp_size_in_bytes / 1e6
+                    rows.append(dict(op=op, T=T, backend=backend, fwd_bwd_temp_mb=mb))
+                    print(f"{op:<22}{T:>6}{backend:>11}{mb:>17.1f}", flush=True)
+                    continue
                 r = dict(op=op, T=T, backend=backend, fwd_ms=timed(fwd, args, a.reps),
                          fwd_bwd_ms=timed(bwd, args, a.reps))
                 rows.append(r)
                 print(f"{op:<22}{T:>6}{backend:>11}{r['fwd_ms']:>10.1f}{r['fwd_bwd_ms']:>12.1f}",
                       flush=True)
     meta = dict(device=str(jax.devices()[0].device_kind), cpu=platform.processor() or platform.machine(),
-                cores=jax.local_device_count(), jax=jax.__version__, B=a.B, H=a.H, K=a.D, V=a.D,
+                cores=jax.local_device_count(), jax=jax.__version__, B=a.B, H=a.H, K=a.D, V=a.V or a.D,
                 chunk=a.chunk, command="python benchmarks/ops_cpu.py " + " ".join(
+                    f"--{k}" if v is True else
                     f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                    for k, v in vars(a).items() if k != "out" and v is not None))
+                    for k, v in vars(a).items() if k != "out" and v is not None and v is not False))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
