@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -37,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dplr_jax import ops
-from dplr_jax.ops.pallas import PLATFORM_CONFIGS, chunk_prepare, engine
+from dplr_jax.ops import chunked as xla_chunked
+from dplr_jax.ops.pallas import PLATFORM_CONFIGS, diagonal
 from dplr_jax.ops.pallas.state_pass import Launch, state_pass
 
 B, H, K, V, C = 4, 16, 128, 128, 64
@@ -236,39 +238,45 @@ def bench_state_pass(T, configs):
                 lambda: record(tag, T, "fwd+bwd", *time_jax(fb, (M, Bc, Qs, O0))))
 
 
-def bench_phase1(T):
-    """Phase 1 alone, forward, on KDA's engine form (float32 chunks, as the engine passes them):
-    the Pallas kernel (chunk_prepare.py, bf16-path precisions) vs the XLA chunk_summary."""
-    N = B * H * (T // C)
-    ks = jax.random.split(jax.random.PRNGKey(11), 5)
-    k = jax.random.normal(ks[1], (N, C, K))
-    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    g = jax.nn.log_sigmoid(1.5 * jax.random.normal(ks[2], (N, C, K)) + 3.0)
-    beta = 2 * jax.nn.sigmoid(jax.random.normal(ks[3], (N, C, 1)))
-    xs = (jax.random.normal(ks[0], (N, C, K)), g, beta * k, jax.random.normal(ks[4], (N, C, V)),
-          k * jnp.exp(g))
-    prep = engine._prepare_config(dataclasses.replace(PLATFORM_CONFIGS["gpu"], phase1_kernel=True),
-                                  True)
-    ref = jax.jit(chunk_prepare._xla_summaries)(*xs)
-    for strong in (False, True):  # kernel vs XLA on the GPU, and hard resets (-1000) finite
-        ys = xs
-        if strong:
-            gs = jnp.where(jax.random.uniform(ks[0], g.shape) < 0.02, -1000.0, 10 * g)
-            ys = (xs[0], gs, xs[2], xs[3], k * jnp.exp(gs))
-            ref = jax.jit(chunk_prepare._xla_summaries)(*ys)
-        got = jax.jit(lambda *a: chunk_prepare._prepare(prep, *a))(*ys)
-        errs = {n: rel(a, b) for n, a, b in zip(("M", "Bc", "Qs", "O0"), got, ref)}
-        finite = all(bool(jnp.all(jnp.isfinite(a))) for a in got)
-        RESULTS["checks"].append({"op": "phase1 kda", "case": "strong" if strong else "plain",
+def bench_diagonal(T):
+    """Phase 1's exact-decay diagonal sub-blocks alone (kda's L product: probe=True), float32
+    as the engine passes them: the Pallas kernels (diagonal.py) at several warp counts vs
+    XLA's chunked.diagonal_blocks, forward and forward+backward; plus a check of one against
+    the other on the GPU, plain and with hard resets."""
+    N = B * H * T // 16
+    ks = jax.random.split(jax.random.PRNGKey(11), 4)
+    X = jax.random.normal(ks[0], (N, 16, 1, K))
+    Y = jax.random.normal(ks[1], (N, 16, 1, K))
+    g = jax.nn.log_sigmoid(1.5 * jax.random.normal(ks[2], (N, 16, K)) + 3.0)
+    ct = jax.random.normal(ks[3], (N, 16, 1, 16, 1))
+
+    def fns(diag):
+        fwd = lambda X, Y, g: diag(X, Y, g, True)
+        return fwd, lambda X, Y, g: jax.vjp(fwd, X, Y, g)[1](ct)
+
+    xla = fns(xla_chunked.diagonal_blocks)
+    pallas = lambda w: fns(functools.partial(diagonal.diagonal_blocks,
+                                             launch=Launch(num_warps=w, num_stages=1)))
+    for strong in (False, True):
+        gs = jnp.where(jax.random.uniform(ks[0], g.shape) < 0.02, -1000.0, 10 * g) if strong else g
+        with jax.default_matmul_precision("highest"):
+            ref = [jax.jit(f)(X, Y, gs) for f in xla]
+        got = [jax.jit(f)(X, Y, gs) for f in pallas(4)]
+        errs = {n: rel(a, b) for n, a, b in zip(("D", "dX", "dY", "dg"),
+                                                 [got[0]] + list(got[1]), [ref[0]] + list(ref[1]))}
+        finite = all(bool(jnp.all(jnp.isfinite(a))) for a in [got[0]] + list(got[1]))
+        RESULTS["checks"].append({"op": "diagonal blocks", "case": "strong" if strong else "plain",
                                   "errors_vs_xla": errs, "finite": finite})
-        log(f"phase1 kernel vs xla ({'strong' if strong else 'plain'}): finite {finite} {errs}")
-    del ref
-    for warps in (4, 8):
-        cfg = dataclasses.replace(prep, launch=Launch(num_warps=warps, num_stages=1))
-        guarded("phase1 pallas", lambda: record(f"phase1 kda pallas w{warps}", T, "fwd", *time_jax(
-            lambda *a: chunk_prepare._prepare(cfg, *a), xs)))
-    guarded("phase1 xla", lambda: record("phase1 kda xla", T, "fwd", *time_jax(
-        chunk_prepare._xla_summaries, xs)))
+        log(f"diagonal kernel vs xla ({'strong' if strong else 'plain'}): finite {finite} {errs}")
+    for w in (1, 2, 4, 8):
+        fwd, fb = pallas(w)
+        guarded("diagonal pallas", lambda: record(f"diagonal pallas w{w}", T, "fwd",
+                                                  *time_jax(fwd, (X, Y, g))))
+        guarded("diagonal pallas", lambda: record(f"diagonal pallas w{w}", T, "fwd+bwd",
+                                                  *time_jax(fb, (X, Y, g))))
+    guarded("diagonal xla", lambda: record("diagonal xla", T, "fwd", *time_jax(xla[0], (X, Y, g))))
+    guarded("diagonal xla", lambda: record("diagonal xla", T, "fwd+bwd",
+                                           *time_jax(xla[1], (X, Y, g))))
 
 
 def bench_jax_attention(T):
@@ -424,8 +432,8 @@ def main():
                     choices=("pallas", "xla"), help="dplr_jax backends to time at the first T")
     ap.add_argument("--torch", nargs="+", default=["kda", "gla", "gdn", "sdpa"],
                     choices=("kda", "gla", "gdn", "sdpa"), help="torch variants to time")
-    ap.add_argument("--phase1", action="store_true",
-                    help="at the first T, also time phase 1 alone (Pallas kernel vs XLA)")
+    ap.add_argument("--diagonal", action="store_true",
+                    help="at the first T, also time phase 1's diagonal blocks alone (Pallas vs XLA)")
     ap.add_argument("--no-extras", action="store_true",
                     help="skip the state-pass-alone and jax attention timings")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
@@ -480,8 +488,8 @@ def main():
         if a.only in ("all", "jax"):
             bench_jax(T, a.ops if first else ("kda",),
                       a.backends if first else ("pallas",))
-            if first and a.phase1:
-                bench_phase1(T)
+            if first and a.diagonal:
+                guarded("diagonal", lambda: bench_diagonal(T))
             if first and not a.no_extras:
                 bench_state_pass(T, sp_configs)
             if not a.no_extras:

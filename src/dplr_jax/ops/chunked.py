@@ -35,6 +35,8 @@ between), each factor <= 1.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -51,19 +53,26 @@ def _rowscale(X, e):
     return X * (e[:, None, None] if e.ndim == 1 else e[:, None, :])
 
 
-def _shift_down(x, axis):
-    """x moved one step along `axis`, zero first: the exclusive version of a cumulative sum."""
-    x = jnp.moveaxis(x, axis, 0)
-    return jnp.moveaxis(jnp.concatenate([jnp.zeros_like(x[:1]), x[:-1]]), 0, axis)
+def masked_sums(g, axis, keep):
+    """out_t = sum of g_u over the u with keep(t, u) (index arrays -> bool), along `axis`.
+
+    A 0/1 matrix product at full precision, so every output is a sum of the tokens it covers.
+    Not jnp.cumsum: XLA lowers cumsum on GPUs as a reduce-window whose memory traffic grows
+    with the window, and its transpose likewise (7.3 ms of kda's 39 ms forward+backward at
+    B=4, T=4096, H=16, K=128 on the H100, benchmarks/NOTES.md).
+    """
+    t = jnp.arange(g.shape[axis])
+    span = keep(t[:, None], t[None, :]).astype(g.dtype)
+    out = jnp.tensordot(span, jnp.moveaxis(g, axis, 0), axes=1,
+                        precision=jax.lax.Precision.HIGHEST)
+    return jnp.moveaxis(out, 0, axis)
 
 
 def prefix_suffix(g, axis=0):
     """Inclusive prefix sums, exclusive prefix sums and exclusive suffix sums of g along `axis`,
-    each computed as a sum of the tokens it covers (the suffix by a reversed cumsum)."""
-    incl = jnp.cumsum(g, axis=axis)
-    rev = jnp.flip(jnp.cumsum(jnp.flip(g, axis), axis=axis), axis)  # sum over u >= s
-    suffix = jnp.flip(_shift_down(jnp.flip(rev, axis), axis), axis)  # sum over u > s
-    return incl, _shift_down(incl, axis), suffix
+    each a sum of the tokens it covers."""
+    return tuple(masked_sums(g, axis, keep) for keep in (jnp.greater_equal, jnp.greater,
+                                                         jnp.less))
 
 
 def segment_sums(g, probe):
@@ -77,12 +86,24 @@ def segment_sums(g, probe):
     return jnp.einsum("tsu,u...->ts...", span, g, precision=jax.lax.Precision.HIGHEST)
 
 
-def decayed_products(X, Y, g, probe):
+def diagonal_blocks(Xs, Ys, gs, probe):
+    """decayed_products on every diagonal sub-block at once, per-channel decays:
+    Xs [n, c, a, K], Ys [n, c, b, K], gs [n, c, K] -> [n, c, a, c, b]. XLA materializes the
+    pairwise decays [n, c, c, K]; the Pallas backend swaps in a kernel (pallas/diagonal.py)."""
+    c = gs.shape[1]
+    t = jnp.arange(c)
+    mask = (t[:, None] > t[None, :]) if probe else (t[:, None] >= t[None, :])
+    e = mask[:, :, None] * jnp.exp(jax.vmap(lambda x: segment_sums(x, probe))(gs))
+    return jnp.einsum("itak,isbk,itsk->itasb", Xs, Ys, e)
+
+
+def decayed_products(X, Y, g, probe, diagonal=diagonal_blocks):
     """Out[t,a,s,b] = sum_k X[t,a,k] Y[s,b,k] exp(sum_{s<u<=t} g[u,k]) for s <= t.
 
     With probe=True the decay runs to t - 1 and only s < t is kept (a probe reads the state
     before token t's decay). X [C, a, K], Y [C, b, K]; g per-token log decays: None, [C]
-    or [C, K]. Masked entries are exactly zero.
+    or [C, K]. Masked entries are exactly zero. `diagonal` computes the diagonal sub-blocks
+    of per-channel decays (see diagonal_blocks).
     """
     C = X.shape[0]
     t = jnp.arange(C)
@@ -96,17 +117,17 @@ def decayed_products(X, Y, g, probe):
     n = C // c
     a, b, K = X.shape[1], Y.shape[1], X.shape[2]
     Xs, Ys, gs = X.reshape(n, c, a, K), Y.reshape(n, c, b, K), g.reshape(n, c, K)
-    e = mask[:c, :c, None] * jnp.exp(jax.vmap(lambda x: segment_sums(x, probe))(gs))
-    diag = jnp.einsum("itak,isbk,itsk->itasb", Xs, Ys, e)  # [n, c, a, c, b]
+    diag = diagonal(Xs, Ys, gs, probe)  # [n, c, a, c, b]
     out = diag[:, :, :, None] * jnp.eye(n, dtype=X.dtype)[:, None, None, :, None, None]
     if n > 1:
         # ...and off-diagonal blocks (query sub-chunk i > key sub-chunk j) through the boundary.
         incl, excl, suffix = prefix_suffix(gs, axis=1)  # inside each sub-chunk
         between = segment_sums(incl[:, -1], probe=True)  # [i, j]: whole sub-chunks j < l < i
         Xh = Xs[1:] * jnp.exp(excl if probe else incl)[1:, :, None, :]
-        j_of_s = t // c
-        expo = suffix.reshape(C, K)[None] + between[1:, j_of_s]  # [n-1, C, K]
-        before = j_of_s[None, :] < jnp.arange(1, n)[:, None]  # [n-1, C]: key before sub-chunk i
+        # between[1:, t // c] as a repeat: the transpose of that gather is a colliding
+        # scatter-add, 3.3 ms of kda's forward+backward on the H100.
+        expo = suffix.reshape(C, K)[None] + jnp.repeat(between[1:], c, axis=1)  # [n-1, C, K]
+        before = (t // c)[None, :] < jnp.arange(1, n)[:, None]  # [n-1, C]: key before sub-chunk i
         Yh = Y[None] * (before[:, :, None] * jnp.exp(jnp.where(before[:, :, None], expo, 0.0)))[
             :, :, None, :]
         off = jnp.einsum("itak,isbk->itasb", Xh, Yh).reshape(n - 1, c, a, n, c, b)
@@ -114,12 +135,14 @@ def decayed_products(X, Y, g, probe):
     return out.reshape(C, a, C, b)
 
 
-def chunk_summary(q, g, E, y, P, F, Vk):
+def chunk_summary(q, g, E, y, P, F, Vk, diagonal=diagonal_blocks):
     """One chunk of one head -> (M, Bc, Qs, O0): S_C = M S_0 + Bc and o = Qs S_0 + O0.
 
     q [C, K]; g None, [C] or [C, K]; E, P [C, m, K] and y [C, m, V] (or None);
     F [C, r, K] and Vk [C, r, V] (or None). M is [K, K], or [K] when there is no E (diagonal).
+    `diagonal`: see decayed_products.
     """
+    decayed = functools.partial(decayed_products, diagonal=diagonal)
     C, K = q.shape
     if g is None:
         e_q = e_prev = e_end = None
@@ -133,21 +156,21 @@ def chunk_summary(q, g, E, y, P, F, Vk):
     O0 = 0.0
     Bc = 0.0
     if F is not None:
-        QF = decayed_products(q1, F, g, probe=False)[:, 0]  # [C, C, r]
+        QF = decayed(q1, F, g, probe=False)[:, 0]  # [C, C, r]
         O0 = jnp.einsum("tsi,siv->tv", QF, Vk)
         Bc = jnp.einsum("sik,siv->kv", _rowscale(F, e_end), Vk)
     if E is None:
         return decay_end, Bc, Qs, O0
     m = E.shape[1]
-    L = decayed_products(P, E, g, probe=True).reshape(C * m, C * m)
+    L = decayed(P, E, g, probe=True).reshape(C * m, C * m)
     Tinv = unit_lower_inverse(L, block=SUB * m)
     rhs = y
     if F is not None:
-        PF = decayed_products(P, F, g, probe=True)  # [C, m, C, r]
+        PF = decayed(P, F, g, probe=True)  # [C, m, C, r]
         rhs = y - jnp.einsum("tjsi,siv->tjv", PF, Vk)
     W = (Tinv @ _rowscale(P, e_prev).reshape(C * m, K)).reshape(C, m, K)
     X0 = (Tinv @ rhs.reshape(C * m, -1)).reshape(C, m, -1)
-    QE = decayed_products(q1, E, g, probe=False)[:, 0]  # [C, C, m]
+    QE = decayed(q1, E, g, probe=False)[:, 0]  # [C, C, m]
     Qs = Qs - jnp.einsum("tsj,sjk->tk", QE, W)
     O0 = O0 + jnp.einsum("tsj,sjv->tv", QE, X0)
     Ee = _rowscale(E, e_end)
@@ -160,12 +183,12 @@ def _apply(M, S):
     return M[..., :, None] * S if M.ndim == S.ndim - 1 else jnp.einsum("...kl,...lv->...kv", M, S)
 
 
-def _summaries(layout, q, g, E, y, P, F, Vk):
+def _summaries(layout, q, g, E, y, P, F, Vk, diagonal=diagonal_blocks):
     """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...]."""
     def chunks(x):
         return None if x is None else jnp.moveaxis(layout.to_chunks(x), 3, 1)
 
-    fn = jax.checkpoint(chunk_summary)
+    fn = jax.checkpoint(functools.partial(chunk_summary, diagonal=diagonal))
     for _ in range(3):
         fn = jax.vmap(fn)
     return fn(*(chunks(x) for x in (q, g, E, y, P, F, Vk)))

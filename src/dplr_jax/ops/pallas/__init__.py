@@ -17,9 +17,10 @@ from dplr_jax.ops.pallas.state_pass import Config, Launch
 PLATFORM_CONFIGS = {
     "gpu": Config(form="loop", precision=jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
                   fwd=Launch(block_v=64, num_warps=8, num_stages=1),
-                  bwd=Launch(block_v=64, num_warps=8, num_stages=1)),
+                  bwd=Launch(block_v=64, num_warps=8, num_stages=1),
+                  diagonal=Launch(num_warps=2, num_stages=1)),
     "tpu": Config(form="grid"),
-    "cpu": Config(form="loop", interpret=True),
+    "cpu": Config(form="loop", interpret=True, diagonal=Launch()),
 }
 """Launch configuration of the registered kernels per platform."""
 

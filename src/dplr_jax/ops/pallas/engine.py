@@ -3,12 +3,9 @@
 Phases 2 and 3 (the state scan and the output matmul o = Qs S + O0) are one Pallas kernel
 forward and one backward (state_pass.py), for every op of forms.py. Phase 1 (per-chunk
 summaries M, Bc, Qs, O0) is the XLA `chunk_summary` of chunked.py, differentiated by JAX and
-rematerialized in the backward pass, unless the configuration turns on `phase1_kernel`: then
-the delta-rule family (one probed key per token, no plain keys: delta_rule,
-gated_delta_rule, kda, hdla, gated_delta_product) on the "loop" form uses the Pallas kernel
-of chunk_prepare.py, whose backward recomputes the XLA `chunk_summary`. That kernel is
-correct but, as measured on the H100 (benchmarks/NOTES.md), slower than XLA's phase 1, so no
-registered configuration turns it on yet.
+rematerialized in the backward pass, except for its exact-decay diagonal sub-blocks of
+per-channel decays (kda, gla, dplr, hdla), which run in the Pallas kernels of diagonal.py
+where the configuration names their launch (`Config.diagonal`).
 """
 
 from __future__ import annotations
@@ -20,26 +17,8 @@ import jax.numpy as jnp
 
 from dplr_jax.ops import chunked as xla_chunked
 from dplr_jax.ops.api import run_chunked
-from dplr_jax.ops.pallas import chunk_prepare
+from dplr_jax.ops.pallas import diagonal
 from dplr_jax.ops.pallas.state_pass import Config, state_pass
-
-
-def _prepare_config(cfg: Config, sixteen_bit: bool):
-    """The phase-1 kernel's configuration for cfg, or None where phase 1 stays in XLA.
-    Gate sums always use cfg's float32 precision."""
-    if not cfg.phase1_kernel or cfg.form != "loop":
-        return None
-    return chunk_prepare.PrepareConfig(
-        interpret=cfg.interpret, gate_precision=cfg.precision,
-        precision=cfg.precision_16bit if sixteen_bit else cfg.precision)
-
-
-def _summaries(layout, q, g, E, y, P, F, Vk, *, prep):
-    """Phase 1: the Pallas kernel where prep is given and the form has one probed key and no
-    plain keys, else the XLA summaries."""
-    if prep is not None and F is None and E is not None and E.shape[-2] == 1:
-        return chunk_prepare.summaries(layout, q, g, E, y, P, prep)
-    return xla_chunked._summaries(layout, q, g, E, y, P, F, Vk)
 
 
 def _scan(layout, M, Bc, Qs, O0, h0, *, cfg):
@@ -55,12 +34,15 @@ def _scan(layout, M, Bc, Qs, O0, h0, *, cfg):
 def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config):
     """Op `name` (a key of forms.FORMS) on validated inputs; returns (o, final state)."""
     sixteen_bit = any(x.dtype not in (jnp.float32, jnp.float64) for x in inputs if x is not None)
-    prep = _prepare_config(cfg, sixteen_bit)
+    summaries = None
+    if cfg.diagonal is not None:
+        summaries = functools.partial(xla_chunked._summaries, diagonal=functools.partial(
+            diagonal.diagonal_blocks, interpret=cfg.interpret, launch=cfg.diagonal))
     if sixteen_bit:
         cfg = dataclasses.replace(cfg, precision=cfg.precision_16bit)
     return run_chunked(name, inputs, scale=scale, initial_state=initial_state,
                        cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                       summaries=functools.partial(_summaries, prep=prep),
+                       summaries=summaries,
                        scan=functools.partial(_scan, cfg=cfg))
 
 

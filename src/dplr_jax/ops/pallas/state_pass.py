@@ -65,7 +65,8 @@ class Config:
     lax.Precision or a lax.DotAlgorithmPreset: on the GPU TF32_TF32_F32_X3, three tf32 passes,
     because Triton's IEEE float32 dot is ~200x slower); precision_16bit: for bf16/fp16 inputs
     (HIGH: tf32 on the GPU, bf16x3 on the TPU); fwd, bwd: launch parameters per kernel;
-    phase1_kernel: run phase 1 in the Pallas kernel of chunk_prepare.py (engine.py).
+    diagonal: launch of phase 1's diagonal-block kernels (diagonal.py, "loop" form only), or
+    None to leave those blocks to XLA (engine.py).
     """
 
     form: str = "loop"
@@ -74,7 +75,7 @@ class Config:
     precision_16bit: object = jax.lax.Precision.HIGH
     fwd: Launch = Launch()
     bwd: Launch = Launch()
-    phase1_kernel: bool = False
+    diagonal: Launch | None = None
 
 
 def _div(a, b):
