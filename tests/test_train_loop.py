@@ -150,5 +150,6 @@ def test_summary_table_of_a_run(full_run, tmp_path):
     cfg, result = full_run
     table = markdown_table([cfg.output_dir, str(tmp_path)])      # tmp_path: not a run, skipped
     lines = table.splitlines()
-    assert len(lines) == 3 and "| default | mqar | attention | 16 (16) | 12/12 |" in lines[2]
+    assert len(lines) == 3 and "| default | mqar | attention | 16 (16) |" in lines[2]
+    assert f"| {cfg.optimizer.lr:g} | 12/12 |" in lines[2]
     assert f"{result.eval_accuracy:.3f} |" in lines[2]

@@ -2,8 +2,8 @@
 
     python -m dplr_jax.train.summary runs/*
 
-One row per run: name, task, mixer, seq_len (and eval length), steps reached, the last
-training loss and accuracy, and the last evaluation accuracy.
+One row per run: name, task, mixer, seq_len (and eval length), peak learning rate, steps
+reached, the last training loss and accuracy, and the last evaluation accuracy.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import sys
 
 from dplr_jax.train.metrics import read_metrics
 
-COLUMNS = ("run", "task", "mixer", "T (eval T)", "steps", "train loss", "train acc", "eval acc")
+COLUMNS = ("run", "task", "mixer", "T (eval T)", "lr", "steps", "train loss", "train acc",
+           "eval acc")
 
 
 def summarize(run_dir: str) -> dict | None:
@@ -32,6 +33,7 @@ def summarize(run_dir: str) -> dict | None:
     return {"run": cfg["name"], "task": cfg["task"]["name"],
             "mixer": cfg["model"].get("mixer", "-"),
             "T (eval T)": f"{cfg['seq_len']} ({eval_len})",
+            "lr": format(cfg["optimizer"]["lr"], "g"),
             "steps": f"{train[-1]['step'] if train else 0}/{cfg['steps']}",
             "train loss": fmt(train[-1]["loss"] if train else None, ".4f"),
             "train acc": fmt(train[-1]["accuracy"] if train else None, ".3f"),
