@@ -39,7 +39,7 @@ import numpy as np
 
 from dplr_jax import ops
 from dplr_jax.ops import chunked as xla_chunked
-from dplr_jax.ops.pallas import PLATFORM_CONFIGS, diagonal
+from dplr_jax.ops.pallas import PLATFORM_CONFIGS, decayed
 from dplr_jax.ops.pallas.state_pass import Launch, state_pass
 
 B, H, K, V, C = 4, 16, 128, 128, 64
@@ -238,44 +238,48 @@ def bench_state_pass(T, configs):
                 lambda: record(tag, T, "fwd+bwd", *time_jax(fb, (M, Bc, Qs, O0))))
 
 
-def bench_diagonal(T):
-    """Phase 1's exact-decay diagonal sub-blocks alone (kda's L product: probe=True), float32
-    as the engine passes them: the Pallas kernels (diagonal.py) at several warp counts vs
-    XLA's chunked.diagonal_blocks, forward and forward+backward; plus a check of one against
-    the other on the GPU, plain and with hard resets."""
-    N = B * H * T // 16
+def bench_products(T):
+    """Phase 1's decayed products of per-channel decays alone (kda's L: probe=True), float32
+    per chunk as the engine passes them, vmapped over B*H*T/C chunks: the Pallas kernels
+    (decayed.py) at several warp counts vs XLA's chunked.decayed_products, forward and
+    forward+backward; plus a check of one against the other on the GPU, plain and with hard
+    resets."""
+    N = B * H * T // C
     ks = jax.random.split(jax.random.PRNGKey(11), 4)
-    X = jax.random.normal(ks[0], (N, 16, 1, K))
-    Y = jax.random.normal(ks[1], (N, 16, 1, K))
-    g = jax.nn.log_sigmoid(1.5 * jax.random.normal(ks[2], (N, 16, K)) + 3.0)
-    ct = jax.random.normal(ks[3], (N, 16, 1, 16, 1))
+    X = jax.random.normal(ks[0], (N, C, 1, K))
+    Y = jax.random.normal(ks[1], (N, C, 1, K))
+    g = jax.nn.log_sigmoid(1.5 * jax.random.normal(ks[2], (N, C, K)) + 3.0)
+    ct = jax.random.normal(ks[3], (N, C, 1, C, 1))
 
-    def fns(diag):
-        fwd = lambda X, Y, g: diag(X, Y, g, True)
+    def fns(products):
+        fwd = jax.vmap(lambda X, Y, g: products(X, Y, g, True))
         return fwd, lambda X, Y, g: jax.vjp(fwd, X, Y, g)[1](ct)
 
-    xla = fns(xla_chunked.diagonal_blocks)
-    pallas = lambda w: fns(functools.partial(diagonal.diagonal_blocks,
-                                             launch=Launch(num_warps=w, num_stages=1)))
+    xla = fns(xla_chunked.decayed_products)
+    precision = PLATFORM_CONFIGS["gpu"].precision_16bit  # the bf16-input path
+    pallas = lambda wf, wb: fns(functools.partial(
+        decayed.decayed_products, interpret=False, precision=precision,
+        launch=(Launch(num_warps=wf, num_stages=1), Launch(num_warps=wb, num_stages=1))))
     for strong in (False, True):
         gs = jnp.where(jax.random.uniform(ks[0], g.shape) < 0.02, -1000.0, 10 * g) if strong else g
         with jax.default_matmul_precision("highest"):
             ref = [jax.jit(f)(X, Y, gs) for f in xla]
-        got = [jax.jit(f)(X, Y, gs) for f in pallas(4)]
+        got = [jax.jit(f)(X, Y, gs) for f in pallas(2, 4)]
         errs = {n: rel(a, b) for n, a, b in zip(("D", "dX", "dY", "dg"),
                                                  [got[0]] + list(got[1]), [ref[0]] + list(ref[1]))}
         finite = all(bool(jnp.all(jnp.isfinite(a))) for a in [got[0]] + list(got[1]))
-        RESULTS["checks"].append({"op": "diagonal blocks", "case": "strong" if strong else "plain",
-                                  "errors_vs_xla": errs, "finite": finite})
-        log(f"diagonal kernel vs xla ({'strong' if strong else 'plain'}): finite {finite} {errs}")
-    for w in (1, 2, 4, 8):
-        fwd, fb = pallas(w)
-        guarded("diagonal pallas", lambda: record(f"diagonal pallas w{w}", T, "fwd",
+        RESULTS["checks"].append({"op": "decayed products (tf32 dots)",
+                                  "case": "strong" if strong else "plain",
+                                  "errors_vs_xla_highest": errs, "finite": finite})
+        log(f"products kernel vs xla ({'strong' if strong else 'plain'}): finite {finite} {errs}")
+    for wf, wb in ((1, 2), (2, 2), (2, 4), (4, 8)):
+        fwd, fb = pallas(wf, wb)
+        guarded("products pallas", lambda: record(f"products pallas w{wf}/{wb}", T, "fwd",
                                                   *time_jax(fwd, (X, Y, g))))
-        guarded("diagonal pallas", lambda: record(f"diagonal pallas w{w}", T, "fwd+bwd",
+        guarded("products pallas", lambda: record(f"products pallas w{wf}/{wb}", T, "fwd+bwd",
                                                   *time_jax(fb, (X, Y, g))))
-    guarded("diagonal xla", lambda: record("diagonal xla", T, "fwd", *time_jax(xla[0], (X, Y, g))))
-    guarded("diagonal xla", lambda: record("diagonal xla", T, "fwd+bwd",
+    guarded("products xla", lambda: record("products xla", T, "fwd", *time_jax(xla[0], (X, Y, g))))
+    guarded("products xla", lambda: record("products xla", T, "fwd+bwd",
                                            *time_jax(xla[1], (X, Y, g))))
 
 
@@ -432,8 +436,9 @@ def main():
                     choices=("pallas", "xla"), help="dplr_jax backends to time at the first T")
     ap.add_argument("--torch", nargs="+", default=["kda", "gla", "gdn", "sdpa"],
                     choices=("kda", "gla", "gdn", "sdpa"), help="torch variants to time")
-    ap.add_argument("--diagonal", action="store_true",
-                    help="at the first T, also time phase 1's diagonal blocks alone (Pallas vs XLA)")
+    ap.add_argument("--products", action="store_true",
+                    help="at the first T, also time phase 1's decayed products alone (Pallas vs "
+                         "XLA)")
     ap.add_argument("--no-extras", action="store_true",
                     help="skip the state-pass-alone and jax attention timings")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
@@ -488,8 +493,8 @@ def main():
         if a.only in ("all", "jax"):
             bench_jax(T, a.ops if first else ("kda",),
                       a.backends if first else ("pallas",))
-            if first and a.diagonal:
-                guarded("diagonal", lambda: bench_diagonal(T))
+            if first and a.products:
+                guarded("products", lambda: bench_products(T))
             if first and not a.no_extras:
                 bench_state_pass(T, sp_configs)
             if not a.no_extras:

@@ -8,7 +8,7 @@ decays), "matmul_sums" (the working tree: a 0/1 matrix product at full precision
 older ones are read with `git show` (run from a git checkout; --sources DIR takes the two
 files from DIR instead, as chunked_<version>.py, for a machine without git). Each is swapped
 in for chunked.chunk_summary and timed through backend="pallas" (phase 1 all XLA: the
-diagonal-block kernel is not used here; Pallas state pass), kda and gated_delta_rule, B=4
+decayed-product kernels are not used here; Pallas state pass), kda and gated_delta_rule, B=4
 T=4096 H=16 K=V=128 bf16: medians of host-timed jitted calls (block_until_ready) after a
 warm-up.
 """
@@ -78,9 +78,9 @@ def main():
     rows = []
     print(f"{'version':<16}{'op':<18}{'fwd ms':>9}{'fwd+bwd ms':>12}")
     for version, fn in versions.items():
-        # chunked._summaries looks it up at call time; every version keeps its diagonal blocks
-        # in XLA (the Pallas backend's diagonal-block kernel is left out of this comparison).
-        chunked.chunk_summary = lambda *x, diagonal=None, fn=fn: fn(*x)
+        # chunked._summaries looks it up at call time; every version keeps its decayed products
+        # in XLA (the Pallas backend's decayed-product kernels are left out of this comparison).
+        chunked.chunk_summary = lambda *x, decayed=None, fn=fn: fn(*x)
         for op, args in cases.items():
             f = getattr(ops, op)
             fwd = jax.jit(lambda *x, f=f: f(*x, backend="pallas")[0])

@@ -48,7 +48,7 @@ def test_forward_and_backward_lower(target, case):
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=(target,)).as_text()
     # The forward and the backward state-pass kernels are both in the module, and on the GPU
-    # the diagonal-block kernels of the per-channel-decay ops.
+    # the decayed-product kernels of the per-channel-decay ops.
     assert text.count("dplr_state_pass_fwd") >= 1 and text.count("dplr_state_pass_bwd") >= 1
     per_channel = target == "cuda" and name in ("kda", "gla")
-    assert ("dplr_diagonal_fwd" in text and "dplr_diagonal_bwd" in text) == per_channel
+    assert ("dplr_decayed_fwd" in text and "dplr_decayed_bwd" in text) == per_channel

@@ -86,10 +86,10 @@ def segment_sums(g, probe):
     return jnp.einsum("tsu,u...->ts...", span, g, precision=jax.lax.Precision.HIGHEST)
 
 
-def diagonal_blocks(Xs, Ys, gs, probe):
+def _diagonal_blocks(Xs, Ys, gs, probe):
     """decayed_products on every diagonal sub-block at once, per-channel decays:
-    Xs [n, c, a, K], Ys [n, c, b, K], gs [n, c, K] -> [n, c, a, c, b]. XLA materializes the
-    pairwise decays [n, c, c, K]; the Pallas backend swaps in a kernel (pallas/diagonal.py)."""
+    Xs [n, c, a, K], Ys [n, c, b, K], gs [n, c, K] -> [n, c, a, c, b]. This materializes the
+    pairwise decays [n, c, c, K] (the Pallas backend keeps them on chip: pallas/decayed.py)."""
     c = gs.shape[1]
     t = jnp.arange(c)
     mask = (t[:, None] > t[None, :]) if probe else (t[:, None] >= t[None, :])
@@ -97,13 +97,12 @@ def diagonal_blocks(Xs, Ys, gs, probe):
     return jnp.einsum("itak,isbk,itsk->itasb", Xs, Ys, e)
 
 
-def decayed_products(X, Y, g, probe, diagonal=diagonal_blocks):
+def decayed_products(X, Y, g, probe):
     """Out[t,a,s,b] = sum_k X[t,a,k] Y[s,b,k] exp(sum_{s<u<=t} g[u,k]) for s <= t.
 
     With probe=True the decay runs to t - 1 and only s < t is kept (a probe reads the state
     before token t's decay). X [C, a, K], Y [C, b, K]; g per-token log decays: None, [C]
-    or [C, K]. Masked entries are exactly zero. `diagonal` computes the diagonal sub-blocks
-    of per-channel decays (see diagonal_blocks).
+    or [C, K]. Masked entries are exactly zero.
     """
     C = X.shape[0]
     t = jnp.arange(C)
@@ -117,7 +116,7 @@ def decayed_products(X, Y, g, probe, diagonal=diagonal_blocks):
     n = C // c
     a, b, K = X.shape[1], Y.shape[1], X.shape[2]
     Xs, Ys, gs = X.reshape(n, c, a, K), Y.reshape(n, c, b, K), g.reshape(n, c, K)
-    diag = diagonal(Xs, Ys, gs, probe)  # [n, c, a, c, b]
+    diag = _diagonal_blocks(Xs, Ys, gs, probe)  # [n, c, a, c, b]
     out = diag[:, :, :, None] * jnp.eye(n, dtype=X.dtype)[:, None, None, :, None, None]
     if n > 1:
         # ...and off-diagonal blocks (query sub-chunk i > key sub-chunk j) through the boundary.
@@ -135,14 +134,13 @@ def decayed_products(X, Y, g, probe, diagonal=diagonal_blocks):
     return out.reshape(C, a, C, b)
 
 
-def chunk_summary(q, g, E, y, P, F, Vk, diagonal=diagonal_blocks):
+def chunk_summary(q, g, E, y, P, F, Vk, decayed=decayed_products):
     """One chunk of one head -> (M, Bc, Qs, O0): S_C = M S_0 + Bc and o = Qs S_0 + O0.
 
     q [C, K]; g None, [C] or [C, K]; E, P [C, m, K] and y [C, m, V] (or None);
     F [C, r, K] and Vk [C, r, V] (or None). M is [K, K], or [K] when there is no E (diagonal).
-    `diagonal`: see decayed_products.
+    decayed: the function for the intra-chunk products (the Pallas backend passes its kernels).
     """
-    decayed = functools.partial(decayed_products, diagonal=diagonal)
     C, K = q.shape
     if g is None:
         e_q = e_prev = e_end = None
@@ -183,12 +181,12 @@ def _apply(M, S):
     return M[..., :, None] * S if M.ndim == S.ndim - 1 else jnp.einsum("...kl,...lv->...kv", M, S)
 
 
-def _summaries(layout, q, g, E, y, P, F, Vk, diagonal=diagonal_blocks):
+def _summaries(layout, q, g, E, y, P, F, Vk, decayed=decayed_products):
     """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...]."""
     def chunks(x):
         return None if x is None else jnp.moveaxis(layout.to_chunks(x), 3, 1)
 
-    fn = jax.checkpoint(functools.partial(chunk_summary, diagonal=diagonal))
+    fn = jax.checkpoint(functools.partial(chunk_summary, decayed=decayed))
     for _ in range(3):
         fn = jax.vmap(fn)
     return fn(*(chunks(x) for x in (q, g, E, y, P, F, Vk)))

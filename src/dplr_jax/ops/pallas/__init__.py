@@ -18,9 +18,10 @@ PLATFORM_CONFIGS = {
     "gpu": Config(form="loop", precision=jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
                   fwd=Launch(block_v=64, num_warps=8, num_stages=1),
                   bwd=Launch(block_v=64, num_warps=8, num_stages=1),
-                  diagonal=Launch(num_warps=2, num_stages=1)),
+                  products=(Launch(num_warps=2, num_stages=1),
+                            Launch(num_warps=4, num_stages=1))),
     "tpu": Config(form="grid"),
-    "cpu": Config(form="loop", interpret=True, diagonal=Launch()),
+    "cpu": Config(form="loop", interpret=True, products=(Launch(), Launch())),
 }
 """Launch configuration of the registered kernels per platform."""
 

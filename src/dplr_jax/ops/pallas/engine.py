@@ -3,9 +3,9 @@
 Phases 2 and 3 (the state scan and the output matmul o = Qs S + O0) are one Pallas kernel
 forward and one backward (state_pass.py), for every op of forms.py. Phase 1 (per-chunk
 summaries M, Bc, Qs, O0) is the XLA `chunk_summary` of chunked.py, differentiated by JAX and
-rematerialized in the backward pass, except for its exact-decay diagonal sub-blocks of
-per-channel decays (kda, gla, dplr, hdla), which run in the Pallas kernels of diagonal.py
-where the configuration names their launch (`Config.diagonal`).
+rematerialized in the backward pass, except for its intra-chunk decayed products of
+per-channel decays (kda, gla, dplr, hdla), which run in the Pallas kernels of decayed.py
+where the configuration names their launch (`Config.products`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from dplr_jax.ops import chunked as xla_chunked
 from dplr_jax.ops.api import run_chunked
-from dplr_jax.ops.pallas import diagonal
+from dplr_jax.ops.pallas import decayed
 from dplr_jax.ops.pallas.state_pass import Config, state_pass
 
 
@@ -34,12 +34,13 @@ def _scan(layout, M, Bc, Qs, O0, h0, *, cfg):
 def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config):
     """Op `name` (a key of forms.FORMS) on validated inputs; returns (o, final state)."""
     sixteen_bit = any(x.dtype not in (jnp.float32, jnp.float64) for x in inputs if x is not None)
-    summaries = None
-    if cfg.diagonal is not None:
-        summaries = functools.partial(xla_chunked._summaries, diagonal=functools.partial(
-            diagonal.diagonal_blocks, interpret=cfg.interpret, launch=cfg.diagonal))
     if sixteen_bit:
         cfg = dataclasses.replace(cfg, precision=cfg.precision_16bit)
+    summaries = None
+    if cfg.products is not None:
+        summaries = functools.partial(xla_chunked._summaries, decayed=functools.partial(
+            decayed.decayed_products, interpret=cfg.interpret, precision=cfg.precision,
+            launch=cfg.products))
     return run_chunked(name, inputs, scale=scale, initial_state=initial_state,
                        cu_seqlens=cu_seqlens, chunk_size=chunk_size,
                        summaries=summaries,

@@ -65,8 +65,8 @@ class Config:
     lax.Precision or a lax.DotAlgorithmPreset: on the GPU TF32_TF32_F32_X3, three tf32 passes,
     because Triton's IEEE float32 dot is ~200x slower); precision_16bit: for bf16/fp16 inputs
     (HIGH: tf32 on the GPU, bf16x3 on the TPU); fwd, bwd: launch parameters per kernel;
-    diagonal: launch of phase 1's diagonal-block kernels (diagonal.py, "loop" form only), or
-    None to leave those blocks to XLA (engine.py).
+    products: (forward, backward) launch of phase 1's decayed-product kernels (decayed.py,
+    "loop" form only), or None to leave them to XLA (engine.py).
     """
 
     form: str = "loop"
@@ -75,7 +75,7 @@ class Config:
     precision_16bit: object = jax.lax.Precision.HIGH
     fwd: Launch = Launch()
     bwd: Launch = Launch()
-    diagonal: Launch | None = None
+    products: tuple[Launch, Launch] | None = None
 
 
 def _div(a, b):

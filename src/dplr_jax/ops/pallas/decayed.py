@@ -1,0 +1,206 @@
+"""Pallas kernels for phase 1's decayed products with per-channel log decays (kda, gla, dplr,
+hdla): the whole [C, C] intra-chunk matrix of one chunk per program.
+
+chunked.decayed_products needs, per chunk of C tokens and one head,
+
+    D[t, s] = sum_k X[t, k] Y[s, k] exp(sum_{s < u <= t} g[u, k])      (s <= t),
+
+or with probe=True the decay sum over s < u <= t - 1 and only s < t. No exponent may be a
+difference of cumulative sums (chunked.py says why). In XLA that costs [16, 16, K] pairwise
+tensors for the diagonal 16 x 16 blocks and [n-1, C, K] decayed key factors for the
+off-diagonal ones, all written to HBM and read back, in the forward and again in the
+backward. Here one program per chunk keeps them on chip. Sub-chunks i = 0..n-1 (16 tokens):
+
+- the diagonal block by rows t with a running [16, K] exponent d[s] = sum_{s<u<=t} g_u (one
+  add of g_t per row, one exp and one reduction over K per row); the same loop yields the
+  sub-chunk's prefix sums (the query side), its suffix sums (d after the last row) and its
+  total, each a sum of the tokens it covers;
+- the blocks (i, j < i) as one [16, K] x [K, 16] dot of the query side X_i e^{prefix_i},
+  times e^{(whole sub-chunks between j and i)}, against the key side Y_j e^{suffix_j}: every
+  factor <= 1, and the exponents add up exactly to the pair's decay sum.
+
+Backward (custom_vjp; one program per chunk): the same loops give dX (row-block i: diagonal
+rows plus the dots with dD_ij) and dY (accumulated per key sub-chunk over the query
+sub-chunks after it, kept on chip until the end). The log-decay gradient needs no exponent:
+with R = X * dX and Q = Y * dY per channel, the pairs (t, s) whose decay contains g_u are those
+with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s (probe: minus R_u as well),
+formed by the wrapper (chunked.masked_sums). Nothing is saved but the inputs.
+
+Cost per chunk (C = 64, K = 128): reads 3 C K values (96 KB float32), writes C^2 (16 KB);
+C 16 K exps (128 K) on the diagonal blocks and C K more for the factors; 2 C^2 K / 2 flops
+of dots. At B=4, T=4096, H=16: 4096 chunks, 0.45 GB -> 0.15 ms at 3 TB/s, 0.6 G exps ->
+0.15 ms at 16 exp/clk/SM. The kernels run on the GPU through Triton and on the CPU in
+interpret mode; the TPU configuration keeps XLA's version. K is padded with zeros to a power
+of two >= 16 (zeros add nothing); C must be a multiple of 16, else XLA's version runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from dplr_jax.ops import chunked
+
+SUB = chunked.SUB
+
+
+def _iota(shape, axis):
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _dot(a, b, precision, trans_a=False, trans_b=False):
+    """2-D a @ b (a^T, b^T on request), accumulated in float32 (float64 for float64 inputs)."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    if isinstance(precision, jax.lax.Precision):
+        precision = (precision, precision)
+    return jax.lax.dot_general(a, b, dims, precision=precision,
+                               preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
+
+
+def _block_rows(probe, base, y, g_ref, step, init):
+    """The row loop of sub-chunk rows [base, base + 16): step(t, e, keep, carry) per row with
+    e[s, k] = exp(the pair's decay sum) and keep[s] the row's valid columns. Returns
+    (carry, pre, suffix, total): the query-side prefix sums of the sub-chunk (inclusive, or
+    exclusive with probe), its exclusive suffix sums and its total [1, K]."""
+    s = _iota(y.shape, 0)
+    s1 = _iota((SUB, 1), 0)
+
+    def body(t, state):
+        d, p, pre, carry = state
+        g_t = g_ref[pl.ds(base + t, 1), :].astype(d.dtype)
+        if probe:  # decays over s < u <= t - 1: the previous row's sums; prefix excludes t
+            carry = step(t, jnp.exp(d), s1 < t, carry)
+            pre = jnp.where(s == t, p, pre)
+        p = p + g_t
+        d = jnp.where(s < t, d + g_t, 0.0)
+        if not probe:
+            carry = step(t, jnp.exp(d), s1 <= t, carry)
+            pre = jnp.where(s == t, p, pre)
+        return d, p, pre, carry
+
+    zero = jnp.zeros_like(y)
+    d, p, pre, carry = jax.lax.fori_loop(
+        0, SUB, body, (zero, jnp.zeros((1, y.shape[1]), y.dtype), zero, init))
+    return carry, pre, d, p
+
+
+def _forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):
+    C = x_ref.shape[0]
+    n = C // SUB
+    keys, totals = [], []  # per earlier sub-chunk j: Y_j e^{suffix_j} [16, K], total [1, K]
+    for i in range(n):
+        rows = pl.ds(i * SUB, SUB)
+        Y = y_ref[rows, :]
+
+        def step(t, e, keep, carry, i=i, Y=Y):
+            x_t = x_ref[pl.ds(i * SUB + t, 1), :]
+            row = jnp.sum(jnp.where(keep, Y * e, 0.0) * x_t, axis=1)
+            d_ref[pl.ds(i * SUB + t, 1), pl.ds(i * SUB, SUB)] = row[None, :].astype(d_ref.dtype)
+            return carry
+
+        _, pre, suffix, total = _block_rows(probe, i * SUB, Y, g_ref, step, 0)
+        Xq = x_ref[rows, :] * jnp.exp(pre)
+        for j in reversed(range(i)):  # between = totals of the sub-chunks j+1 .. i-1
+            d_ij = _dot(Xq, keys[j], precision, trans_b=True)
+            d_ref[rows, pl.ds(j * SUB, SUB)] = d_ij.astype(d_ref.dtype)
+            Xq = Xq * jnp.exp(totals[j])
+        for j in range(i + 1, n):
+            d_ref[rows, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), d_ref.dtype)
+        keys.append(Y * jnp.exp(suffix))
+        totals.append(total)
+
+
+def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, precision):
+    C = x_ref.shape[0]
+    n = C // SUB
+    r16 = _iota((SUB, 1), 0)
+    c16 = _iota((SUB, SUB), 1)
+    decays, totals, dkeys = [], [], []  # per key sub-chunk j: e^{suffix_j}, total, dY_j so far
+    for i in range(n):
+        rows = pl.ds(i * SUB, SUB)
+        Y = y_ref[rows, :]
+        ddt = ddt_ref[rows, rows]  # (dD_ii)^T: [s, t]
+
+        def step(t, e, keep, carry, i=i, Y=Y, ddt=ddt):
+            dX, dY = carry
+            w = jnp.where(keep, jnp.sum(jnp.where(c16 == t, ddt, 0.0), axis=1, keepdims=True),
+                          0.0)
+            we = w * e
+            dx_t = jnp.sum(we * Y, axis=0, keepdims=True)
+            dX = jnp.where(r16 == t, dx_t, dX)
+            return dX, dY + we * x_ref[pl.ds(i * SUB + t, 1), :]
+
+        zero = jnp.zeros_like(Y)
+        (dX, dY), pre, suffix, total = _block_rows(probe, i * SUB, Y, g_ref, step, (zero, zero))
+        Xq = x_ref[rows, :]
+        eq = jnp.exp(pre)
+        for j in reversed(range(i)):
+            key = y_ref[pl.ds(j * SUB, SUB), :] * decays[j]
+            ddt_ji = ddt_ref[pl.ds(j * SUB, SUB), rows]  # (dD_ij)^T: [s in j, t in i]
+            dX = dX + _dot(ddt_ji, key, precision, trans_a=True) * eq
+            dkeys[j] = dkeys[j] + _dot(ddt_ji, Xq * eq, precision) * decays[j]
+            eq = eq * jnp.exp(totals[j])
+        dx_ref[rows, :] = dX.astype(dx_ref.dtype)
+        decays.append(jnp.exp(suffix))
+        totals.append(total)
+        dkeys.append(dY)
+    for j in range(n):
+        dy_ref[pl.ds(j * SUB, SUB), :] = dkeys[j].astype(dy_ref.dtype)
+
+
+def _call(kernel, args, outs, interpret, launch, name):
+    params = None if interpret else pl_triton.CompilerParams(
+        num_warps=launch.num_warps, num_stages=launch.num_stages)
+    return pl.pallas_call(kernel, out_shape=outs, interpret=interpret, compiler_params=params,
+                          name=name)(*args)
+
+
+def _pad_k(*xs):
+    K = xs[0].shape[-1]
+    Kp = max(16, 1 << (K - 1).bit_length())
+    return tuple(jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, Kp - K)]) for x in xs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _products(X, Y, g, probe, cfg):
+    C = X.shape[0]
+    out = jax.ShapeDtypeStruct((C, C), X.dtype)
+    kernel = functools.partial(_forward_kernel, probe=probe, precision=cfg[1])
+    return _call(kernel, _pad_k(X, Y, g), [out], cfg[0], cfg[2], "dplr_decayed_fwd")[0]
+
+
+def _products_fwd(X, Y, g, probe, cfg):
+    return _products(X, Y, g, probe, cfg), (X, Y, g)
+
+
+def _products_bwd(probe, cfg, res, dD):
+    X, Y, g = res
+    Xp, Yp, gp = _pad_k(X, Y, g)
+    kernel = functools.partial(_backward_kernel, probe=probe, precision=cfg[1])
+    dX, dY = _call(kernel, (Xp, Yp, gp, dD.T.astype(X.dtype)),
+                   [jax.ShapeDtypeStruct(Xp.shape, X.dtype)] * 2, cfg[0], cfg[3],
+                   "dplr_decayed_bwd")
+    K = X.shape[-1]
+    dX, dY = dX[:, :K], dY[:, :K]
+    R = X * dX
+    dg = chunked.masked_sums(R - Y * dY, 0, jnp.less_equal)  # sum over u >= t
+    return dX, dY, (dg - R if probe else dg).astype(g.dtype)
+
+
+_products.defvjp(_products_fwd, _products_bwd)
+
+
+def decayed_products(X, Y, g, probe, *, interpret, precision, launch):
+    """Drop-in for chunked.decayed_products (one chunk): the kernels for per-channel decays
+    and C a multiple of 16, XLA's version otherwise. launch: (forward, backward) Launch."""
+    C = X.shape[0]
+    if g is None or g.ndim == 1 or C % SUB:
+        return chunked.decayed_products(X, Y, g, probe)
+    cfg = (interpret, precision) + tuple(launch)
+    rows = [[_products(X[:, i], Y[:, j], g, probe, cfg) for j in range(Y.shape[1])]
+            for i in range(X.shape[1])]
+    return jnp.stack([jnp.stack(r, axis=-1) for r in rows], axis=1)  # [C, a, C, b]

@@ -1,0 +1,102 @@
+"""The Pallas kernels for phase 1's decayed products of per-channel decays (pallas/decayed.py).
+
+The kernels (CPU interpret mode) against XLA's `chunked.decayed_products` on one chunk: values
+and every cotangent (X, Y and the log decays, whose gradient the wrapper forms from two
+reverse sums), probe and plain, chunks of 1, 2 and 4 sub-chunks, several probes / keys per
+token, K padded, hard resets; float32 against float64; backend="pallas" through them against
+the float64 reference at chunk 64 with hard resets; which ops use them.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from _ops_inputs import assert_close, cast, make_inputs, make_state
+from dplr_jax import ops
+from dplr_jax.ops import chunked
+from dplr_jax.ops.pallas import decayed
+from dplr_jax.ops.pallas.state_pass import Launch
+from test_pallas_ops import check_pallas_vjp
+
+KERNEL = functools.partial(decayed.decayed_products, interpret=True,
+                           precision=jax.lax.Precision.HIGHEST, launch=(Launch(), Launch()))
+
+
+def chunk(rng, C=64, a=1, b=1, K=32, strong=False):
+    """X [C, a, K], Y [C, b, K], log decays g [C, K] as float64 NumPy."""
+    g = -np.logaddexp(0.0, -(1.5 * rng.standard_normal((C, K)) + 3.0))
+    if strong:
+        g = np.where(rng.random(g.shape) < 0.05, -1000.0, 10.0 * g)
+        g[C // 2 + 3] = -1000.0
+    return (rng.standard_normal((C, a, K)), rng.standard_normal((C, b, K)), g)
+
+
+def value_and_pullback(fn, xs, ct):
+    out, pull = jax.vjp(fn, *xs)
+    return (out,) + pull(ct)
+
+
+@pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
+@pytest.mark.parametrize("C,a,b,K,strong", [(64, 1, 1, 32, False), (64, 1, 1, 32, True),
+                                            (32, 2, 1, 40, False), (16, 1, 3, 16, True),
+                                            (64, 1, 2, 24, True)])
+def test_matches_xla_in_float64(probe, C, a, b, K, strong, rng, x64):
+    """Same math as XLA's version: values and cotangents agree to rounding (float64)."""
+    xs = cast(chunk(rng, C=C, a=a, b=b, K=K, strong=strong), jnp.float64)
+    ct = jnp.asarray(rng.standard_normal((C, a, C, b)))
+    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x, probe), xs, ct)
+    got = jax.jit(lambda ct, *x: value_and_pullback(
+        lambda *y: KERNEL(*y, probe), x, ct))(ct, *xs)
+    for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
+        assert u.shape == v.shape and u.dtype == jnp.float64
+        assert_close(u, v, 1e-12, name)
+
+
+@pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
+def test_float32_against_float64_with_hard_resets(probe, rng, x64):
+    xs = chunk(rng, strong=True)
+    ct = rng.standard_normal((64, 1, 64, 1))
+    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x, probe),
+                             cast(xs, jnp.float64), jnp.asarray(ct))
+    got = jax.jit(lambda ct, *x: value_and_pullback(lambda *y: KERNEL(*y, probe), x, ct))(
+        *cast((ct,) + xs, jnp.float32))
+    for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
+        assert u.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(u))), name
+        assert_close(u, v, 1e-5, name)
+
+
+def test_vmapped_over_chunks(rng):
+    """Under vmap (as phase 1 calls it, once per batch row, head and chunk)."""
+    xs = cast(tuple(np.stack(z) for z in zip(*(chunk(rng, C=32) for _ in range(3)))),
+              jnp.float32)
+    got = jax.jit(jax.vmap(lambda *x: KERNEL(*x, True)))(*xs)
+    ref = jax.vmap(lambda *x: chunked.decayed_products(*x, True))(*xs)
+    assert_close(got, ref, 1e-5, "D")
+
+
+@pytest.mark.parametrize("name", ["kda", "gla"])
+def test_backend_pallas_chunk_64_hard_resets(name, rng, x64):
+    """backend="pallas" (four sub-chunks per chunk through the kernels) vs the float64
+    reference at T=130: gates x10 with 5% hard resets, an initial state, every gradient."""
+    args = list(make_inputs(name, rng, B=1, T=130, K=32, V=32, G=2 if name == "kda" else 1))
+    g = 10 * args[3]
+    args[3] = np.where(rng.random(g.shape) < 0.05, -1000.0, g)
+    args = cast(tuple(args), jnp.float32)
+    h0 = cast(make_state(args, rng), jnp.float32)
+    check_pallas_vjp(name, args, h0, rng, 1e-5, 1e-5, lambda _: 1e-5, chunk_size=64)
+
+
+def test_used_for_per_channel_decays_only():
+    def jaxpr(name):
+        args = cast(make_inputs(name, np.random.default_rng(0), B=1, T=20), jnp.float32)
+        fn = lambda *a: ops.OPS[name](*a, backend="pallas", chunk_size=16)[0].sum()
+        return str(jax.make_jaxpr(jax.grad(fn, argnums=tuple(range(len(args)))))(*args))
+
+    for name in ("kda", "gla", "dplr", "hdla"):
+        text = jaxpr(name)
+        assert "dplr_decayed_fwd" in text and "dplr_decayed_bwd" in text, name
+    for name in ("gated_delta_rule", "delta_rule", "gated_delta_product"):
+        assert "dplr_decayed" not in jaxpr(name), name
