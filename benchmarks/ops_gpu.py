@@ -10,8 +10,9 @@ One call does, on one GPU:
    sequences (cu_seqlens), and log decays down to -1000 with beta in (0, 2) (finite check);
 2. timings at B=4, H=16, K=V=128, bf16 (log decays float32): forward and forward+backward,
    median device time after warm-up, and peak memory beyond the inputs, for dplr_jax pallas
-   and xla, FLA (fla-core 0.6.0: chunk_kda, chunk_gla, chunk_gated_delta_rule), causal softmax
-   attention (torch SDPA, jax.nn.dot_product_attention), and the Pallas state pass alone;
+   and xla, FLA (fla-core 0.6.0 on PYTHONPATH: chunk_kda, chunk_gla, chunk_gated_delta_rule),
+   causal softmax attention (torch SDPA, jax.nn.dot_product_attention), the Pallas state pass
+   alone, and with --products phase 1's decayed-product kernels alone (decayed.py vs XLA);
 3. a table with ratios to FLA and to the memory/compute floor (benchmarks/NOTES.md), and JSON.
 
 JAX timing: 10 back-to-back calls of the jitted function then block_until_ready, per call;

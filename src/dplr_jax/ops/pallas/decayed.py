@@ -26,12 +26,15 @@ with R = X * dX and Q = Y * dY per channel, the pairs (t, s) whose decay contain
 with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s (probe: minus R_u as well),
 formed by the wrapper (chunked.masked_sums). Nothing is saved but the inputs.
 
-Cost per chunk (C = 64, K = 128): reads 3 C K values (96 KB float32), writes C^2 (16 KB);
-C 16 K exps (128 K) on the diagonal blocks and C K more for the factors; 2 C^2 K / 2 flops
-of dots. At B=4, T=4096, H=16: 4096 chunks, 0.45 GB -> 0.15 ms at 3 TB/s, 0.6 G exps ->
-0.15 ms at 16 exp/clk/SM. The kernels run on the GPU through Triton and on the CPU in
-interpret mode; the TPU configuration keeps XLA's version. K is padded with zeros to a power
-of two >= 16 (zeros add nothing); C must be a multiple of 16, else XLA's version runs.
+Cost per chunk (C = 64, K = 128, float32): reads 3 C K values (96 KB), writes C^2 (16 KB);
+C 16 K exps on the diagonal blocks (131 K) and ~3 C K for the factors; off-diagonal dots
+n(n-1)/2 x 2 * 16^2 K = 0.4 MFLOP. At B=4, T=4096, H=16 (4096 chunks): 0.46 GB (0.15 ms
+at 3 TB/s) and 0.54 G exps (0.13 ms at 16 exp/clk/SM): measured 0.87 ms forward on the H100,
+bound by the 64 dependent row steps per program (benchmarks/NOTES.md).
+
+The kernels run on the GPU through Triton and on the CPU in interpret mode; the TPU
+configuration keeps XLA's version. K is padded with zeros to a power of two >= 16 (zeros add
+nothing); C is a power of two >= 16 (api.py validates chunk_size).
 """
 
 from __future__ import annotations
@@ -195,10 +198,9 @@ _products.defvjp(_products_fwd, _products_bwd)
 
 
 def decayed_products(X, Y, g, probe, *, interpret, precision, launch):
-    """Drop-in for chunked.decayed_products (one chunk): the kernels for per-channel decays
-    and C a multiple of 16, XLA's version otherwise. launch: (forward, backward) Launch."""
-    C = X.shape[0]
-    if g is None or g.ndim == 1 or C % SUB:
+    """Drop-in for chunked.decayed_products (one chunk): the kernels for per-channel decays,
+    XLA's version for scalar or no decays. launch: (forward, backward) Launch."""
+    if g is None or g.ndim == 1:
         return chunked.decayed_products(X, Y, g, probe)
     cfg = (interpret, precision) + tuple(launch)
     rows = [[_products(X[:, i], Y[:, j], g, probe, cfg) for j in range(Y.shape[1])]
