@@ -37,7 +37,7 @@ def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config)
     if sixteen_bit:
         cfg = dataclasses.replace(cfg, precision=cfg.precision_16bit)
     summaries = None
-    if cfg.products is not None:
+    if cfg.products is not None and cfg.form == "loop":  # Triton / interpret kernels only
         summaries = functools.partial(xla_chunked._summaries, decayed=functools.partial(
             decayed.decayed_products, interpret=cfg.interpret, precision=cfg.precision,
             launch=cfg.products))
