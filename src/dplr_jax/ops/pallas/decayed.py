@@ -40,6 +40,7 @@ nothing); C is a power of two >= 16 (api.py validates chunk_size).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +48,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from dplr_jax.ops import chunked
+from dplr_jax.ops.pallas.state_pass import Launch
 
 SUB = chunked.SUB
+
+
+class _Cfg(NamedTuple):
+    """Static configuration of one kernel pair (hashable: a custom_vjp nondiff argument)."""
+
+    interpret: object
+    precision: object
+    fwd: Launch
+    bwd: Launch
 
 
 def _iota(shape, axis):
@@ -172,8 +183,8 @@ def _pad_k(*xs):
 def _products(X, Y, g, probe, cfg):
     C = X.shape[0]
     out = jax.ShapeDtypeStruct((C, C), X.dtype)
-    kernel = functools.partial(_forward_kernel, probe=probe, precision=cfg[1])
-    return _call(kernel, _pad_k(X, Y, g), [out], cfg[0], cfg[2], "dplr_decayed_fwd")[0]
+    kernel = functools.partial(_forward_kernel, probe=probe, precision=cfg.precision)
+    return _call(kernel, _pad_k(X, Y, g), [out], cfg.interpret, cfg.fwd, "dplr_decayed_fwd")[0]
 
 
 def _products_fwd(X, Y, g, probe, cfg):
@@ -183,9 +194,9 @@ def _products_fwd(X, Y, g, probe, cfg):
 def _products_bwd(probe, cfg, res, dD):
     X, Y, g = res
     Xp, Yp, gp = _pad_k(X, Y, g)
-    kernel = functools.partial(_backward_kernel, probe=probe, precision=cfg[1])
+    kernel = functools.partial(_backward_kernel, probe=probe, precision=cfg.precision)
     dX, dY = _call(kernel, (Xp, Yp, gp, dD.T.astype(X.dtype)),
-                   [jax.ShapeDtypeStruct(Xp.shape, X.dtype)] * 2, cfg[0], cfg[3],
+                   [jax.ShapeDtypeStruct(Xp.shape, X.dtype)] * 2, cfg.interpret, cfg.bwd,
                    "dplr_decayed_bwd")
     K = X.shape[-1]
     dX, dY = dX[:, :K], dY[:, :K]
@@ -202,7 +213,7 @@ def decayed_products(X, Y, g, probe, *, interpret, precision, launch):
     XLA's version for scalar or no decays. launch: (forward, backward) Launch."""
     if g is None or g.ndim == 1:
         return chunked.decayed_products(X, Y, g, probe)
-    cfg = (interpret, precision) + tuple(launch)
+    cfg = _Cfg(interpret, precision, *launch)
     rows = [[_products(X[:, i], Y[:, j], g, probe, cfg) for j in range(Y.shape[1])]
             for i in range(X.shape[1])]
     return jnp.stack([jnp.stack(r, axis=-1) for r in rows], axis=1)  # [C, a, C, b]
