@@ -48,7 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from dplr_jax.ops import chunked
-from dplr_jax.ops.pallas.state_pass import Launch
+from dplr_jax.ops.pallas.state_pass import Launch, _dot, _pad_to, _pow2
 
 SUB = chunked.SUB
 
@@ -64,15 +64,6 @@ class _Cfg(NamedTuple):
 
 def _iota(shape, axis):
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
-
-
-def _dot(a, b, precision, trans_a=False, trans_b=False):
-    """2-D a @ b (a^T, b^T on request), accumulated in float32 (float64 for float64 inputs)."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    if isinstance(precision, jax.lax.Precision):
-        precision = (precision, precision)
-    return jax.lax.dot_general(a, b, dims, precision=precision,
-                               preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
 
 
 def _block_rows(probe, base, y, g_ref, step, init):
@@ -174,9 +165,8 @@ def _call(kernel, args, outs, interpret, launch, name):
 
 
 def _pad_k(*xs):
-    K = xs[0].shape[-1]
-    Kp = max(16, 1 << (K - 1).bit_length())
-    return tuple(jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, Kp - K)]) for x in xs)
+    """Zero-pads the key axis (last) to a power of two >= 16."""
+    return tuple(_pad_to(x, x.ndim - 1, _pow2(x.shape[-1])) for x in xs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -88,12 +88,13 @@ def _rem(a, b):
 
 
 def _dot(a, b, precision, trans_a=False, trans_b=False):
-    """2-D a @ b (a^T, b^T on request) with float32 accumulation."""
+    """2-D a @ b (a^T, b^T on request), accumulated in float32 (float64 for float64 inputs,
+    which only the CPU interpreter sees)."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
     if isinstance(precision, jax.lax.Precision):
         precision = (precision, precision)
     return jax.lax.dot_general(a, b, dims, precision=precision,
-                               preferred_element_type=jnp.float32)
+                               preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
 
 
 def _forward_chunk(c, src, S, m_ref, bc_ref, qs_ref, o0_ref, h0_ref, o_ref, sin_ref, *, diag,
