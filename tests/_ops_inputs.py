@@ -96,9 +96,10 @@ def random_cotangents(rng, o, S):
 
 
 def check_vjp(name, args, h0, cot, tol_o, tol_S, tol_grad, *, chunk_size, cu_seqlens=None,
-              backend="xla"):
-    """Forward and pullback of `backend` (inputs in their dtype) against the float64
-    reference on float64 copies of the same inputs and cotangents (x64 must be on).
+              backend="xla", **options):
+    """Forward and pullback of `backend` (inputs in their dtype; `options`: more keyword
+    options of the op) against the float64 reference on float64 copies of the same inputs
+    and cotangents (x64 must be on).
 
     tol_grad(arg_name) is the tolerance for the gradient w.r.t. that input or "initial_state".
     """
@@ -106,7 +107,8 @@ def check_vjp(name, args, h0, cot, tol_o, tol_S, tol_grad, *, chunk_size, cu_seq
     ref = call_vjp(name, cast(args, jnp.float64), cast(h0, jnp.float64), *cast(cot, jnp.float64),
                    backend="reference", cu_seqlens=cu_seqlens)
     o, S, d_args, d_h0 = call_vjp(name, args, h0, cast(cot[0], dtype), cast(cot[1], jnp.float32),
-                                  backend=backend, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+                                  backend=backend, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+                                  **options)
     assert o.dtype == dtype and S.dtype == d_h0.dtype == jnp.float32
     assert_close(o, ref[0], tol_o, "o")
     assert_close(S, ref[1], tol_S, "final state")

@@ -22,7 +22,8 @@ from dplr_jax.ops.pallas.state_pass import Launch
 from test_pallas_ops import check_pallas_vjp
 
 KERNEL = functools.partial(decayed.decayed_products, interpret=True,
-                           precision=jax.lax.Precision.HIGHEST, launch=(Launch(), Launch()))
+                           precision=jax.lax.Precision.HIGHEST, exact=jax.lax.Precision.HIGHEST,
+                           launch=(Launch(), Launch()))
 
 
 def chunk(rng, C=64, a=1, b=1, K=32, strong=False):
@@ -52,6 +53,25 @@ def test_matches_xla_in_float64(probe, C, a, b, K, strong, rng, x64):
         lambda *y: KERNEL(*y, probe), x, ct))(ct, *xs)
     for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
         assert u.shape == v.shape and u.dtype == jnp.float64
+        assert_close(u, v, 1e-12, name)
+
+
+@pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
+@pytest.mark.parametrize("C,a,b,K", [(64, 1, 1, 32), (32, 2, 1, 40), (16, 1, 3, 16)])
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_bounded_path_matches_exact_in_float64(impl, probe, C, a, b, K, rng, x64):
+    """bounded=True (log decays >= MIN_BOUND = -5, a third of them at the bound, so sub-chunk
+    sums reach -80) against the exact path: values and cotangents to float64 rounding."""
+    X, Y, g = chunk(rng, C=C, a=a, b=b, K=K)
+    g = chunked.MIN_BOUND * rng.random(g.shape) ** 0.5
+    g = np.where(rng.random(g.shape) < 1 / 3, chunked.MIN_BOUND, g)
+    xs = cast((X, Y, g), jnp.float64)
+    ct = jnp.asarray(rng.standard_normal((C, a, C, b)))
+    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x, probe), xs, ct)
+    fn = KERNEL if impl == "pallas" else chunked.decayed_products
+    got = jax.jit(lambda ct, *x: value_and_pullback(
+        lambda *y: fn(*y, probe, True), x, ct))(ct, *xs)
+    for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
         assert_close(u, v, 1e-12, name)
 
 

@@ -7,6 +7,8 @@ state, packed sequences with hard resets (log decay -1000), grouped value heads,
 that need padding, and the TPU form of the kernels under the TPU interpreter.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,7 @@ from _ops_inputs import (assert_close, call, cast, check_vjp, make_inputs,
                          make_state, random_cotangents)
 from dplr_jax import ops
 from dplr_jax.ops import backends
-from dplr_jax.ops.pallas import engine
+from dplr_jax.ops.pallas import PLATFORM_CONFIGS, engine
 from dplr_jax.ops.pallas.state_pass import Config
 
 BF16_TOL = {"q": 8e-3, "k": 8e-3, "v": 8e-3, "initial_state": 8e-3, "log_decay": 2e-2,
@@ -25,11 +27,12 @@ BF16_TOL = {"q": 8e-3, "k": 8e-3, "v": 8e-3, "initial_state": 8e-3, "log_decay":
 
 
 def check_pallas_vjp(name, args, h0, rng, tol_o, tol_S, tol_grad, *, chunk_size=16,
-                     cu_seqlens=None):
-    """backend="pallas" forward and pullback against the float64 reference, random cotangents."""
+                     cu_seqlens=None, backend="pallas", **options):
+    """`backend` (default "pallas") forward and pullback against the float64 reference,
+    random cotangents; `options`: more keyword options of the op."""
     o, S = call(name, args, h0, backend="reference", cu_seqlens=cu_seqlens)
     check_vjp(name, args, h0, random_cotangents(rng, o, S), tol_o, tol_S, tol_grad,
-              chunk_size=chunk_size, cu_seqlens=cu_seqlens, backend="pallas")
+              chunk_size=chunk_size, cu_seqlens=cu_seqlens, backend=backend, **options)
 
 
 def test_kernels_registered_for_every_op_and_platform():
@@ -121,3 +124,25 @@ def test_tpu_form_under_tpu_interpreter(name, rng, x64):
                                             backend="reference"))(args, h0)
     for i, (a, b) in enumerate(zip(jax.tree.leaves(g_tpu), jax.tree.leaves(g_ref))):
         assert_close(a, b, 1e-5, f"gradient {i}")
+
+
+def test_states_wider_than_max_k_scan_in_xla(rng, x64):
+    """Config.max_k (GPU: 128, the state pass's shared-memory limit): wider keys run XLA's
+    scan for phases 2 and 3, still with the decayed-product kernels, and agree with the
+    reference; at or below it the state-pass kernel runs."""
+    args = cast(make_inputs("kda", rng, T=40, K=24, V=16), jnp.float32)  # K pads to 32
+    h0 = cast(make_state(args, rng), jnp.float32)
+    cpu = dataclasses.replace(PLATFORM_CONFIGS["cpu"], max_k=16)
+    fn = engine.kernel("kda", cpu)
+    run = lambda a, h: fn(*a, scale=0.25, initial_state=h, cu_seqlens=None, chunk_size=16)
+    text = str(jax.make_jaxpr(run)(args, h0))
+    assert "dplr_state_pass" not in text and "dplr_decayed_fwd" in text
+    o, S = jax.jit(run)(args, h0)
+    o_ref, S_ref = call("kda", cast(args, jnp.float64), cast(h0, jnp.float64), scale=0.25,
+                        backend="reference")
+    assert_close(o, o_ref, 1e-5, "o")
+    assert_close(S, S_ref, 1e-5, "final state")
+    wide = engine.kernel("kda", dataclasses.replace(cpu, max_k=32))
+    assert "dplr_state_pass" in str(jax.make_jaxpr(
+        lambda a, h: wide(*a, scale=0.25, initial_state=h, cu_seqlens=None,
+                          chunk_size=16))(args, h0))

@@ -5,7 +5,14 @@
 Layout [B, T, H, D]; every op returns (o, final_state). Keyword options on every op:
 scale (default K**-0.5), initial_state (float32 [N, HV, K, V]), output_final_state,
 cu_seqlens (int32 [N+1], B == 1: packed sequences, state reset at each boundary),
-chunk_size (power of two >= 16), backend ("auto", "pallas", "xla", "reference").
+chunk_size (power of two >= 16), backend ("auto", "pallas", "xla", "reference"); the ops
+with per-channel log decays (gla, kda, dplr, hdla) also take log_decay_lower_bound: None, or
+a promise L in [-5, 0) that every log decay is >= L. It lets the chunk paths form the
+diagonal 16 x 16 blocks of the intra-chunk decays as one product of factors of at most
+e^{8|L|} instead of token-by-token sums (backend "xla": forward and backward; "pallas": the
+backward kernel), at float32 rounding of those exponents. It is checked against log_decay
+when that is concrete, not under jit: decays below it are outside the contract (factors may
+overflow to inf/NaN or lose precision).
 `<op>_step` functions take one token (no T axis) and `state` [B, HV, K, V] and return
 (o, state): O(1) recurrent decoding.
 """
@@ -25,13 +32,18 @@ def _op(name):
     params = ("q", "k", "v") + spec.gates
 
     def op(*args, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-           chunk_size=64, backend="auto"):
+           chunk_size=64, backend="auto", log_decay_lower_bound=None):
         if len(args) != len(params):
             raise TypeError(f"{name}() takes {len(params)} positional arguments "
                             f"({', '.join(params)}), got {len(args)}")
+        if log_decay_lower_bound is not None and not spec.bounded:
+            raise TypeError(f"{name}() got an unexpected keyword argument "
+                            f"'log_decay_lower_bound' (it is for the ops with per-channel log "
+                            f"decays: gla, kda, dplr, hdla)")
         return run(spec, dict(zip(params, args)), scale=scale, initial_state=initial_state,
                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                   chunk_size=chunk_size, backend=backend)
+                   chunk_size=chunk_size, backend=backend,
+                   log_decay_lower_bound=log_decay_lower_bound)
 
     def step(*args, scale=None):
         if len(args) != len(params) + 1:
@@ -44,7 +56,8 @@ def _op(name):
     kw = [P(n, P.KEYWORD_ONLY, default=d) for n, d in [
         ("scale", None), ("initial_state", None), ("output_final_state", False),
         ("cu_seqlens", None), ("chunk_size", 64), ("backend", "auto")]]
-    op.__signature__ = inspect.Signature(pos + kw)
+    bound = [P("log_decay_lower_bound", P.KEYWORD_ONLY, default=None)] if spec.bounded else []
+    op.__signature__ = inspect.Signature(pos + kw + bound)
     step.__signature__ = inspect.Signature(pos + [P("state", P.POSITIONAL_OR_KEYWORD)] + kw[:1])
     op.__name__, step.__name__ = name, name + "_step"
     op.__qualname__, step.__qualname__ = op.__name__, step.__name__

@@ -9,14 +9,15 @@ jax_enable_x64 is on, so it can serve as ground truth for any input dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from dplr_jax.ops import backends, chunked, forms, reference
-from dplr_jax.ops._checks import (Dims, check_float, check_nonpositive, check_options,
-                                  default_scale)
+from dplr_jax.ops._checks import (Dims, check_float, check_lower_bound, check_nonpositive,
+                                  check_options, default_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,14 @@ class Spec:
     step: Callable
     log_decays: tuple[str, ...] = ("log_decay",)
     optional: tuple[str, ...] = ()
+
+    @property
+    def bounded(self) -> bool:
+        """Takes `log_decay_lower_bound`: its log decay is per key channel (the diagonal
+        blocks of its intra-chunk products are what the bound makes faster)."""
+        layout = self.layouts.get("log_decay")
+        return layout is not None and (layout[0] if isinstance(layout[0], tuple)
+                                       else layout)[-1] == "K"
 
 
 _QK = {"q": ("B", "T", "H", "K"), "k": ("B", "T", "H", "K")}
@@ -107,11 +116,15 @@ def _cast(xs, dtype):
 
 
 def run(spec: Spec, args: dict, *, scale, initial_state, output_final_state, cu_seqlens,
-        chunk_size, backend):
+        chunk_size, backend, log_decay_lower_bound=None):
     dims, args = validate(spec, args)
     N = check_options(spec.name, dims, chunk_size=chunk_size, backend=backend,
                       cu_seqlens=cu_seqlens, initial_state=initial_state,
                       n_state_heads=dims.sizes[spec.state_heads], scale=scale)
+    if log_decay_lower_bound is not None:
+        check_lower_bound(spec.name, log_decay_lower_bound, args["log_decay"],
+                          chunked.MIN_BOUND)
+    bounded = log_decay_lower_bound is not None
     scale = default_scale(scale, dims.sizes["K"])
     inputs = [args[n] for n in ("q", "k", "v") + spec.gates]
     q = inputs[0]
@@ -127,7 +140,7 @@ def run(spec: Spec, args: dict, *, scale, initial_state, output_final_state, cu_
                              f"is registered for {spec.name} on platform "
                              f"'{jax.default_backend()}'; use 'xla' or 'auto'")
         o, S = kernel(*inputs, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, bounded=bounded)
     elif backend == "reference":
         dtype = jnp.float64 if jax.config.read("jax_enable_x64") else acc_dtype(*inputs)
         h0 = _initial_state(initial_state, N, dims.sizes[spec.state_heads], dims.sizes["K"],
@@ -135,7 +148,7 @@ def run(spec: Spec, args: dict, *, scale, initial_state, output_final_state, cu_
         o, S = reference.scan(spec.step, _cast(inputs, dtype), h0, scale, cu_seqlens)
     else:
         o, S = run_chunked(spec.name, inputs, scale=scale, initial_state=initial_state,
-                           cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+                           cu_seqlens=cu_seqlens, chunk_size=chunk_size, bounded=bounded)
     S = S.astype(acc_dtype(*inputs, initial_state)) if output_final_state else None
     return o.astype(q.dtype), S
 
@@ -146,13 +159,14 @@ def _initial_state(initial_state, N, HV, K, V, dtype):
     return jnp.asarray(initial_state, dtype)
 
 
-def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, summaries=None,
-                scan=None):
+def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, bounded=False,
+                decayed=None, scan=None):
     """The chunk engine for op `name` on validated inputs (backend "xla"; the Pallas kernels
-    pass their phases as `summaries` / `scan`, see chunked.chunked): cast to the accumulation
+    pass their phases as `decayed` / `scan`, see chunked.chunked): cast to the accumulation
     dtype, scale q, build the op's form, run it (n virtual tokens per token for multi-factor
     ops, in chunks of chunk_size * n rounded up to a power of two) and keep each token's last
-    virtual output. Returns o (accumulation dtype) and the final states."""
+    virtual output. bounded: the log decays are >= chunked.MIN_BOUND (checked by the caller).
+    Returns o (accumulation dtype) and the final states."""
     dtype = acc_dtype(*inputs, initial_state)
     xs = _cast(inputs, dtype)
     xs[0] = xs[0] * scale
@@ -164,7 +178,8 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, s
     vchunk = chunk_size if n == 1 else 1 << (chunk_size * n - 1).bit_length()
     o, S = chunked.chunked(*form.engine_inputs(), h0, chunk_size=vchunk,
                            cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
-                           summaries=summaries, scan=scan)
+                           decayed=functools.partial(decayed or chunked.decayed_products,
+                                                     bounded=bounded), scan=scan)
     if n > 1:
         o = o.reshape(o.shape[0], -1, n, *o.shape[2:])[:, :, -1]
     return o, S

@@ -86,23 +86,49 @@ def segment_sums(g, probe):
     return jnp.einsum("tsu,u...->ts...", span, g, precision=jax.lax.Precision.HIGHEST)
 
 
-def _diagonal_blocks(Xs, Ys, gs, probe):
+def _diagonal_blocks(Xs, Ys, gs, probe, bounded):
     """decayed_products on every diagonal sub-block at once, per-channel decays:
-    Xs [n, c, a, K], Ys [n, c, b, K], gs [n, c, K] -> [n, c, a, c, b]. This materializes the
-    pairwise decays [n, c, c, K] (the Pallas backend keeps them on chip: pallas/decayed.py)."""
+    Xs [n, c, a, K], Ys [n, c, b, K], gs [n, c, K] -> [n, c, a, c, b].
+
+    Exact: materializes the pairwise decays [n, c, c, K] (the Pallas backend keeps them on
+    chip: pallas/decayed.py). bounded: every log decay is >= a bound L >= MIN_BOUND, so the
+    pair's decay factors through the sub-chunk's middle row m as e^{P_t - P_m} e^{P_m - P_s}
+    (P: prefix sums inside the sub-chunk), one matmul with factors of at most e^{8|L|}."""
     c = gs.shape[1]
     t = jnp.arange(c)
     mask = (t[:, None] > t[None, :]) if probe else (t[:, None] >= t[None, :])
+    if bounded:
+        Xd, Yd = bounded_factors(Xs, Ys, gs, probe, axis=1)
+        # where, not a product with the mask: a masked pair may overflow (up to e^{15|L|}).
+        return jnp.where(mask[:, None, :, None], jnp.einsum("itak,isbk->itasb", Xd, Yd), 0.0)
     e = mask[:, :, None] * jnp.exp(jax.vmap(lambda x: segment_sums(x, probe))(gs))
     return jnp.einsum("itak,isbk,itsk->itasb", Xs, Ys, e)
 
 
-def decayed_products(X, Y, g, probe):
+# With log decays >= L, a 16-token sub-chunk's prefix sums lie in [16 L, 0]; the bounded
+# diagonal blocks multiply query and key factors of up to e^{8|L|} each, and a masked pair
+# (s > t, discarded) up to e^{15|L|}: L >= -5 keeps that below float32's e^88.
+MIN_BOUND = -5.0
+
+
+def bounded_factors(X, Y, g, probe, axis=0):
+    """Query and key factors of the bounded diagonal blocks: X e^{Pq - m} and Y e^{m - P}
+    with P the inclusive prefix sums of g along `axis` (a sub-chunk), Pq = P (exclusive if
+    probe) and m = P at the middle row. X [..., c, a, K] and Y [..., c, b, K] with the rank
+    axis after `axis`; g [..., c, K]."""
+    incl = masked_sums(g, axis, jnp.greater_equal)
+    mid = jax.lax.slice_in_dim(incl, g.shape[axis] // 2 - 1, g.shape[axis] // 2, axis=axis)
+    pre = incl - g if probe else incl
+    return (X * jnp.exp(pre - mid)[..., None, :], Y * jnp.exp(mid - incl)[..., None, :])
+
+
+def decayed_products(X, Y, g, probe, bounded=False):
     """Out[t,a,s,b] = sum_k X[t,a,k] Y[s,b,k] exp(sum_{s<u<=t} g[u,k]) for s <= t.
 
     With probe=True the decay runs to t - 1 and only s < t is kept (a probe reads the state
     before token t's decay). X [C, a, K], Y [C, b, K]; g per-token log decays: None, [C]
-    or [C, K]. Masked entries are exactly zero.
+    or [C, K]. Masked entries are exactly zero. bounded: the caller guarantees g >= MIN_BOUND
+    (the ops' log_decay_lower_bound), which allows the faster diagonal blocks.
     """
     C = X.shape[0]
     t = jnp.arange(C)
@@ -116,7 +142,7 @@ def decayed_products(X, Y, g, probe):
     n = C // c
     a, b, K = X.shape[1], Y.shape[1], X.shape[2]
     Xs, Ys, gs = X.reshape(n, c, a, K), Y.reshape(n, c, b, K), g.reshape(n, c, K)
-    diag = _diagonal_blocks(Xs, Ys, gs, probe)  # [n, c, a, c, b]
+    diag = _diagonal_blocks(Xs, Ys, gs, probe, bounded)  # [n, c, a, c, b]
     out = diag[:, :, :, None] * jnp.eye(n, dtype=X.dtype)[:, None, None, :, None, None]
     if n > 1:
         # ...and off-diagonal blocks (query sub-chunk i > key sub-chunk j) through the boundary.
@@ -181,7 +207,7 @@ def _apply(M, S):
     return M[..., :, None] * S if M.ndim == S.ndim - 1 else jnp.einsum("...kl,...lv->...kv", M, S)
 
 
-def _summaries(layout, q, g, E, y, P, F, Vk, decayed=decayed_products):
+def _summaries(layout, q, g, E, y, P, F, Vk, decayed):
     """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...]."""
     def chunks(x):
         return None if x is None else jnp.moveaxis(layout.to_chunks(x), 3, 1)
@@ -206,18 +232,18 @@ def _scan_outputs(layout, M, Bc, Qs, O0, h0):
     return jnp.einsum("bhnck,bhnkv->bhncv", Qs, S_in) + O0, S_in
 
 
-def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, summaries=None,
+def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, decayed=None,
             scan=None):
     """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype;
     h0 [N, H, K, V]. Returns o [B, T, H, V] (unscaled) and final states [N, H, K, V].
 
-    summaries(layout, q, g, E, y, P, F, Vk) -> (M, Bc, Qs, O0) and
-    scan(layout, M, Bc, Qs, O0, h0) -> (o, S_in) replace phase 1 and phases 2+3 (the Pallas
-    kernels plug in here); the defaults are the jnp versions above.
+    decayed(X, Y, g, probe) replaces phase 1's intra-chunk products (decayed_products) and
+    scan(layout, M, Bc, Qs, O0, h0) -> (o, S_in) phases 2+3 (_scan_outputs): the Pallas
+    kernels plug in here.
     """
     B, T = q.shape[:2]
     layout = ChunkLayout.make(B, T, chunk_size, cu_seqlens)
-    M, Bc, Qs, O0 = (summaries or _summaries)(layout, q, g, E, y, P, F, Vk)
+    M, Bc, Qs, O0 = _summaries(layout, q, g, E, y, P, F, Vk, decayed or decayed_products)
     o, S_in = (scan or _scan_outputs)(layout, M, Bc, Qs, O0, h0)
     r, c = layout.final_row, layout.final_chunk
     finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]

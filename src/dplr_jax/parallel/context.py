@@ -86,12 +86,12 @@ def context_parallel_local(op, *args, axis, strategy="ppermute", initial_state=N
     args: this shard's slices [B, T/P, ...] of the op's positional inputs (shard p holds
     tokens [p T/P, (p+1) T/P) along mesh axis `axis`). initial_state [N, HV, K, V] and
     cu_seqlens [N+1] (global token offsets, B == 1) are the full, unsharded arrays.
-    op_kwargs go to the op (scale, chunk_size, backend). Returns (o, final_state): this
-    shard's outputs [B, T/P, HV, V] and, if output_final_state, the final states
-    [N, HV, K, V], identical on every shard of `axis` (else None). Tested in shard_map with
-    check_vma True and False (backend "xla"; Pallas kernels not yet). With bf16 inputs
-    o0 and q~ are rounded to bf16 before o = o0 + q~ S_in (the op returns q's dtype): KDA,
-    8 shards, T = 512: 2.2e-3 relative RMSE vs 1.7e-3 for the single-device op.
+    op_kwargs go to the op (scale, chunk_size, backend, log_decay_lower_bound). Returns
+    (o, final_state): this shard's outputs [B, T/P, HV, V] and, if output_final_state, the
+    final states [N, HV, K, V], identical on every shard of `axis` (else None). Tested in
+    shard_map with check_vma True and False (backend "xla"; Pallas kernels not yet). With
+    bf16 inputs o0 and q~ are rounded to bf16 before o = o0 + q~ S_in (the op returns q's
+    dtype): KDA, 8 shards, T = 512: 2.2e-3 relative RMSE vs 1.7e-3 for the single-device op.
     """
     _, fn = _resolve(op, "context_parallel_local")
     _check_strategy(strategy, "context_parallel_local")
@@ -155,7 +155,8 @@ def context_parallel(op, *args, mesh=None, axis="seq", batch_axis=None, strategy
     sharding. strategy: how shard summaries are combined, "ppermute" (default) or
     "allgather" (see the module docstring for their costs). initial_state [N, HV, K, V]
     belongs to the first shard; cu_seqlens [N+1] (B == 1) are global offsets, and packed
-    sequences may cross shard boundaries. op_kwargs go to the op (scale, chunk_size, backend).
+    sequences may cross shard boundaries. op_kwargs go to the op (scale, chunk_size, backend,
+    log_decay_lower_bound).
 
     Returns (o, final_state) like the op: o [B, T, HV, V] sharded like q, final_state
     [N, HV, K, V] (replicated over `axis`) or None. Works under jax.jit and jax.grad.

@@ -19,6 +19,14 @@ backward. Here one program per chunk keeps them on chip. Sub-chunks i = 0..n-1 (
   times e^{(whole sub-chunks between j and i)}, against the key side Y_j e^{suffix_j}: every
   factor <= 1, and the exponents add up exactly to the pair's decay sum.
 
+With the ops' log_decay_lower_bound (every g >= L >= -5, `bounded`), the backward's diagonal
+blocks need no row loop: the sub-chunk's prefix sums P (one 0/1 dot at float32 precision)
+give factors X e^{Pq - m} and Y e^{m - P} around the middle row m, at most e^{8|L|} each,
+and dX, dY of the block are two [16, 16] x [16, K] dots (the off-diagonal blocks are
+unchanged; their suffix sums and totals are then differences of sums of <= 16 tokens). The
+forward keeps its row loop even then: on the H100 every bounded forward tried was slower
+than it (benchmarks/NOTES.md).
+
 Backward (custom_vjp; one program per chunk): the same loops give dX (row-block i: diagonal
 rows plus the dots with dD_ij) and dY (accumulated per key sub-chunk over the query
 sub-chunks after it, kept on chip until the end). The log-decay gradient needs no exponent:
@@ -57,13 +65,34 @@ class _Cfg(NamedTuple):
     """Static configuration of one kernel pair (hashable: a custom_vjp nondiff argument)."""
 
     interpret: object
-    precision: object
+    precision: object  # of the products
+    exact: object  # float32-accurate: of the in-kernel prefix sums of the log decays
+    bounded: bool  # log decays >= chunked.MIN_BOUND: the backward's diagonal blocks as dots
     fwd: Launch
     bwd: Launch
 
 
 def _iota(shape, axis):
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _kept_transposed(probe):
+    """The kept entries of a diagonal block as [s, t]: s < t with probe, else s <= t."""
+    s, t = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
+    return s < t if probe else s <= t
+
+
+def _bounded_block(probe, g, exact):
+    """Under the bound (g [16, K] >= MIN_BOUND): the diagonal block's query and key factors
+    e^{Pq - m} and e^{m - P} (chunked.bounded_factors: P the prefix sums, by a 0/1 dot at
+    float32 precision, m its middle row), and the query-side prefix sums, exclusive suffix
+    sums and total that _block_rows yields, here as differences of sums of <= 16 tokens."""
+    incl = _dot((_iota((SUB, SUB), 1) <= _iota((SUB, SUB), 0)).astype(g.dtype), g, exact)
+    total = jnp.sum(g, axis=0, keepdims=True)
+    mid = jnp.sum(jnp.where(_iota(g.shape, 0) == SUB // 2 - 1, incl, 0.0), axis=0,
+                  keepdims=True)
+    pre = incl - g if probe else incl
+    return jnp.exp(pre - mid), jnp.exp(mid - incl), pre, total - incl, total
 
 
 def _block_rows(probe, base, y, g_ref, step, init):
@@ -104,7 +133,7 @@ def _forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):
         def step(t, e, keep, carry, i=i, Y=Y):
             x_t = x_ref[pl.ds(i * SUB + t, 1), :]
             row = jnp.sum(jnp.where(keep, Y * e, 0.0) * x_t, axis=1)
-            d_ref[pl.ds(i * SUB + t, 1), pl.ds(i * SUB, SUB)] = row[None, :].astype(d_ref.dtype)
+            d_ref[pl.ds(i * SUB + t, 1), rows] = row[None, :].astype(d_ref.dtype)
             return carry
 
         _, pre, suffix, total = _block_rows(probe, i * SUB, Y, g_ref, step, 0)
@@ -119,7 +148,8 @@ def _forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):
         totals.append(total)
 
 
-def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, precision):
+def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, precision, exact,
+                     bounded):
     C = x_ref.shape[0]
     n = C // SUB
     r16 = _iota((SUB, 1), 0)
@@ -128,20 +158,26 @@ def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, pre
     for i in range(n):
         rows = pl.ds(i * SUB, SUB)
         Y = y_ref[rows, :]
-        ddt = ddt_ref[rows, rows]  # (dD_ii)^T: [s, t]
-
-        def step(t, e, keep, carry, i=i, Y=Y, ddt=ddt):
-            dX, dY = carry
-            w = jnp.where(keep, jnp.sum(jnp.where(c16 == t, ddt, 0.0), axis=1, keepdims=True),
-                          0.0)
-            we = w * e
-            dx_t = jnp.sum(we * Y, axis=0, keepdims=True)
-            dX = jnp.where(r16 == t, dx_t, dX)
-            return dX, dY + we * x_ref[pl.ds(i * SUB + t, 1), :]
-
-        zero = jnp.zeros_like(Y)
-        (dX, dY), pre, suffix, total = _block_rows(probe, i * SUB, Y, g_ref, step, (zero, zero))
         Xq = x_ref[rows, :]
+        ddt = ddt_ref[rows, rows]  # (dD_ii)^T: [s, t]
+        if bounded:
+            eq, ek, pre, suffix, total = _bounded_block(probe, g_ref[rows, :], exact)
+            ddt = jnp.where(_kept_transposed(probe), ddt, 0.0)
+            dX = _dot(ddt, Y * ek, precision, trans_a=True) * eq
+            dY = _dot(ddt, Xq * eq, precision) * ek
+        else:
+            def step(t, e, keep, carry, i=i, Y=Y, ddt=ddt):
+                dX, dY = carry
+                w = jnp.where(keep, jnp.sum(jnp.where(c16 == t, ddt, 0.0), axis=1,
+                                            keepdims=True), 0.0)
+                we = w * e
+                dx_t = jnp.sum(we * Y, axis=0, keepdims=True)
+                dX = jnp.where(r16 == t, dx_t, dX)
+                return dX, dY + we * x_ref[pl.ds(i * SUB + t, 1), :]
+
+            zero = jnp.zeros_like(Y)
+            (dX, dY), pre, suffix, total = _block_rows(probe, i * SUB, Y, g_ref, step,
+                                                       (zero, zero))
         eq = jnp.exp(pre)
         for j in reversed(range(i)):
             key = y_ref[pl.ds(j * SUB, SUB), :] * decays[j]
@@ -184,7 +220,8 @@ def _products_fwd(X, Y, g, probe, cfg):
 def _products_bwd(probe, cfg, res, dD):
     X, Y, g = res
     Xp, Yp, gp = _pad_k(X, Y, g)
-    kernel = functools.partial(_backward_kernel, probe=probe, precision=cfg.precision)
+    kernel = functools.partial(_backward_kernel, probe=probe, precision=cfg.precision,
+                               exact=cfg.exact, bounded=cfg.bounded)
     dX, dY = _call(kernel, (Xp, Yp, gp, dD.T.astype(X.dtype)),
                    [jax.ShapeDtypeStruct(Xp.shape, X.dtype)] * 2, cfg.interpret, cfg.bwd,
                    "dplr_decayed_bwd")
@@ -198,12 +235,13 @@ def _products_bwd(probe, cfg, res, dD):
 _products.defvjp(_products_fwd, _products_bwd)
 
 
-def decayed_products(X, Y, g, probe, *, interpret, precision, launch):
+def decayed_products(X, Y, g, probe, bounded=False, *, interpret, precision, exact, launch):
     """Drop-in for chunked.decayed_products (one chunk): the kernels for per-channel decays,
-    XLA's version for scalar or no decays. launch: (forward, backward) Launch."""
+    XLA's version for scalar or no decays. precision: of the products; exact: a float32-
+    accurate one for the bounded path's prefix sums; launch: (forward, backward) Launch."""
     if g is None or g.ndim == 1:
         return chunked.decayed_products(X, Y, g, probe)
-    cfg = _Cfg(interpret, precision, *launch)
+    cfg = _Cfg(interpret, precision, exact, bounded, *launch)
     rows = [[_products(X[:, i], Y[:, j], g, probe, cfg) for j in range(Y.shape[1])]
             for i in range(X.shape[1])]
     return jnp.stack([jnp.stack(r, axis=-1) for r in rows], axis=1)  # [C, a, C, b]

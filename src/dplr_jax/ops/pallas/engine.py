@@ -1,7 +1,8 @@
 """The chunk engine with Pallas phases, and the ops built on it (backend "pallas").
 
 Phases 2 and 3 (the state scan and the output matmul o = Qs S + O0) are one Pallas kernel
-forward and one backward (state_pass.py), for every op of forms.py. Phase 1 (per-chunk
+forward and one backward (state_pass.py), for every op of forms.py, up to the key width
+`Config.max_k` (GPU: 128; wider states run XLA's scan). Phase 1 (per-chunk
 summaries M, Bc, Qs, O0) is the XLA `chunk_summary` of chunked.py, differentiated by JAX and
 rematerialized in the backward pass, except for its intra-chunk decayed products of
 per-channel decays (kda, gla, dplr, hdla), which run in the Pallas kernels of decayed.py
@@ -15,10 +16,9 @@ import functools
 
 import jax.numpy as jnp
 
-from dplr_jax.ops import chunked as xla_chunked
 from dplr_jax.ops.api import run_chunked
 from dplr_jax.ops.pallas import decayed
-from dplr_jax.ops.pallas.state_pass import Config, state_pass
+from dplr_jax.ops.pallas.state_pass import Config, _pow2, state_pass
 
 
 def _scan(layout, M, Bc, Qs, O0, h0, *, cfg):
@@ -31,20 +31,22 @@ def _scan(layout, M, Bc, Qs, O0, h0, *, cfg):
     return state_pass(*(x.astype(jnp.float32) for x in (M, Bc, Qs, O0)), h0, src, cfg)
 
 
-def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config):
+def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config, bounded=False):
     """Op `name` (a key of forms.FORMS) on validated inputs; returns (o, final state)."""
+    exact = cfg.precision  # the float32 precision, for in-kernel sums of log decays
     sixteen_bit = any(x.dtype not in (jnp.float32, jnp.float64) for x in inputs if x is not None)
     if sixteen_bit:
         cfg = dataclasses.replace(cfg, precision=cfg.precision_16bit)
-    summaries = None
+    products = None
     if cfg.products is not None and cfg.form == "loop":  # Triton / interpret kernels only
-        summaries = functools.partial(xla_chunked._summaries, decayed=functools.partial(
-            decayed.decayed_products, interpret=cfg.interpret, precision=cfg.precision,
-            launch=cfg.products))
+        products = functools.partial(decayed.decayed_products, interpret=cfg.interpret,
+                                     precision=cfg.precision, exact=exact, launch=cfg.products)
+    scan = functools.partial(_scan, cfg=cfg)
+    if cfg.max_k is not None and _pow2(inputs[0].shape[-1]) > cfg.max_k:
+        scan = None  # the state is too wide for the kernel: XLA's scan (chunked.py)
     return run_chunked(name, inputs, scale=scale, initial_state=initial_state,
-                       cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                       summaries=summaries,
-                       scan=functools.partial(_scan, cfg=cfg))
+                       cu_seqlens=cu_seqlens, chunk_size=chunk_size, bounded=bounded,
+                       decayed=products, scan=scan)
 
 
 def kernel(name, cfg: Config):

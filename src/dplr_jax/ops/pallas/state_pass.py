@@ -66,7 +66,8 @@ class Config:
     because Triton's IEEE float32 dot is ~200x slower); precision_16bit: for bf16/fp16 inputs
     (HIGH: tf32 on the GPU, bf16x3 on the TPU); fwd, bwd: launch parameters per kernel;
     products: (forward, backward) launch of phase 1's decayed-product kernels (decayed.py,
-    "loop" form only), or None to leave them to XLA (engine.py).
+    "loop" form only), or None to leave them to XLA (engine.py); max_k: the largest padded
+    key width the state pass takes (None: any), wider states use XLA's scan (engine.py).
     """
 
     form: str = "loop"
@@ -76,6 +77,7 @@ class Config:
     fwd: Launch = Launch()
     bwd: Launch = Launch()
     products: tuple[Launch, Launch] | None = None
+    max_k: int | None = None
 
 
 def _div(a, b):
