@@ -98,6 +98,9 @@ def test_gate_ranges():
     q, k, v = (jnp.zeros((B, 9, 2, 16)),) * 3
     _, _, _, g, beta = kda._op_args(x, q, k, v)
     assert g.shape == (B, 9, 2, 16) and bool(jnp.all((g <= 0) & (g >= -2.0)))
+    # the bound reaches the op (its faster path) where the op allows it (>= -5)
+    assert kda._op_options() == {"log_decay_lower_bound": -2.0}
+    assert make_layer("kda", gate_lower_bound=-8.0)._op_options() == {}
     assert bool(jnp.all((beta > 0) & (beta < 2))) and float(beta.max()) > 1
     dplr = make_layer("dplr", dplr_rank=2)
     _, _, _, log_w, a, b = dplr._op_args(x, q, k + 1, v)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +191,9 @@ BAD = [
     (dict(vocab_size=0), "vocab_size"),
     (dict(n_layers=0), "n_layers"),
     (dict(gate_lower_bound=0.5), "gate_lower_bound"),
+    (dict(dt_range=(1e-3, 1e-4)), "dt_range"),
+    (dict(dt_range=(0.0, 1e-1)), "dt_range"),
+    (dict(dt_range=1e-3), "dt_range"),
     (dict(conv_size=0), "conv_size"),
 ]
 
@@ -209,6 +213,19 @@ def test_from_dict():
         LMConfig.from_dict({**d, "n_head": 4})
     with pytest.raises(ValueError, match="config"):
         LanguageModel(d, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "kda", "gated_deltaproduct"])
+def test_dt_range_sets_the_decay_init(mixer):
+    """dt = softplus(dt_bias) of the decay lies in dt_range, and the JSON round trip (lists)
+    gives back the same config."""
+    cfg = LMConfig(vocab_size=10, d_model=32, n_layers=1, n_heads=2, mixer=mixer,
+                   dt_range=[2e-4, 5e-4])
+    assert cfg.dt_range == (2e-4, 5e-4)
+    assert LMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    mix = LanguageModel(cfg, rngs=nnx.Rngs(0)).blocks[0].mixer
+    dt = jax.nn.softplus((mix.dt_bias if mixer == "kda" else mix.decay.dt_bias)[...])
+    assert float(dt.min()) >= 2e-4 * (1 - 1e-5) and float(dt.max()) <= 5e-4 * (1 + 1e-5)
 
 
 def test_bad_tokens():

@@ -39,11 +39,12 @@ def constant(value):
 
 
 def dt_bias_init(dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4):
-    """Mamba/GDN dt_bias: dt log-uniform in [dt_min, dt_max], bias = softplus^{-1}(dt)."""
+    """Mamba/GDN dt_bias: dt log-uniform in [dt_min, dt_max] (at least min(dt_floor, dt_min)),
+    bias = softplus^{-1}(dt)."""
     def init(key, shape, dtype):
         u = jax.random.uniform(key, shape, dtype)
         dt = jnp.maximum(jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)),
-                         dt_floor)
+                         min(dt_floor, dt_min))
         return dt + jnp.log(-jnp.expm1(-dt))
     return init
 

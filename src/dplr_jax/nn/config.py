@@ -24,6 +24,11 @@ class LMConfig:
     beta_range: beta = beta_range * sigmoid(.); 2.0 allows negative transition eigenvalues.
     mlp_ratio: SwiGLU hidden width = mlp_ratio * d_model * 2/3 rounded up to a multiple of 8.
     gate_lower_bound: KDA only; if set (< 0), log decay = gate_lower_bound * sigmoid(.).
+    dt_range: (dt_min, dt_max) of the Mamba-2-style decay init of kda, gated_deltanet and
+        gated_deltaproduct (dt log-uniform in it; per-token log decay about -A dt at init).
+        The default (1e-3, 1e-1) is the papers'; with 2 heads it forgets within ~10-20
+        tokens at init, and Gated DeltaNet then fails MQAR at T=256 where (1e-4, 1e-3)
+        solves it (README results).
     n_householder: Householder steps per token of gated_deltaproduct.
     dplr_rank: rank of the removal term of the RWKV-7-style dplr mixer.
     max_len: longest sequence the KV caches of the softmax layers are built for by generate().
@@ -49,6 +54,7 @@ class LMConfig:
     n_householder: int = 2
     dplr_rank: int = 1
     gate_lower_bound: float | None = None
+    dt_range: tuple[float, float] = (1e-3, 1e-1)
     chunk_size: int = 64
     backend: str = "auto"
     max_len: int = 4096
@@ -122,6 +128,11 @@ class LMConfig:
             fail("beta_range", "must be in (0, 2] (1.0: sigmoid, 2.0: 2*sigmoid)")
         if self.gate_lower_bound is not None and not self.gate_lower_bound < 0:
             fail("gate_lower_bound", "must be negative or None")
+        if (not isinstance(self.dt_range, (tuple, list)) or len(self.dt_range) != 2
+                or not all(isinstance(x, (int, float)) for x in self.dt_range)
+                or not 0 < self.dt_range[0] <= self.dt_range[1]):
+            fail("dt_range", "must be two numbers (dt_min, dt_max) with 0 < dt_min <= dt_max")
+        object.__setattr__(self, "dt_range", tuple(float(x) for x in self.dt_range))
         if not self.mlp_ratio > 0:
             fail("mlp_ratio", "must be positive")
         if (not isinstance(self.chunk_size, int) or self.chunk_size < 16

@@ -20,7 +20,8 @@ gives transition eigenvalues in (-1, 1) instead of [0, 1) (state tracking).
 Gates (x is the block input, all gate math in float32):
 - DeltaNet:          beta per value head; no decay.
 - Gated DeltaNet:    g = -exp(A_log) * softplus(x w_a + dt_bias) per value head
-                     (A ~ U[0, 16], dt ~ logU[1e-3, 1e-1], dt_bias = softplus^-1(dt): Mamba-2/GDN).
+                     (A ~ U[0, 16], dt ~ logU[dt_range] = logU[1e-3, 1e-1] by default,
+                     dt_bias = softplus^-1(dt): Mamba-2/GDN; KDA and GatedDeltaProduct too).
 - KDA:               g = -exp(A_log[h]) * softplus(x W_f1 W_f2 + dt_bias) per value head and key
                      channel (W_f1: d_model -> head_dim low rank, A ~ U[1, 16]); with
                      gate_lower_bound = L < 0:
@@ -43,8 +44,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dplr_jax import ops, parallel
+from dplr_jax.ops.chunked import MIN_BOUND
 from dplr_jax.nn.basic import (COLUMN, ROW, Dense, GatedRMSNorm, ShortConv, a_log_init,
                                constant, dt_bias_init, l2_normalize, param)
+
+
+DT_RANGE = (1e-3, 1e-1)  # Mamba-2 / GDN / KDA dt init range (LMConfig.dt_range)
 
 
 def resolve_head_dim(d_model, n_heads, head_dim):
@@ -122,10 +127,14 @@ class LinearMixer(nnx.Module):
         gate = self.g_proj(x).reshape(B, T, self.HV, self.V)
         return self.o_proj(self.o_norm(o, gate).reshape(B, T, self.HV * self.V))
 
+    def _op_options(self):
+        """Keyword options of the whole-sequence op beyond the shared ones."""
+        return {}
+
     def _sequence(self, x, output_final_state):
         args, conv_state = self._inputs(x, self.conv.init_state(x.shape[0]))
         kw = dict(output_final_state=output_final_state, chunk_size=self.chunk_size,
-                  backend=self.backend)
+                  backend=self.backend, **self._op_options())
         if self.seq_axis is None:
             o, S = ops.OPS[self.op_name](*args, **kw)
         else:  # T sharded over seq_axis of the mesh in context (jax.set_mesh)
@@ -158,10 +167,10 @@ class LinearMixer(nnx.Module):
 class _GDNDecay(nnx.Module):
     """g = -exp(A_log) * softplus(x w_a + dt_bias), one scalar per head (GDN / Mamba-2)."""
 
-    def __init__(self, d_model, heads, *, rngs, dtype):
+    def __init__(self, d_model, heads, *, rngs, dtype, dt_range):
         self.proj = Dense(d_model, heads, sharding=COLUMN, rngs=rngs, dtype=dtype)
         self.A_log = param(rngs, a_log_init(0.0, 16.0), (heads,), (None,))
-        self.dt_bias = param(rngs, dt_bias_init(), (heads,), (None,))
+        self.dt_bias = param(rngs, dt_bias_init(*dt_range), (heads,), (None,))
 
     def __call__(self, x):
         z = self.proj(x).astype(jnp.float32) + self.dt_bias[...]
@@ -188,10 +197,10 @@ class GatedDeltaNet(LinearMixer):
     op_name = "gated_delta_rule"
     grouped_values = True
 
-    def __init__(self, d_model, n_heads, head_dim=None, *, rngs, **kw):
+    def __init__(self, d_model, n_heads, head_dim=None, *, rngs, dt_range=DT_RANGE, **kw):
         super().__init__(d_model, n_heads, head_dim, rngs=rngs, **kw)
         self.b_proj = Dense(d_model, self.HV, sharding=COLUMN, rngs=rngs, dtype=self.dtype)
-        self.decay = _GDNDecay(d_model, self.HV, rngs=rngs, dtype=self.dtype)
+        self.decay = _GDNDecay(d_model, self.HV, rngs=rngs, dtype=self.dtype, dt_range=dt_range)
 
     def _op_args(self, x, q, k, v):
         return q, k, v, self.decay(x), self._beta(self.b_proj, x, (self.HV,))
@@ -201,14 +210,17 @@ class KDA(LinearMixer):
     """Kimi Delta Attention: S_t = (I - beta k k^T) Diag(exp g_t) S_{t-1} + beta k v^T (`kda`).
 
     gate_lower_bound: None for g = -exp(A_log) softplus(f + dt_bias), or L < 0 for the
-    lower-bounded g = L * sigmoid(exp(A_log) (f + dt_bias)) in (L, 0).
+    lower-bounded g = L * sigmoid(exp(A_log) (f + dt_bias)) in (L, 0). With L >= -5 the op
+    gets it as log_decay_lower_bound (the faster bounded chunk path); below -5 the op runs
+    its exact path.
     """
 
     op_name = "kda"
     grouped_values = True
     gate_activation = "sigmoid"
 
-    def __init__(self, d_model, n_heads, head_dim=None, *, rngs, gate_lower_bound=None, **kw):
+    def __init__(self, d_model, n_heads, head_dim=None, *, rngs, gate_lower_bound=None,
+                 dt_range=DT_RANGE, **kw):
         super().__init__(d_model, n_heads, head_dim, rngs=rngs, **kw)
         if gate_lower_bound is not None and not gate_lower_bound < 0:
             raise ValueError(f"KDA: argument 'gate_lower_bound' = {gate_lower_bound} must be "
@@ -218,8 +230,12 @@ class KDA(LinearMixer):
         self.f_down = Dense(d_model, self.V, sharding=(None, None), **d)
         self.f_up = Dense(self.V, self.HV * self.K, sharding=COLUMN, **d)
         self.A_log = param(rngs, a_log_init(1.0, 16.0), (self.HV,), (None,))
-        self.dt_bias = param(rngs, dt_bias_init(), (self.HV * self.K,), (None,))
+        self.dt_bias = param(rngs, dt_bias_init(*dt_range), (self.HV * self.K,), (None,))
         self.gate_lower_bound = gate_lower_bound
+
+    def _op_options(self):
+        L = self.gate_lower_bound
+        return {} if L is None or L < MIN_BOUND else {"log_decay_lower_bound": L}
 
     def _op_args(self, x, q, k, v):
         z = self.f_up(self.f_down(x)).astype(jnp.float32) + self.dt_bias[...]
@@ -291,14 +307,15 @@ class GatedDeltaProduct(LinearMixer):
     op_name = "gated_delta_product"
     multi_key = True
 
-    def __init__(self, d_model, n_heads, head_dim=None, *, rngs, n_householder=2, **kw):
+    def __init__(self, d_model, n_heads, head_dim=None, *, rngs, n_householder=2,
+                 dt_range=DT_RANGE, **kw):
         if n_householder < 1:
             raise ValueError(f"GatedDeltaProduct: argument 'n_householder' = {n_householder} "
                              f"must be >= 1")
         super().__init__(d_model, n_heads, head_dim, rngs=rngs, n_keys=n_householder, **kw)
         self.b_proj = Dense(d_model, self.H * self.n, sharding=COLUMN, rngs=rngs,
                             dtype=self.dtype)
-        self.decay = _GDNDecay(d_model, self.H, rngs=rngs, dtype=self.dtype)
+        self.decay = _GDNDecay(d_model, self.H, rngs=rngs, dtype=self.dtype, dt_range=dt_range)
 
     def _op_args(self, x, q, k, v):
         return q, k, v, self.decay(x), self._beta(self.b_proj, x, (self.H, self.n))

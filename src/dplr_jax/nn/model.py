@@ -27,6 +27,8 @@ def make_mixer(config: LMConfig, kind: str, *, rngs: nnx.Rngs) -> nnx.Module:
     kw = dict(num_value_groups=config.num_value_groups, beta_range=config.beta_range,
               conv_size=config.conv_size, chunk_size=config.chunk_size, backend=config.backend,
               dtype=config.dtype, seq_axis=config.seq_axis, batch_axis=config.batch_axis)
+    if kind in ("kda", "gated_deltanet", "gated_deltaproduct"):
+        kw["dt_range"] = config.dt_range
     if kind == "kda":
         kw["gate_lower_bound"] = config.gate_lower_bound
     elif kind == "gated_deltaproduct":
