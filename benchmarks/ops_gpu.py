@@ -46,8 +46,9 @@ from dplr_jax.ops.pallas.state_pass import Launch, state_pass
 B, H, K, V, C = 4, 16, 128, 128, 64
 BW, FLOPS = 3.0e12, 750e12  # H100: measured copy bandwidth, dense bf16 rate (NOTES.md)
 OPS4 = ("kda", "gated_delta_rule", "delta_rule", "gla")
-TOL_BF16 = {"o": 5e-3, "S": 5e-3, "q": 8e-3, "k": 8e-3, "v": 8e-3, "h0": 8e-3,
-            "log_decay": 2e-2, "beta": 2e-2}
+RANK_R = ("dplr", "hdla", "gated_delta_product")  # issue 4's ops: timed (and checked) on request
+TOL_BF16 = {"o": 5e-3, "S": 5e-3, "q": 8e-3, "k": 8e-3, "v": 8e-3, "h0": 8e-3, "a": 8e-3,
+            "b": 8e-3, "log_decay": 2e-2, "beta": 2e-2}
 T0 = time.time()
 RESULTS = {"checks": [], "timings": []}
 OUT_DIR = None  # set by main(): where record() saves the JSON after every measurement
@@ -59,9 +60,11 @@ def log(*a):
 
 # ---- inputs ---------------------------------------------------------------------------------
 
-def inputs(op, B_, T, H_, K_, V_, key, dtype, strong=False):
+def inputs(op, B_, T, H_, K_, V_, key, dtype, strong=False, bound=None, n=2):
     """Positional inputs of op (q, k, v, gates): keys L2-normalized, beta in (0, 2), log decays
-    float32 (strong: 2% of them -1000, hard resets)."""
+    float32 (strong: 10x, 2% of them -1000, hard resets; bound: clipped to >= bound). dplr:
+    rank 1 with a = beta k, b = k (a delta rule with per-channel decay); gated_delta_product:
+    n keys, values and betas per token."""
     ks = jax.random.split(key, 8)
     nrm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
     q = jax.random.normal(ks[0], (B_, T, H_, K_))
@@ -73,9 +76,18 @@ def inputs(op, B_, T, H_, K_, V_, key, dtype, strong=False):
         g = jax.nn.log_sigmoid(1.5 * jax.random.normal(ks[4], shape) + 3.0)
         if strong:
             g = jnp.where(jax.random.uniform(ks[5], shape) < 0.02, -1000.0, 10 * g)
-        return g
+        return g if bound is None else jnp.maximum(g, bound)
 
     q, k, v = (x.astype(dtype) for x in (q, k, v))
+    if op == "dplr":
+        return (q, k, v, log_decay((B_, T, H_, K_)), (beta[..., None] * k).astype(dtype), k)
+    if op == "hdla":
+        return (q, k, v, log_decay((B_, T, H_, K_)), beta.astype(dtype))
+    if op == "gated_delta_product":
+        kn = nrm(jax.random.normal(ks[6], (B_, T, H_, n, K_))).astype(dtype)
+        vn = jax.random.normal(ks[7], (B_, T, H_, n, V_)).astype(dtype)
+        bn = 2 * jax.nn.sigmoid(jax.random.normal(ks[3], (B_, T, H_, n)))
+        return (q, kn, vn, log_decay((B_, T, H_)), bn.astype(dtype))
     if op == "gla":
         return (q, k, v, log_decay((B_, T, H_, K_)))
     if op == "delta_rule":
@@ -85,14 +97,17 @@ def inputs(op, B_, T, H_, K_, V_, key, dtype, strong=False):
     return (q, k, v, log_decay((B_, T, H_, K_)), beta.astype(dtype))
 
 
-GATE_NAMES = {"gla": ("log_decay",), "delta_rule": ("beta",),
-              "gated_delta_rule": ("log_decay", "beta"), "kda": ("log_decay", "beta")}
+GATE_NAMES = {name: spec.gates for name, spec in ops.api.SPECS.items()}
 
 
-def loss_and_grads(op, backend, args, h0, do, dS, cu=None, chunk_size=C):
+def _bound(bound):
+    return {} if bound is None else {"log_decay_lower_bound": bound}
+
+
+def loss_and_grads(op, backend, args, h0, do, dS, cu=None, chunk_size=C, bound=None):
     def f(args, h0):
         o, S = ops.OPS[op](*args, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-                           backend=backend, chunk_size=chunk_size)
+                           backend=backend, chunk_size=chunk_size, **_bound(bound))
         return o, S
 
     def run(args, h0):
@@ -110,17 +125,20 @@ def rel(x, ref):
 
 # ---- 1. correctness -------------------------------------------------------------------------
 
-def check(op, dtype, case, key):
+def check(op, dtype, case, key, bound=None, K_=64, chunk=C):
+    """backend="pallas" vs the float64 reference at T=300, B=2 H=2 (varlen: B=1, sequences
+    77 + 223), K=V=K_, chunk_size chunk; strong: hard resets; bound: decays clipped to
+    >= bound and passed as log_decay_lower_bound."""
     T, N = 300, 2
     cu = None
     Bc = 2
     if case == "varlen":
         Bc, cu = 1, jnp.array([0, 77, 300], jnp.int32)
-    args = inputs(op, Bc, T, 2, 64, 64, key, dtype, strong=(case == "strong"))
-    h0 = 0.5 * jax.random.normal(jax.random.fold_in(key, 1), (N, 2, 64, 64))
-    do = jax.random.normal(jax.random.fold_in(key, 2), (Bc, T, 2, 64))
-    dS = jax.random.normal(jax.random.fold_in(key, 3), (N, 2, 64, 64))
-    got = loss_and_grads(op, "pallas", args, h0, do, dS, cu)
+    args = inputs(op, Bc, T, 2, K_, K_, key, dtype, strong=(case == "strong"), bound=bound)
+    h0 = 0.5 * jax.random.normal(jax.random.fold_in(key, 1), (N, 2, K_, K_))
+    do = jax.random.normal(jax.random.fold_in(key, 2), (Bc, T, 2, K_))
+    dS = jax.random.normal(jax.random.fold_in(key, 3), (N, 2, K_, K_))
+    got = loss_and_grads(op, "pallas", args, h0, do, dS, cu, chunk_size=chunk, bound=bound)
     with jax.enable_x64(True):
         a64 = tuple(jnp.asarray(np.asarray(a, np.float64)) for a in args)
         ref = loss_and_grads(op, "reference", a64, jnp.asarray(np.asarray(h0, np.float64)),
@@ -140,6 +158,8 @@ def check(op, dtype, case, key):
         good = finite and err < tol
         ok &= good
         out[n] = {"rel_rmse": err, "tol": tol, "finite": finite, "pass": good}
+    if bound is not None or K_ != 64 or chunk != C:
+        case = f"{case} K={K_} C={chunk}" + ("" if bound is None else f" bound={bound:g}")
     RESULTS["checks"].append({"op": op, "dtype": jnp.dtype(dtype).name, "case": case,
                               "pass": ok, "errors": out})
     worst = max(out, key=lambda n: out[n]["rel_rmse"] / out[n]["tol"])
@@ -170,9 +190,9 @@ def time_jax(fn, args, groups=7, per=10):
     return statistics.median(ts), mem
 
 
-def jax_op_fns(op, backend):
+def jax_op_fns(op, backend, bound=None):
     def fwd(*args):
-        return ops.OPS[op](*args, backend=backend, chunk_size=C)[0]
+        return ops.OPS[op](*args, backend=backend, chunk_size=C, **_bound(bound))[0]
 
     def fwd_bwd(do, *args):
         o, pull = jax.vjp(fwd, *args)
@@ -199,18 +219,23 @@ def guarded(what, fn):
         RESULTS.setdefault("failures", []).append({"what": what, "error": repr(e)[:2000]})
 
 
-def bench_jax(T, jops, backends_):
+def bench_jax(T, jops, backends_, bound=None):
+    """Times the ops; with bound, the per-channel ones (kda, gla) with decays clipped to
+    >= bound and passed as log_decay_lower_bound (the row name says "bound")."""
     key = jax.random.PRNGKey(T)
-    for op in jops:
-        args = inputs(op, B, T, H, K, V, key, jnp.bfloat16)
+    variants = [(op, n) for op in jops for n in ((2, 3) if op == "gated_delta_product" else (2,))]
+    for op, n in variants:
+        b = bound if op in ("kda", "gla") else None
+        args = inputs(op, B, T, H, K, V, key, jnp.bfloat16, bound=b, n=n)
         do = jax.random.normal(key, (B, T, H, V), jnp.bfloat16)
         for be in backends_:
-            fwd, fwd_bwd = jax_op_fns(op, be)
-            guarded(f"{op} {be} fwd T={T}",
-                    lambda: record(f"jax {op} {be}", T, "fwd", *time_jax(fwd, args)))
-            guarded(f"{op} {be} fwd+bwd T={T}",
-                    lambda: record(f"jax {op} {be}", T, "fwd+bwd",
-                                   *time_jax(fwd_bwd, (do,) + args)))
+            fwd, fwd_bwd = jax_op_fns(op, be, b)
+            name = (f"jax {op}" + (f" n{n}" if op == "gated_delta_product" else "") + f" {be}"
+                    + ("" if b is None else f" bound{b:g}"))
+            guarded(f"{name} fwd T={T}",
+                    lambda: record(name, T, "fwd", *time_jax(fwd, args)))
+            guarded(f"{name} fwd+bwd T={T}",
+                    lambda: record(name, T, "fwd+bwd", *time_jax(fwd_bwd, (do,) + args)))
 
 
 def bench_state_pass(T, configs):
@@ -257,9 +282,10 @@ def bench_products(T):
         return fwd, lambda X, Y, g: jax.vjp(fwd, X, Y, g)[1](ct)
 
     xla = fns(xla_chunked.decayed_products)
-    precision = PLATFORM_CONFIGS["gpu"].precision_16bit  # the bf16-input path
-    pallas = lambda wf, wb: fns(functools.partial(
-        decayed.decayed_products, interpret=False, precision=precision,
+    gpu = PLATFORM_CONFIGS["gpu"]
+    pallas = lambda wf, wb, bounded=False: fns(functools.partial(
+        decayed.decayed_products, bounded=bounded, interpret=False,
+        precision=gpu.precision_16bit, exact=gpu.precision,  # the bf16-input path
         launch=(Launch(num_warps=wf, num_stages=1), Launch(num_warps=wb, num_stages=1))))
     for strong in (False, True):
         gs = jnp.where(jax.random.uniform(ks[0], g.shape) < 0.02, -1000.0, 10 * g) if strong else g
@@ -282,6 +308,22 @@ def bench_products(T):
     guarded("products xla", lambda: record("products xla", T, "fwd", *time_jax(xla[0], (X, Y, g))))
     guarded("products xla", lambda: record("products xla", T, "fwd+bwd",
                                            *time_jax(xla[1], (X, Y, g))))
+    # The bounded path (log decays >= -5): against the exact kernel on the same inputs.
+    gb = jnp.maximum(g, xla_chunked.MIN_BOUND)
+    exact = [jax.jit(f)(X, Y, gb) for f in pallas(2, 4)]
+    for wf, wb in ((2, 4), (4, 4), (4, 8), (8, 8)):
+        fwd, fb = pallas(wf, wb, bounded=True)
+        if (wf, wb) == (2, 4):
+            got = [jax.jit(fwd)(X, Y, gb)] + list(jax.jit(fb)(X, Y, gb))
+            errs = {n: rel(a, b) for n, a, b in zip(("D", "dX", "dY", "dg"), got,
+                                                     [exact[0]] + list(exact[1]))}
+            RESULTS["checks"].append({"op": "decayed products bounded vs exact kernel",
+                                      "case": "decays >= -5", "errors": errs})
+            log(f"products bounded vs exact kernel: {errs}")
+        guarded("products bounded", lambda: record(f"products pallas bounded w{wf}/{wb}", T,
+                                                   "fwd", *time_jax(fwd, (X, Y, gb))))
+        guarded("products bounded", lambda: record(f"products pallas bounded w{wf}/{wb}", T,
+                                                   "fwd+bwd", *time_jax(fb, (X, Y, gb))))
 
 
 def bench_jax_attention(T):
@@ -300,7 +342,7 @@ def bench_jax_attention(T):
             lambda: record("jax attention cudnn", T, "fwd+bwd", *time_jax(fb, (do, q, k, v))))
 
 
-def bench_torch(T, which):
+def bench_torch(T, which, bound=-5.0):
     import torch
     import torch.nn.functional as F
     from triton.testing import do_bench
@@ -342,10 +384,31 @@ def bench_torch(T, which):
     leaves = [q, k, v, g_ch, g_sc, beta]
     for x in leaves:
         x.requires_grad_(True)
-    from fla.ops import chunk_gated_delta_rule, chunk_gla, chunk_kda
+    from fla.ops import chunk_dplr_delta_rule, chunk_gated_delta_rule, chunk_gla, chunk_kda
+    from fla.ops.gated_delta_product import chunk_gated_delta_product
+    if "dplr" in which:  # FLA's transition is Diag(e^gk) + a b^T: a = -beta k, b = k
+        a_ = (-beta.detach().float()[..., None] * k.detach().float()).to(k.dtype)
+        a_.requires_grad_(True)
+        measure("fla chunk_dplr_delta_rule", lambda: chunk_dplr_delta_rule(
+            q, k, v, a_, k, g_ch)[0], leaves + [a_], ("fwd", "fwd+bwd"))
+    for n in (2, 3):  # FLA takes the n keys of a token as n consecutive rows: [B, T*n, H, K]
+        if f"gdp{n}" not in which:
+            continue
+        kn = nrm(rn(B, T * n, H, K)).requires_grad_(True)
+        vn = rn(B, T * n, H, V).requires_grad_(True)
+        bn = (2 * torch.sigmoid(rn(B, T * n, H, dt=torch.float32))).to(torch.bfloat16)
+        bn.requires_grad_(True)
+        measure(f"fla chunk_gated_delta_product n{n}", lambda: chunk_gated_delta_product(
+            q, kn, vn, g_sc, bn, num_householder=n)[0], leaves + [kn, vn, bn],
+            ("fwd", "fwd+bwd"))
     if "kda" in which:
         measure("fla chunk_kda", lambda: chunk_kda(q, k, v, g_ch, beta)[0], leaves,
                 ("fwd", "fwd+bwd"))
+    if "kda_safe" in which:  # FLA's bounded-gate path (M=16 tensor cores), decays >= bound
+        g_b = g_ch.detach().clamp(min=bound).requires_grad_(True)
+        measure(f"fla chunk_kda safe_gate bound{bound:g}",
+                lambda: chunk_kda(q, k, v, g_b, beta, safe_gate=True, lower_bound=bound)[0],
+                leaves + [g_b], ("fwd", "fwd+bwd"))
     if "gla" in which:
         measure("fla chunk_gla", lambda: chunk_gla(q, k, v, g_ch)[0], leaves,
                 ("fwd", "fwd+bwd"))
@@ -382,22 +445,28 @@ def floor_ms(op, T, mode):
 
 
 def table():
+    """Markdown table of the timings; "vs FLA" compares with FLA's op at the same T and mode
+    (rows with a bound with FLA's safe_gate row, the others with its plain one)."""
     rows = RESULTS["timings"]
-    fla = {(r["T"], r["mode"], r["name"].split()[-1].replace("chunk_", "")): r["ms"]
-           for r in rows if r["name"].startswith("fla")}
+
     def opname(name):
-        name = name.replace("chunk_", "")
-        return next((o for o in OPS4 if name.endswith(" " + o) or f" {o} " in name),
+        name = name.replace("chunk_", "").replace("dplr_delta_rule", "dplr")
+        return next((o for o in OPS4 + RANK_R if name.endswith(" " + o) or f" {o} " in name),
                     "attention" if "attention" in name or "sdpa" in name else None)
 
+    def key(r):  # gated_delta_product rows carry n2 / n3
+        n = [w for w in r["name"].split() if w in ("n2", "n3")]
+        return r["T"], r["mode"], opname(r["name"]), "bound" in r["name"], tuple(n)
+
+    fla = {key(r): r["ms"] for r in rows if r["name"].startswith("fla")}
     print("\n| variant | T | mode | ms | peak mem GiB | vs FLA | vs floor |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         op = opname(r["name"])
-        short = {"kda": "kda", "gla": "gla", "gated_delta_rule": "gated_delta_rule"}.get(op)
-        f = fla.get((r["T"], r["mode"], short)) if short else None
+        f = fla.get(key(r))
         vs_fla = f"{r['ms'] / f:.2f}x" if f else "-"
-        vs_floor = f"{r['ms'] / floor_ms(op, r['T'], r['mode']):.1f}x" if op else "-"
+        vs_floor = (f"{r['ms'] / floor_ms(op, r['T'], r['mode']):.1f}x"
+                    if op in OPS4 + ("attention",) else "-")
         mem = "-" if r["mem_bytes"] is None else f"{r['mem_bytes'] / 2**30:.2f}"
         print(f"| {r['name']} | {r['T']} | {r['mode']} | {r['ms']:.3f} | {mem} | {vs_fla} | "
               f"{vs_floor} |")
@@ -431,12 +500,18 @@ def main():
     ap.add_argument("--only", choices=("all", "jax", "torch"), default="all",
                     help="time only the JAX variants or only the torch ones (FLA's first calls "
                          "autotune for minutes, so a device call may hold one part)")
-    ap.add_argument("--ops", nargs="+", default=list(OPS4), choices=OPS4,
+    ap.add_argument("--ops", nargs="+", default=list(OPS4), choices=OPS4 + RANK_R,
                     help="dplr_jax ops to check, and to time at the first T (later: kda)")
     ap.add_argument("--backends", nargs="+", default=["pallas", "xla"],
                     choices=("pallas", "xla"), help="dplr_jax backends to time at the first T")
     ap.add_argument("--torch", nargs="+", default=["kda", "gla", "gdn", "sdpa"],
-                    choices=("kda", "gla", "gdn", "sdpa"), help="torch variants to time")
+                    choices=("kda", "kda_safe", "gla", "gdn", "sdpa", "dplr", "gdp2", "gdp3"),
+                    help="torch variants to time (kda_safe: FLA's safe_gate at --bound)")
+    ap.add_argument("--bound", type=float, default=None,
+                    help="also check and time kda and gla with log_decay_lower_bound=BOUND "
+                         "(decays clipped to >= BOUND), at the first T")
+    ap.add_argument("--wide-checks", action="store_true",
+                    help="also check kda at head dim 256 and at chunk 128 (bf16)")
     ap.add_argument("--products", action="store_true",
                     help="at the first T, also time phase 1's decayed products alone (Pallas vs "
                          "XLA)")
@@ -465,7 +540,7 @@ def main():
     log("devices", jax.devices())
     if not a.skip_checks:
         key = jax.random.PRNGKey(0)
-        for i, op in enumerate(OPS4):
+        for i, op in enumerate(OPS4 + RANK_R):
             if op not in a.ops:
                 continue
             for dtype in (jnp.float32, jnp.bfloat16):
@@ -477,6 +552,17 @@ def main():
             if op != "delta_rule":
                 guarded(f"check {op} strong", lambda: check(op, jnp.bfloat16, "strong",
                                                             jax.random.fold_in(key, 20 + i)))
+            if a.bound is not None and op in ("kda", "gla"):
+                for dtype, case in ((jnp.float32, "plain"), (jnp.bfloat16, "plain"),
+                                    (jnp.bfloat16, "varlen")):
+                    with jax.default_matmul_precision("highest"):
+                        guarded(f"check {op} bound", lambda: check(
+                            op, dtype, case, jax.random.fold_in(key, 30 + i), bound=a.bound))
+            if a.wide_checks and op == "kda":
+                for kw in (dict(K_=256), dict(chunk=128), dict(K_=256, chunk=128, bound=-5.0)):
+                    with jax.default_matmul_precision("highest"):
+                        guarded(f"check kda {kw}", lambda: check(
+                            op, jnp.bfloat16, "plain", jax.random.fold_in(key, 40), **kw))
         save(a.out)
     gpu = PLATFORM_CONFIGS["gpu"]
     fast = dataclasses.replace(gpu, precision=gpu.precision_16bit)
@@ -490,10 +576,13 @@ def main():
             continue
         first = i == 0
         if a.only in ("all", "torch"):
-            bench_torch(T, a.torch)
+            bench_torch(T, a.torch, -5.0 if a.bound is None else a.bound)
         if a.only in ("all", "jax"):
             bench_jax(T, a.ops if first else ("kda",),
                       a.backends if first else ("pallas",))
+            if a.bound is not None:
+                bench_jax(T, [o for o in a.ops if o in ("kda", "gla")] if first else ("kda",),
+                          a.backends if first else ("pallas",), bound=a.bound)
             if first and a.products:
                 guarded("products", lambda: bench_products(T))
             if first and not a.no_extras:
