@@ -125,16 +125,16 @@ def rel(x, ref):
 
 # ---- 1. correctness -------------------------------------------------------------------------
 
-def check(op, dtype, case, key, bound=None, K_=64, chunk=C):
+def check(op, dtype, case, key, bound=None, K_=64, chunk=C, n=2):
     """backend="pallas" vs the float64 reference at T=300, B=2 H=2 (varlen: B=1, sequences
     77 + 223), K=V=K_, chunk_size chunk; strong: hard resets; bound: decays clipped to
-    >= bound and passed as log_decay_lower_bound."""
+    >= bound and passed as log_decay_lower_bound; n: gated_delta_product's keys per token."""
     T, N = 300, 2
     cu = None
     Bc = 2
     if case == "varlen":
         Bc, cu = 1, jnp.array([0, 77, 300], jnp.int32)
-    args = inputs(op, Bc, T, 2, K_, K_, key, dtype, strong=(case == "strong"), bound=bound)
+    args = inputs(op, Bc, T, 2, K_, K_, key, dtype, strong=(case == "strong"), bound=bound, n=n)
     h0 = 0.5 * jax.random.normal(jax.random.fold_in(key, 1), (N, 2, K_, K_))
     do = jax.random.normal(jax.random.fold_in(key, 2), (Bc, T, 2, K_))
     dS = jax.random.normal(jax.random.fold_in(key, 3), (N, 2, K_, K_))
@@ -158,8 +158,9 @@ def check(op, dtype, case, key, bound=None, K_=64, chunk=C):
         good = finite and err < tol
         ok &= good
         out[n] = {"rel_rmse": err, "tol": tol, "finite": finite, "pass": good}
-    if bound is not None or K_ != 64 or chunk != C:
-        case = f"{case} K={K_} C={chunk}" + ("" if bound is None else f" bound={bound:g}")
+    if bound is not None or K_ != 64 or chunk != C or n != 2:
+        case = (f"{case} K={K_} C={chunk}" + ("" if bound is None else f" bound={bound:g}")
+                + ("" if n == 2 else f" n={n}"))
     RESULTS["checks"].append({"op": op, "dtype": jnp.dtype(dtype).name, "case": case,
                               "pass": ok, "errors": out})
     worst = max(out, key=lambda n: out[n]["rel_rmse"] / out[n]["tol"])

@@ -56,6 +56,7 @@ FP32_CASES = [
     ("dplr", dict(R=2, Rkv=1)),
     ("hdla", {}),
     ("gated_delta_product", dict(n=2)),
+    ("gated_delta_product", dict(n=3, K=8, V=8)),  # virtual chunks split tokens' groups
 ]
 
 
