@@ -99,6 +99,19 @@ def test_other_ops_and_grouped_heads(rng):
                  name)
 
 
+def test_lower_bound_reaches_the_op(rng):
+    """log_decay_lower_bound goes through context_parallel to the op on every shard: the
+    bounded sharded run equals the exact single-device one, and a bound out of range is
+    refused by the op's own check."""
+    args, h0, do, dS = _inputs("kda", rng, B=1, T=64)
+    args = args[:3] + (jnp.maximum(args[3], -5.0),) + args[4:]
+    mesh = _seq_mesh(4)
+    _compare(_sharded("kda", args, h0, do, dS, mesh, log_decay_lower_bound=-5.0),
+             _single("kda", args, h0, do, dS), 4, "kda, bound -5")
+    with pytest.raises(ValueError, match="log_decay_lower_bound"):
+        _sharded("kda", args, h0, do, dS, mesh, log_decay_lower_bound=-6.0)
+
+
 # Packed sequences over T = 128: one crossing several shard boundaries, an empty one, one
 # ending exactly on a boundary (32 = 4 x 8 = 2 x 16), one starting there, one of length 1.
 CU = [0, 5, 5, 50, 64, 100, 101, 128]
