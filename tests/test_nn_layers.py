@@ -147,6 +147,8 @@ def test_sharding_annotations_use_model_axis_only():
     (lambda: DPLR(32, 2, rngs=nnx.Rngs(0), dplr_rank=0), "dplr_rank"),
     (lambda: GatedDeltaProduct(32, 2, rngs=nnx.Rngs(0), n_householder=0), "n_householder"),
     (lambda: KDA(32, 2, rngs=nnx.Rngs(0), gate_lower_bound=1.0), "gate_lower_bound"),
+    (lambda: KDA(32, 2, rngs=nnx.Rngs(0), dt_range=(0.0, 1e-2)), "KDA: argument 'dt_range'"),
+    (lambda: GatedDeltaProduct(32, 2, rngs=nnx.Rngs(0), dt_range=(1e-2, 1e-3)), "'dt_range'"),
     (lambda: KDA(30, 4, rngs=nnx.Rngs(0)), "n_heads"),
     (lambda: KDA(32, 2, rngs=nnx.Rngs(0), beta_range=2.5), "beta_range"),
     (lambda: GLA(32, 2, rngs=nnx.Rngs(0), conv_size=0), "conv_size"),

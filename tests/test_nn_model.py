@@ -194,6 +194,9 @@ BAD = [
     (dict(dt_range=(1e-3, 1e-4)), "dt_range"),
     (dict(dt_range=(0.0, 1e-1)), "dt_range"),
     (dict(dt_range=1e-3), "dt_range"),
+    (dict(dt_range=(1e-3, float("inf"))), "dt_range"),
+    (dict(dt_range=(1e-3, 1e300)), "dt_range"),
+    (dict(dt_range=(True, True)), "dt_range"),
     (dict(conv_size=0), "conv_size"),
 ]
 

@@ -110,6 +110,11 @@ def test_lower_bound_reaches_the_op(rng):
              _single("kda", args, h0, do, dS), 4, "kda, bound -5")
     with pytest.raises(ValueError, match="log_decay_lower_bound"):
         _sharded("kda", args, h0, do, dS, mesh, log_decay_lower_bound=-6.0)
+    # concrete decays below the bound are refused before shard_map traces them
+    low = args[:3] + (args[3].at[0, 5].set(-30.0),) + args[4:]
+    with pytest.raises(ValueError, match="'log_decay' has entries below"):
+        parallel.context_parallel("kda", *low, mesh=mesh, backend="xla", chunk_size=C,
+                                  log_decay_lower_bound=-5.0)
 
 
 # Packed sequences over T = 128: one crossing several shard boundaries, an empty one, one

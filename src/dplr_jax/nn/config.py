@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 MIXERS = ("kda", "gated_deltanet", "deltanet", "gla", "dplr", "hdla", "gated_deltaproduct",
           "attention")
 GROUPED_VALUE_MIXERS = ("kda", "gated_deltanet", "deltanet")
 BACKENDS = ("auto", "pallas", "xla", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_dt_range(where, dt_range):
+    """dt_range as a (dt_min, dt_max) float pair, or a ValueError that starts with `where`:
+    two real numbers (not bools), 0 < dt_min <= dt_max, finite in float32."""
+    ok = (isinstance(dt_range, (tuple, list)) and len(dt_range) == 2
+          and all(isinstance(x, numbers.Real) and not isinstance(x, bool)
+                  and math.isfinite(x) and abs(x) <= FLOAT32_MAX for x in dt_range)
+          and 0 < dt_range[0] <= dt_range[1])
+    if not ok:
+        raise ValueError(f"{where} 'dt_range' = {dt_range!r} must be two numbers (dt_min, "
+                         f"dt_max) with 0 < dt_min <= dt_max, finite in float32")
+    return tuple(float(x) for x in dt_range)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,11 +146,7 @@ class LMConfig:
             fail("beta_range", "must be in (0, 2] (1.0: sigmoid, 2.0: 2*sigmoid)")
         if self.gate_lower_bound is not None and not self.gate_lower_bound < 0:
             fail("gate_lower_bound", "must be negative or None")
-        if (not isinstance(self.dt_range, (tuple, list)) or len(self.dt_range) != 2
-                or not all(isinstance(x, (int, float)) for x in self.dt_range)
-                or not 0 < self.dt_range[0] <= self.dt_range[1]):
-            fail("dt_range", "must be two numbers (dt_min, dt_max) with 0 < dt_min <= dt_max")
-        object.__setattr__(self, "dt_range", tuple(float(x) for x in self.dt_range))
+        object.__setattr__(self, "dt_range", check_dt_range("LMConfig: field", self.dt_range))
         if not self.mlp_ratio > 0:
             fail("mlp_ratio", "must be positive")
         if (not isinstance(self.chunk_size, int) or self.chunk_size < 16

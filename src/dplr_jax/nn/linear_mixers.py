@@ -47,6 +47,7 @@ from dplr_jax import ops, parallel
 from dplr_jax.ops.chunked import MIN_BOUND
 from dplr_jax.nn.basic import (COLUMN, ROW, Dense, GatedRMSNorm, ShortConv, a_log_init,
                                constant, dt_bias_init, l2_normalize, param)
+from dplr_jax.nn.config import check_dt_range
 
 
 DT_RANGE = (1e-3, 1e-1)  # Mamba-2 / GDN / KDA dt init range (LMConfig.dt_range)
@@ -170,6 +171,7 @@ class _GDNDecay(nnx.Module):
     def __init__(self, d_model, heads, *, rngs, dtype, dt_range):
         self.proj = Dense(d_model, heads, sharding=COLUMN, rngs=rngs, dtype=dtype)
         self.A_log = param(rngs, a_log_init(0.0, 16.0), (heads,), (None,))
+        dt_range = check_dt_range("gated delta decay: argument", dt_range)
         self.dt_bias = param(rngs, dt_bias_init(*dt_range), (heads,), (None,))
 
     def __call__(self, x):
@@ -230,6 +232,7 @@ class KDA(LinearMixer):
         self.f_down = Dense(d_model, self.V, sharding=(None, None), **d)
         self.f_up = Dense(self.V, self.HV * self.K, sharding=COLUMN, **d)
         self.A_log = param(rngs, a_log_init(1.0, 16.0), (self.HV,), (None,))
+        dt_range = check_dt_range("KDA: argument", dt_range)
         self.dt_bias = param(rngs, dt_bias_init(*dt_range), (self.HV * self.K,), (None,))
         self.gate_lower_bound = gate_lower_bound
 

@@ -84,16 +84,16 @@ def check_nonpositive(op, name, x):
 
 
 def check_lower_bound(op, bound, g, min_bound):
-    """log_decay_lower_bound: a number in [min_bound, 0) (the bounded path's overflow limit)
-    that the log decays respect (checked when they are concrete, not under jit)."""
-    if (isinstance(bound, bool) or not isinstance(bound, (int, float, np.floating))
+    """log_decay_lower_bound: a number in [min_bound, 0) that the log decays respect
+    (checked when they are concrete, not under jit, in the decays' own dtype)."""
+    if (isinstance(bound, bool) or not isinstance(bound, (int, float, np.integer, np.floating))
             or not min_bound <= bound < 0):
         raise ValueError(f"{op}: argument 'log_decay_lower_bound' is {bound!r}; expected a "
                          f"number in [{min_bound:g}, 0), or None (the exact path, any decays)")
     if g is None:
         raise ValueError(f"{op}: argument 'log_decay_lower_bound' is {bound:g}, but "
                          f"'log_decay' is None (no decay to bound)")
-    if _concrete(g) and bool(np.any(np.asarray(g) < bound)):
+    if _concrete(g) and bool(np.any(np.asarray(g) < np.asarray(bound, np.asarray(g).dtype))):
         raise ValueError(f"{op}: argument 'log_decay' has entries below "
                          f"log_decay_lower_bound = {bound:g} (min "
                          f"{float(np.min(np.asarray(g))):.4g})")

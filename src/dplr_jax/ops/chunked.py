@@ -98,16 +98,26 @@ def _diagonal_blocks(Xs, Ys, gs, probe, bounded):
     t = jnp.arange(c)
     mask = (t[:, None] > t[None, :]) if probe else (t[:, None] >= t[None, :])
     if bounded:
+        # The pairs without decay (s = t, or s = t - 1 with probe) as plain products: through
+        # the factors their rounding would enter the log-decay gradient as a difference of
+        # large terms (up to e^{|L|} times float32 rounding when every decay sits at L).
+        near = jnp.eye(c, k=-1 if probe else 0, dtype=bool)
+        Yn = jnp.pad(Ys, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :c] if probe else Ys
+        direct = jnp.einsum("itak,itbk->itab", Xs, Yn)[:, :, :, None] * near[:, None, :, None]
         Xd, Yd = bounded_factors(Xs, Ys, gs, probe, axis=1)
-        # where, not a product with the mask: a masked pair may overflow (up to e^{15|L|}).
-        return jnp.where(mask[:, None, :, None], jnp.einsum("itak,isbk->itasb", Xd, Yd), 0.0)
+        far = mask & ~near
+        # where, not a product with the mask: a masked pair may overflow (up to e^{16|L|}).
+        return direct + jnp.where(far[:, None, :, None], jnp.einsum("itak,isbk->itasb", Xd, Yd),
+                                  0.0)
     e = mask[:, :, None] * jnp.exp(jax.vmap(lambda x: segment_sums(x, probe))(gs))
     return jnp.einsum("itak,isbk,itsk->itasb", Xs, Ys, e)
 
 
 # With log decays >= L, a 16-token sub-chunk's prefix sums lie in [16 L, 0]; the bounded
-# diagonal blocks multiply query and key factors of up to e^{8|L|} each, and a masked pair
-# (s > t, discarded) up to e^{15|L|}: L >= -5 keeps that below float32's e^88.
+# diagonal blocks multiply query and key factors of up to e^{8|L|} each (query rows before
+# the middle, key rows after it). A masked pair reaches e^{16|L|} and may overflow: it is
+# dropped by a select here and never formed by the Pallas kernel. L >= -5 (FLA's safe-gate
+# range) keeps every kept factor <= e^40 and the float32 rounding of its exponent <= 40 eps.
 MIN_BOUND = -5.0
 
 

@@ -60,7 +60,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from dplr_jax import ops
-from dplr_jax.ops._checks import check_options
+from dplr_jax.ops._checks import check_lower_bound, check_options
+from dplr_jax.ops.chunked import MIN_BOUND
 from dplr_jax.ops.api import SPECS, acc_dtype, validate
 from dplr_jax.parallel.combine import CARRY, STRATEGIES
 
@@ -168,11 +169,15 @@ def context_parallel(op, *args, mesh=None, axis="seq", batch_axis=None, strategy
     if len(args) != 3 + len(spec.gates):
         raise TypeError(f"{where}: {name} takes {3 + len(spec.gates)} positional inputs "
                         f"(q, k, v, {', '.join(spec.gates)}), got {len(args)}")
-    dims, _ = validate(spec, dict(zip(("q", "k", "v") + spec.gates, args)))
+    dims, checked = validate(spec, dict(zip(("q", "k", "v") + spec.gates, args)))
     check_options(name, dims, chunk_size=op_kwargs.get("chunk_size", 64),
                   backend=op_kwargs.get("backend", "auto"), cu_seqlens=cu_seqlens,
                   initial_state=initial_state, n_state_heads=dims.sizes[spec.state_heads],
                   scale=op_kwargs.get("scale"))
+    if op_kwargs.get("log_decay_lower_bound") is not None and spec.bounded:
+        # here, while the decays may be concrete: inside shard_map they are traced
+        check_lower_bound(name, op_kwargs["log_decay_lower_bound"], checked["log_decay"],
+                          MIN_BOUND)
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:

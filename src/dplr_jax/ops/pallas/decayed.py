@@ -32,7 +32,10 @@ rows plus the dots with dD_ij) and dY (accumulated per key sub-chunk over the qu
 sub-chunks after it, kept on chip until the end). The log-decay gradient needs no exponent:
 with R = X * dX and Q = Y * dY per channel, the pairs (t, s) whose decay contains g_u are those
 with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s (probe: minus R_u as well),
-formed by the wrapper (chunked.masked_sums). Nothing is saved but the inputs.
+formed by the wrapper (chunked.masked_sums). The kernel leaves out the pairs whose decay is
+empty (s = t; probe: s = t - 1): they cancel in dg, but their float32 rounding would not
+(with every g at -5, dg was off by 5e-5 to 1.5e-4 relative); the wrapper adds their dX, dY
+after dg. Nothing is saved but the inputs.
 
 Cost per chunk (C = 64, K = 128, float32): reads 3 C K values (96 KB), writes C^2 (16 KB);
 C 16 K exps on the diagonal blocks (131 K) and ~3 C K for the factors; off-diagonal dots
@@ -76,10 +79,14 @@ def _iota(shape, axis):
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _kept_transposed(probe):
-    """The kept entries of a diagonal block as [s, t]: s < t with probe, else s <= t."""
+def _decayed_pairs(probe, boundary=False):
+    """[s, t] mask of the pairs whose decay spans at least one token, in a diagonal block (s < t
+    - 1 with probe, else s < t), or with boundary=True in the probe block (i, i - 1): all but
+    (s = 15, t = 0). The backward leaves the pairs without decay to the wrapper."""
     s, t = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
-    return s < t if probe else s <= t
+    if boundary:
+        return (s != SUB - 1) | (t != 0)
+    return s < t - 1 if probe else s < t
 
 
 def _bounded_block(probe, g, exact):
@@ -95,9 +102,10 @@ def _bounded_block(probe, g, exact):
     return jnp.exp(pre - mid), jnp.exp(mid - incl), pre, total - incl, total
 
 
-def _block_rows(probe, base, y, g_ref, step, init):
+def _block_rows(probe, base, y, g_ref, step, init, near=True):
     """The row loop of sub-chunk rows [base, base + 16): step(t, e, keep, carry) per row with
-    e[s, k] = exp(the pair's decay sum) and keep[s] the row's valid columns. Returns
+    e[s, k] = exp(the pair's decay sum) and keep[s] the row's valid columns (near=False:
+    without the pair that has no decay, s = t, or s = t - 1 with probe). Returns
     (carry, pre, suffix, total): the query-side prefix sums of the sub-chunk (inclusive, or
     exclusive with probe), its exclusive suffix sums and its total [1, K]."""
     s = _iota(y.shape, 0)
@@ -107,12 +115,12 @@ def _block_rows(probe, base, y, g_ref, step, init):
         d, p, pre, carry = state
         g_t = g_ref[pl.ds(base + t, 1), :].astype(d.dtype)
         if probe:  # decays over s < u <= t - 1: the previous row's sums; prefix excludes t
-            carry = step(t, jnp.exp(d), s1 < t, carry)
+            carry = step(t, jnp.exp(d), s1 < (t if near else t - 1), carry)
             pre = jnp.where(s == t, p, pre)
         p = p + g_t
         d = jnp.where(s < t, d + g_t, 0.0)
         if not probe:
-            carry = step(t, jnp.exp(d), s1 <= t, carry)
+            carry = step(t, jnp.exp(d), s1 <= t if near else s1 < t, carry)
             pre = jnp.where(s == t, p, pre)
         return d, p, pre, carry
 
@@ -162,7 +170,7 @@ def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, pre
         ddt = ddt_ref[rows, rows]  # (dD_ii)^T: [s, t]
         if bounded:
             eq, ek, pre, suffix, total = _bounded_block(probe, g_ref[rows, :], exact)
-            ddt = jnp.where(_kept_transposed(probe), ddt, 0.0)
+            ddt = jnp.where(_decayed_pairs(probe), ddt, 0.0)
             dX = _dot(ddt, Y * ek, precision, trans_a=True) * eq
             dY = _dot(ddt, Xq * eq, precision) * ek
         else:
@@ -177,11 +185,13 @@ def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, pre
 
             zero = jnp.zeros_like(Y)
             (dX, dY), pre, suffix, total = _block_rows(probe, i * SUB, Y, g_ref, step,
-                                                       (zero, zero))
+                                                       (zero, zero), near=False)
         eq = jnp.exp(pre)
         for j in reversed(range(i)):
             key = y_ref[pl.ds(j * SUB, SUB), :] * decays[j]
             ddt_ji = ddt_ref[pl.ds(j * SUB, SUB), rows]  # (dD_ij)^T: [s in j, t in i]
+            if probe and j == i - 1:  # (first row of i, last of j): no decay, the wrapper's
+                ddt_ji = jnp.where(_decayed_pairs(probe, boundary=True), ddt_ji, 0.0)
             dX = dX + _dot(ddt_ji, key, precision, trans_a=True) * eq
             dkeys[j] = dkeys[j] + _dot(ddt_ji, Xq * eq, precision) * decays[j]
             eq = eq * jnp.exp(totals[j])
@@ -226,9 +236,16 @@ def _products_bwd(probe, cfg, res, dD):
                    [jax.ShapeDtypeStruct(Xp.shape, X.dtype)] * 2, cfg.interpret, cfg.bwd,
                    "dplr_decayed_bwd")
     K = X.shape[-1]
-    dX, dY = dX[:, :K], dY[:, :K]
+    dX, dY = dX[:, :K], dY[:, :K]  # without the pairs that have no decay (see below)
     R = X * dX
     dg = chunked.masked_sums(R - Y * dY, 0, jnp.less_equal)  # sum over u >= t
+    # The pairs (t, t - p) without decay depend on no g: added here, after dg, since inside
+    # dX and dY their rounding would enter dg as a difference of large terms (5e-5 relative
+    # in float32 when every log decay is -5, against 4e-7 without them).
+    p = 1 if probe else 0
+    d = jnp.pad(jnp.diagonal(dD, offset=-p), (p, 0)).astype(X.dtype)[:, None]  # dD[t, t-p]
+    dX = dX + d * jnp.pad(Y, ((p, 0), (0, 0)))[:Y.shape[0]]
+    dY = dY + jnp.pad((d * X)[p:], ((0, p), (0, 0)))
     return dX, dY, (dg - R if probe else dg).astype(g.dtype)
 
 
