@@ -55,6 +55,38 @@ def test_varlen_pallas(rng, x64):
                      log_decay_lower_bound=BOUND)
 
 
+def test_bound_is_taken_under_jit(rng):
+    """Under jit nothing checks the decays, and the bound changes the computation: hard
+    resets (-1000, far below it) overflow the bounded factors (non-finite outputs, as the
+    ops' docstring says), while the exact path stays finite. Both XLA and Pallas."""
+    args = list(make_inputs("kda", rng, B=1, T=64, K=16, V=16))
+    args[3] = np.where(rng.random(args[3].shape) < 0.05, -1000.0, args[3])
+    args = cast(tuple(args), jnp.float32)
+    for backend in ("xla", "pallas"):
+        run = lambda bound, b=backend: jax.jit(jax.grad(lambda *a: ops.kda(
+            *a, backend=b, chunk_size=32, log_decay_lower_bound=bound)[0].sum(),
+            argnums=(0, 3)))(*args)
+        assert all(bool(jnp.all(jnp.isfinite(d))) for d in run(None)), backend
+        assert not all(bool(jnp.all(jnp.isfinite(d))) for d in run(BOUND)), backend
+
+
+def test_kda_layer_passes_its_bound_to_the_op(monkeypatch):
+    """nn.KDA with gate_lower_bound >= -5 calls ops.kda with log_decay_lower_bound."""
+    from flax import nnx
+    from dplr_jax.nn import KDA
+    seen = {}
+    real = ops.OPS["kda"]
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setitem(ops.OPS, "kda", spy)
+    layer = KDA(32, 2, rngs=nnx.Rngs(0), gate_lower_bound=-3.0, backend="xla")
+    layer(jnp.ones((1, 20, 32)))
+    assert seen.get("log_decay_lower_bound") == -3.0
+
+
 def _loops(name, bound):
     """How many loops the jaxpr of the Pallas op's forward and backward holds."""
     args = cast(bounded_inputs(name, np.random.default_rng(0), B=1, T=32, K=16, V=16),

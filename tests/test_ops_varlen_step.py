@@ -19,10 +19,12 @@ pytestmark = pytest.mark.usefixtures("x64")
 
 LENGTHS = (5, 0, 37, 16, 22, 0)  # chunk 16: shorter, empty, spanning 3 chunks, exactly one
 VARLEN_CASES = [("kda", dict(G=2)), ("gla", {}), ("dplr", dict(R=2, Rkv=2)),
-                ("gated_delta_product", dict(n=2))]
+                ("gated_delta_product", dict(n=2)),
+                ("gated_delta_product", dict(n=3))]  # virtual chunks split tokens' groups
 
 
-@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: c[0] + "".join(
+    f"-{k}{v}" for k, v in c[1].items()))
 def test_varlen_equals_separate_sequences(case, rng):
     """Packed runs on both backends against each sequence run alone on the reference."""
     name, kw = case

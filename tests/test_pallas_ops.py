@@ -143,6 +143,13 @@ def test_states_wider_than_max_k_scan_in_xla(rng, x64):
                         backend="reference")
     assert_close(o, o_ref, 1e-5, "o")
     assert_close(S, S_ref, 1e-5, "final state")
+    grad = lambda f, a, h: jax.jit(jax.grad(lambda a, h: jnp.sum(f(a, h)[0] ** 2),
+                                            argnums=(0, 1)))(a, h)
+    got = grad(run, args, h0)
+    ref = grad(lambda a, h: ops.kda(*a, scale=0.25, initial_state=h, backend="reference"),
+               cast(args, jnp.float64), cast(h0, jnp.float64))
+    for i, (a, b) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(ref))):
+        assert_close(a, b, 1e-5, f"gradient {i}")
     wide = engine.kernel("kda", dataclasses.replace(cpu, max_k=32))
     assert "dplr_state_pass" in str(jax.make_jaxpr(
         lambda a, h: wide(*a, scale=0.25, initial_state=h, cu_seqlens=None,
