@@ -28,19 +28,23 @@ CASES = [  # (op, head dim, dtype, T)
     ("delta_rule", 64, jnp.float32, 100),
     ("gla", 128, jnp.bfloat16, 128),
     ("gla", 64, jnp.float32, 100),
+    ("kda", 128, jnp.float32, 130, "bounded"),  # log_decay_lower_bound: the bounded backward
 ]
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{jnp.dtype(c[2]).name}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(
+    [c[0], str(c[1]), jnp.dtype(c[2]).name] + list(c[4:])))
 def test_forward_and_backward_lower(target, case):
-    name, D, dtype, T = case
+    name, D, dtype, T = case[:4]
+    bounded = case[4:] == ("bounded",)
     platform, device = TARGETS[target]
     args = cast(make_inputs(name, np.random.default_rng(0), B=1, T=T, H=2, K=D, V=D), dtype)
     fn = engine.kernel(name, PLATFORM_CONFIGS[platform])
 
     def loss(*a):
-        o, S = fn(*a, scale=D ** -0.5, initial_state=None, cu_seqlens=None, chunk_size=64)
+        o, S = fn(*a, scale=D ** -0.5, initial_state=None, cu_seqlens=None, chunk_size=64,
+                  bounded=bounded)
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
 
     f = jax.grad(loss, argnums=tuple(range(len(args))))
