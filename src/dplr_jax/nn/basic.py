@@ -38,7 +38,7 @@ def constant(value):
     return lambda key, shape, dtype: jnp.broadcast_to(jnp.asarray(value, dtype), shape)
 
 
-def dt_bias_init(dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4):
+def dt_bias_init(dt_min, dt_max, dt_floor=1e-4):
     """Mamba/GDN dt_bias: dt log-uniform in [dt_min, dt_max] (at least min(dt_floor, dt_min)),
     bias = softplus^{-1}(dt)."""
     def init(key, shape, dtype):

@@ -14,6 +14,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+DT_RANGE = (1e-3, 1e-1)  # the papers' (Mamba-2 / GDN / KDA) dt init range
 
 
 def check_dt_range(where, dt_range):
@@ -72,7 +73,7 @@ class LMConfig:
     n_householder: int = 2
     dplr_rank: int = 1
     gate_lower_bound: float | None = None
-    dt_range: tuple[float, float] = (1e-3, 1e-1)
+    dt_range: tuple[float, float] = DT_RANGE
     chunk_size: int = 64
     backend: str = "auto"
     max_len: int = 4096

@@ -47,10 +47,7 @@ from dplr_jax import ops, parallel
 from dplr_jax.ops.chunked import MIN_BOUND
 from dplr_jax.nn.basic import (COLUMN, ROW, Dense, GatedRMSNorm, ShortConv, a_log_init,
                                constant, dt_bias_init, l2_normalize, param)
-from dplr_jax.nn.config import check_dt_range
-
-
-DT_RANGE = (1e-3, 1e-1)  # Mamba-2 / GDN / KDA dt init range (LMConfig.dt_range)
+from dplr_jax.nn.config import DT_RANGE, check_dt_range
 
 
 def resolve_head_dim(d_model, n_heads, head_dim):

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dplr_jax.ops.chunked import MIN_BOUND
+
 FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 BACKENDS = ("auto", "pallas", "xla", "reference")
 
@@ -83,13 +85,13 @@ def check_nonpositive(op, name, x):
                          f"positive entries (max {float(np.max(np.asarray(x))):.4g})")
 
 
-def check_lower_bound(op, bound, g, min_bound):
-    """log_decay_lower_bound: a number in [min_bound, 0) that the log decays respect
+def check_lower_bound(op, bound, g):
+    """log_decay_lower_bound: a number in [chunked.MIN_BOUND, 0) that the log decays respect
     (checked when they are concrete, not under jit, in the decays' own dtype)."""
     if (isinstance(bound, bool) or not isinstance(bound, (int, float, np.integer, np.floating))
-            or not min_bound <= bound < 0):
+            or not MIN_BOUND <= bound < 0):
         raise ValueError(f"{op}: argument 'log_decay_lower_bound' is {bound!r}; expected a "
-                         f"number in [{min_bound:g}, 0), or None (the exact path, any decays)")
+                         f"number in [{MIN_BOUND:g}, 0), or None (the exact path, any decays)")
     if g is None:
         raise ValueError(f"{op}: argument 'log_decay_lower_bound' is {bound:g}, but "
                          f"'log_decay' is None (no decay to bound)")

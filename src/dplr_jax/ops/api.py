@@ -122,8 +122,7 @@ def run(spec: Spec, args: dict, *, scale, initial_state, output_final_state, cu_
                       cu_seqlens=cu_seqlens, initial_state=initial_state,
                       n_state_heads=dims.sizes[spec.state_heads], scale=scale)
     if log_decay_lower_bound is not None:
-        check_lower_bound(spec.name, log_decay_lower_bound, args["log_decay"],
-                          chunked.MIN_BOUND)
+        check_lower_bound(spec.name, log_decay_lower_bound, args["log_decay"])
     bounded = log_decay_lower_bound is not None
     scale = default_scale(scale, dims.sizes["K"])
     inputs = [args[n] for n in ("q", "k", "v") + spec.gates]

@@ -242,8 +242,8 @@ def _scan_outputs(layout, M, Bc, Qs, O0, h0):
     return jnp.einsum("bhnck,bhnkv->bhncv", Qs, S_in) + O0, S_in
 
 
-def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, decayed=None,
-            scan=None):
+def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None,
+            decayed=decayed_products, scan=None):
     """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype;
     h0 [N, H, K, V]. Returns o [B, T, H, V] (unscaled) and final states [N, H, K, V].
 
@@ -253,7 +253,7 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, decayed=No
     """
     B, T = q.shape[:2]
     layout = ChunkLayout.make(B, T, chunk_size, cu_seqlens)
-    M, Bc, Qs, O0 = _summaries(layout, q, g, E, y, P, F, Vk, decayed or decayed_products)
+    M, Bc, Qs, O0 = _summaries(layout, q, g, E, y, P, F, Vk, decayed)
     o, S_in = (scan or _scan_outputs)(layout, M, Bc, Qs, O0, h0)
     r, c = layout.final_row, layout.final_chunk
     finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]

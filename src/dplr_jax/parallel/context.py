@@ -61,7 +61,6 @@ from jax.sharding import PartitionSpec
 
 from dplr_jax import ops
 from dplr_jax.ops._checks import check_lower_bound, check_options
-from dplr_jax.ops.chunked import MIN_BOUND
 from dplr_jax.ops.api import SPECS, acc_dtype, validate
 from dplr_jax.parallel.combine import CARRY, STRATEGIES
 
@@ -176,8 +175,7 @@ def context_parallel(op, *args, mesh=None, axis="seq", batch_axis=None, strategy
                   scale=op_kwargs.get("scale"))
     if op_kwargs.get("log_decay_lower_bound") is not None and spec.bounded:
         # here, while the decays may be concrete: inside shard_map they are traced
-        check_lower_bound(name, op_kwargs["log_decay_lower_bound"], checked["log_decay"],
-                          MIN_BOUND)
+        check_lower_bound(name, op_kwargs["log_decay_lower_bound"], checked["log_decay"])
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:

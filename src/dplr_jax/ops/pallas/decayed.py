@@ -34,7 +34,8 @@ with R = X * dX and Q = Y * dY per channel, the pairs (t, s) whose decay contain
 with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s (probe: minus R_u as well),
 formed by the wrapper (chunked.masked_sums). The kernel leaves out the pairs whose decay is
 empty (s = t; probe: s = t - 1): they cancel in dg, but their float32 rounding would not
-(with every g at -5, dg was off by 5e-5 to 1.5e-4 relative); the wrapper adds their dX, dY
+(with every g at -5, dg was off by 5e-5 to 1.4e-4 relative, benchmarks/decayed_dg_cpu.py);
+the wrapper adds their dX, dY
 after dg. Nothing is saved but the inputs.
 
 Cost per chunk (C = 64, K = 128, float32): reads 3 C K values (96 KB), writes C^2 (16 KB);
@@ -241,7 +242,7 @@ def _products_bwd(probe, cfg, res, dD):
     dg = chunked.masked_sums(R - Y * dY, 0, jnp.less_equal)  # sum over u >= t
     # The pairs (t, t - p) without decay depend on no g: added here, after dg, since inside
     # dX and dY their rounding would enter dg as a difference of large terms (5e-5 relative
-    # in float32 when every log decay is -5, against 4e-7 without them).
+    # in float32 when every log decay is -5, against 1e-6 without them).
     p = 1 if probe else 0
     d = jnp.pad(jnp.diagonal(dD, offset=-p), (p, 0)).astype(X.dtype)[:, None]  # dD[t, t-p]
     dX = dX + d * jnp.pad(Y, ((p, 0), (0, 0)))[:Y.shape[0]]
