@@ -191,9 +191,9 @@ def time_jax(fn, args, groups=7, per=10):
     return statistics.median(ts), mem
 
 
-def jax_op_fns(op, backend, bound=None):
+def jax_op_fns(op, backend, bound=None, chunk=C):
     def fwd(*args):
-        return ops.OPS[op](*args, backend=backend, chunk_size=C, **_bound(bound))[0]
+        return ops.OPS[op](*args, backend=backend, chunk_size=chunk, **_bound(bound))[0]
 
     def fwd_bwd(do, *args):
         o, pull = jax.vjp(fwd, *args)
@@ -220,9 +220,10 @@ def guarded(what, fn):
         RESULTS.setdefault("failures", []).append({"what": what, "error": repr(e)[:2000]})
 
 
-def bench_jax(T, jops, backends_, bound=None):
+def bench_jax(T, jops, backends_, bound=None, chunk=C):
     """Times the ops; with bound, the per-channel ones (kda, gla) with decays clipped to
-    >= bound and passed as log_decay_lower_bound (the row name says "bound")."""
+    >= bound and passed as log_decay_lower_bound (the row name says "bound"); chunk: the
+    chunk_size (named in the row when it is not 64)."""
     key = jax.random.PRNGKey(T)
     variants = [(op, n) for op in jops for n in ((2, 3) if op == "gated_delta_product" else (2,))]
     for op, n in variants:
@@ -230,9 +231,9 @@ def bench_jax(T, jops, backends_, bound=None):
         args = inputs(op, B, T, H, K, V, key, jnp.bfloat16, bound=b, n=n)
         do = jax.random.normal(key, (B, T, H, V), jnp.bfloat16)
         for be in backends_:
-            fwd, fwd_bwd = jax_op_fns(op, be, b)
+            fwd, fwd_bwd = jax_op_fns(op, be, b, chunk)
             name = (f"jax {op}" + (f" n{n}" if op == "gated_delta_product" else "") + f" {be}"
-                    + ("" if b is None else f" bound{b:g}"))
+                    + ("" if b is None else f" bound{b:g}") + ("" if chunk == C else f" C{chunk}"))
             guarded(f"{name} fwd T={T}",
                     lambda: record(name, T, "fwd", *time_jax(fwd, args)))
             guarded(f"{name} fwd+bwd T={T}",
@@ -240,29 +241,32 @@ def bench_jax(T, jops, backends_, bound=None):
 
 
 def bench_state_pass(T, configs):
-    """The Pallas state pass alone (forward, and forward+backward), random float32 summaries."""
+    """The Pallas state pass alone (forward, and forward+backward), random float32 factored
+    transitions of the delta family's shape (Z, W: [C, K], X: [C, V] per chunk)."""
     NC = T // C
     ks = jax.random.split(jax.random.PRNGKey(7), 6)
-    M = jnp.eye(K) * 0.9 + 0.01 * jax.random.normal(ks[0], (B, H, NC, K, K))
-    Bc = jax.random.normal(ks[1], (B, H, NC, K, V))
-    Qs = jax.random.normal(ks[2], (B, H, NC, C, K))
-    O0 = jax.random.normal(ks[3], (B, H, NC, C, V))
+    gamma = jnp.full((B, H, NC, K), 0.9)
+    Z = 0.02 * jax.random.normal(ks[0], (B, H, NC, C, K))
+    W = 0.02 * jax.random.normal(ks[1], (B, H, NC, C, K))
+    X = jax.random.normal(ks[2], (B, H, NC, C, V))
+    Qs = jax.random.normal(ks[3], (B, H, NC, C, K))
+    O0 = jax.random.normal(ks[4], (B, H, NC, C, V))
     h0 = jnp.zeros((B, 1, H, K, V))
     src = jnp.where(jnp.arange(NC)[None] == 0, 0, -1).astype(jnp.int32) + jnp.zeros((B, 1),
                                                                                   jnp.int32)
+    args = (gamma, Z, W, X, Qs, O0)
     for cfg in configs:
         launch = lambda x: f"{x.block_v}/{x.num_warps}/{x.num_stages}"
         tag = (f"state_pass {getattr(cfg.precision, 'name', cfg.precision)} fwd "
                f"{launch(cfg.fwd)} bwd {launch(cfg.bwd)}")
-        f = lambda M, Bc, Qs, O0: state_pass(M, Bc, Qs, O0, h0, src, cfg)[0]
+        f = lambda *a: state_pass(*a, h0, src, cfg)[0]
 
-        def fb(M, Bc, Qs, O0):
-            o, pull = jax.vjp(f, M, Bc, Qs, O0)
+        def fb(*a):
+            o, pull = jax.vjp(f, *a)
             return pull(o)
 
-        guarded(tag + " fwd", lambda: record(tag, T, "fwd", *time_jax(f, (M, Bc, Qs, O0))))
-        guarded(tag + " fwd+bwd",
-                lambda: record(tag, T, "fwd+bwd", *time_jax(fb, (M, Bc, Qs, O0))))
+        guarded(tag + " fwd", lambda: record(tag, T, "fwd", *time_jax(f, args)))
+        guarded(tag + " fwd+bwd", lambda: record(tag, T, "fwd+bwd", *time_jax(fb, args)))
 
 
 def bench_products(T):
@@ -518,6 +522,8 @@ def main():
                          "XLA)")
     ap.add_argument("--no-extras", action="store_true",
                     help="skip the state-pass-alone and jax attention timings")
+    ap.add_argument("--chunk", type=int, nargs="+", default=[C],
+                    help="chunk sizes for the dplr_jax op timings (first T only beyond 64)")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="print the table of earlier runs' JSON files and write their union "
                          "to --out; measures nothing")
@@ -581,6 +587,9 @@ def main():
         if a.only in ("all", "jax"):
             bench_jax(T, a.ops if first else ("kda",),
                       a.backends if first else ("pallas",))
+            for chunk in (a.chunk if first else ()):
+                if chunk != C:
+                    bench_jax(T, a.ops, a.backends, chunk=chunk)
             if a.bound is not None:
                 bench_jax(T, [o for o in a.ops if o in ("kda", "gla")] if first else ("kda",),
                           a.backends if first else ("pallas",), bound=a.bound)

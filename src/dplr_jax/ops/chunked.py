@@ -21,7 +21,9 @@ Inside a chunk with cumulative log decay G_t (G_0 = 0) and S_0 its initial state
 Writing x = X0 - W S_0 splits every chunk into an affine map S_C = M S_0 + Bc and outputs
 o = Qs S_0 + O0 that need S_0 only through one matmul: phase 1 computes (M, Bc, Qs, O0) for
 all chunks in parallel (rematerialized in the backward pass), phase 2 scans S over chunks
-(O(T/C) states saved), phase 3 is a batched matmul.
+(O(T/C) states saved), phase 3 is a batched matmul. M = Diag(e^{G_C}) - Z_E^T W and
+Bc = Z^T X need not be formed: the Pallas state pass takes the factors (chunk_factors), which
+are C x K where M is K x K, and applies them to S inside its scan.
 
 Numerics: all of this runs in float32 (float64 if inputs are float64). No exponent is ever
 positive, and no exponent is a difference of two cumulative sums: after a hard reset (log
@@ -170,59 +172,83 @@ def decayed_products(X, Y, g, probe, bounded=False):
     return out.reshape(C, a, C, b)
 
 
-def chunk_summary(q, g, E, y, P, F, Vk, decayed=decayed_products):
-    """One chunk of one head -> (M, Bc, Qs, O0): S_C = M S_0 + Bc and o = Qs S_0 + O0.
+def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
+    """One chunk of one head -> its transition in factored form, (gamma, Z, W, X, Qs, O0):
 
-    q [C, K]; g None, [C] or [C, K]; E, P [C, m, K] and y [C, m, V] (or None);
-    F [C, r, K] and Vk [C, r, V] (or None). M is [K, K], or [K] when there is no E (diagonal).
+        S_C = gamma * S_0 + Z^T (X - W' S_0),      o = Qs S_0 + O0,
+
+    W' = [W; 0]: the probed rows (the first C*m of Z and X: E decayed to the chunk end, and
+    their values X0) read the state through W; the plain rows (F decayed to the chunk end,
+    and V) do not. q [C, K]; g None, [C] or [C, K]; E, P [C, m, K] and y [C, m, V] (or None);
+    F [C, r, K] and Vk [C, r, V] (or None). gamma [K]; Z [C*(m+r), K]; W [C*m, K] or None
+    (no E); X [C*(m+r), V]; Qs [C, K]; O0 [C, V]. The Pallas state pass takes this form (its
+    K x K transition matrix is never formed); chunk_summary multiplies it out.
     decayed: the function for the intra-chunk products (the Pallas backend passes its kernels).
     """
     C, K = q.shape
     if g is None:
         e_q = e_prev = e_end = None
-        decay_end = jnp.ones((K,), q.dtype)
+        gamma = jnp.ones((K,), q.dtype)
     else:
         incl, excl, suffix = prefix_suffix(g)
         e_q, e_prev, e_end = jnp.exp(incl), jnp.exp(excl), jnp.exp(suffix)
-        decay_end = jnp.broadcast_to(e_q[-1], (K,))
+        gamma = jnp.broadcast_to(e_q[-1], (K,))
     q1 = q[:, None, :]
     Qs = _rowscale(q1, e_q)[:, 0]
     O0 = 0.0
-    Bc = 0.0
+    Z, X, W = [], [], None
+    if E is not None:
+        m = E.shape[1]
+        L = decayed(P, E, g, probe=True).reshape(C * m, C * m)
+        Tinv = unit_lower_inverse(L, block=SUB * m)
+        rhs = y
+        if F is not None:
+            PF = decayed(P, F, g, probe=True)  # [C, m, C, r]
+            rhs = y - jnp.einsum("tjsi,siv->tjv", PF, Vk)
+        W = Tinv @ _rowscale(P, e_prev).reshape(C * m, K)
+        X0 = Tinv @ rhs.reshape(C * m, -1)
+        QE = decayed(q1, E, g, probe=False)[:, 0].reshape(C, C * m)
+        Qs = Qs - QE @ W
+        O0 = QE @ X0
+        Z.append(_rowscale(E, e_end).reshape(C * m, K))
+        X.append(X0)
     if F is not None:
         QF = decayed(q1, F, g, probe=False)[:, 0]  # [C, C, r]
-        O0 = jnp.einsum("tsi,siv->tv", QF, Vk)
-        Bc = jnp.einsum("sik,siv->kv", _rowscale(F, e_end), Vk)
-    if E is None:
-        return decay_end, Bc, Qs, O0
-    m = E.shape[1]
-    L = decayed(P, E, g, probe=True).reshape(C * m, C * m)
-    Tinv = unit_lower_inverse(L, block=SUB * m)
-    rhs = y
-    if F is not None:
-        PF = decayed(P, F, g, probe=True)  # [C, m, C, r]
-        rhs = y - jnp.einsum("tjsi,siv->tjv", PF, Vk)
-    W = (Tinv @ _rowscale(P, e_prev).reshape(C * m, K)).reshape(C, m, K)
-    X0 = (Tinv @ rhs.reshape(C * m, -1)).reshape(C, m, -1)
-    QE = decayed(q1, E, g, probe=False)[:, 0]  # [C, C, m]
-    Qs = Qs - jnp.einsum("tsj,sjk->tk", QE, W)
-    O0 = O0 + jnp.einsum("tsj,sjv->tv", QE, X0)
-    Ee = _rowscale(E, e_end)
-    M = jnp.diag(decay_end) - jnp.einsum("sjk,sjl->kl", Ee, W)
-    Bc = Bc + jnp.einsum("sjk,sjv->kv", Ee, X0)
-    return M, Bc, Qs, O0
+        O0 = O0 + jnp.einsum("tsi,siv->tv", QF, Vk)
+        Z.append(_rowscale(F, e_end).reshape(-1, K))
+        X.append(Vk.reshape(-1, Vk.shape[-1]))
+    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
+    return gamma, cat(Z), W, cat(X), Qs, O0
+
+
+def transition(gamma, Z, W, X, S):
+    """S_C from S_0 through one chunk's factors (chunk_factors), S [..., K, V]."""
+    U = X
+    if W is not None:
+        n = W.shape[-2]
+        U = jnp.concatenate([X[..., :n, :] - W @ S, X[..., n:, :]], axis=-2)
+    return gamma[..., None] * S + jnp.swapaxes(Z, -1, -2) @ U
+
+
+def chunk_summary(q, g, E, y, P, F, Vk, decayed=decayed_products):
+    """One chunk of one head -> (M, Bc, Qs, O0): S_C = M S_0 + Bc and o = Qs S_0 + O0.
+    M is [K, K], or [K] (diagonal) when there is no E. Arguments as chunk_factors."""
+    gamma, Z, W, X, Qs, O0 = chunk_factors(q, g, E, y, P, F, Vk, decayed)
+    M = gamma if W is None else jnp.diag(gamma) - Z[:W.shape[0]].T @ W
+    return M, Z.T @ X, Qs, O0
 
 
 def _apply(M, S):
     return M[..., :, None] * S if M.ndim == S.ndim - 1 else jnp.einsum("...kl,...lv->...kv", M, S)
 
 
-def _summaries(layout, q, g, E, y, P, F, Vk, decayed):
-    """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...]."""
+def _summaries(layout, summary, q, g, E, y, P, F, Vk, decayed):
+    """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...].
+    summary: chunk_summary or chunk_factors."""
     def chunks(x):
         return None if x is None else jnp.moveaxis(layout.to_chunks(x), 3, 1)
 
-    fn = jax.checkpoint(functools.partial(chunk_summary, decayed=decayed))
+    fn = jax.checkpoint(functools.partial(summary, decayed=decayed))
     for _ in range(3):
         fn = jax.vmap(fn)
     return fn(*(chunks(x) for x in (q, g, E, y, P, F, Vk)))
@@ -247,14 +273,22 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None,
     """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype;
     h0 [N, H, K, V]. Returns o [B, T, H, V] (unscaled) and final states [N, H, K, V].
 
-    decayed(X, Y, g, probe) replaces phase 1's intra-chunk products (decayed_products) and
-    scan(layout, M, Bc, Qs, O0, h0) -> (o, S_in) phases 2+3 (_scan_outputs): the Pallas
-    kernels plug in here.
+    decayed(X, Y, g, probe) replaces phase 1's intra-chunk products (decayed_products), and
+    scan(layout, factors, h0) -> (o, S_in) phases 2+3 on the factored transitions
+    (chunk_factors; the Pallas state pass plugs in here). Without scan, phase 1 multiplies
+    the transitions out (chunk_summary) for XLA's scan (_scan_outputs).
     """
     B, T = q.shape[:2]
     layout = ChunkLayout.make(B, T, chunk_size, cu_seqlens)
-    M, Bc, Qs, O0 = _summaries(layout, q, g, E, y, P, F, Vk, decayed)
-    o, S_in = (scan or _scan_outputs)(layout, M, Bc, Qs, O0, h0)
+    inputs = (q, g, E, y, P, F, Vk)
     r, c = layout.final_row, layout.final_chunk
-    finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
+    if scan is None:
+        M, Bc, Qs, O0 = _summaries(layout, chunk_summary, *inputs, decayed)
+        o, S_in = _scan_outputs(layout, M, Bc, Qs, O0, h0)
+        finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
+    else:
+        factors = _summaries(layout, chunk_factors, *inputs, decayed)
+        o, S_in = scan(layout, factors, h0)
+        gamma, Z, W, X = (None if f is None else f[r, :, c] for f in factors[:4])
+        finals = transition(gamma, Z, W, X, S_in[r, :, c])
     return layout.from_chunks(jnp.moveaxis(o, 1, 3)), finals

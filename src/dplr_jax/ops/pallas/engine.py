@@ -2,8 +2,8 @@
 
 Phases 2 and 3 (the state scan and the output matmul o = Qs S + O0) are one Pallas kernel
 forward and one backward (state_pass.py), for every op of forms.py, up to the key width
-`Config.max_k` (GPU: 128; wider states run XLA's scan). Phase 1 (per-chunk
-summaries M, Bc, Qs, O0) is the XLA `chunk_summary` of chunked.py, differentiated by JAX and
+`Config.max_k` (GPU: 128; wider states run XLA's scan). Phase 1 (per-chunk factored
+transitions and Qs, O0) is the XLA `chunk_factors` of chunked.py, differentiated by JAX and
 rematerialized in the backward pass, except for its intra-chunk decayed products of
 per-channel decays (kda, gla, dplr, hdla), which run in the Pallas kernels of decayed.py
 where the configuration names their launch (`Config.products`).
@@ -21,14 +21,16 @@ from dplr_jax.ops.pallas import decayed
 from dplr_jax.ops.pallas.state_pass import Config, _pow2, state_pass
 
 
-def _scan(layout, M, Bc, Qs, O0, h0, *, cfg):
-    """Phases 2 and 3 in the state-pass kernel: (o, S_in) as chunked._scan_outputs."""
-    B = Qs.shape[0]
+def _scan(layout, factors, h0, *, cfg):
+    """Phases 2 and 3 in the state-pass kernel: (o, S_in) from phase 1's factored transitions
+    (chunked.chunk_factors)."""
+    B = factors[4].shape[0]
     Nb = h0.shape[0] // B  # initial states a batch row can load: 1, or N packed sequences
     src = jnp.where(layout.reset[None, :], layout.init_idx % Nb, -1).astype(jnp.int32)
     h0 = h0.reshape((B, Nb) + h0.shape[1:])
     # The kernels hold states in float32 (float64 inputs under x64 run them in float32 too).
-    return state_pass(*(x.astype(jnp.float32) for x in (M, Bc, Qs, O0)), h0, src, cfg)
+    return state_pass(*(None if x is None else x.astype(jnp.float32) for x in factors), h0, src,
+                      cfg)
 
 
 def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config, bounded=False):

@@ -1,31 +1,44 @@
 """Pallas kernels for the sequential part of the chunk engine: the inter-chunk state pass.
 
-Phase 1 of the engine (chunked.py) gives, for every chunk c of every (batch row, head), an
-affine map and an output map of the state S_c entering the chunk:
+Phase 1 of the engine (chunked.chunk_factors) gives, for every chunk c of every (batch row,
+head), the chunk's transition in factored form and an output map of the state S_c entering
+it:
 
-    S_{c+1} = M_c S_c + Bc_c,        o_c = Qs_c S_c + O0_c,
+    S_{c+1} = gamma_c * S_c + Z_c^T U_c,   U_c = X_c - [W_c; 0] S_c,   o_c = Qs_c S_c + O0_c,
 
-M_c [K, K] (or diagonal, stored [K, 1]), Bc_c [K, V], Qs_c [C, K], O0_c [C, V]. At a chunk
-that starts a sequence (src_c >= 0) the state is reset to the initial state h0[src_c]
-instead. The forward kernel runs this recurrence with S in float32, parallel over (batch *
-heads, V blocks), and writes o and every S_c.
+gamma_c [K] (the decay across the chunk), Z_c [n, K] (keys decayed to the chunk end), W_c
+[ne, K] (the probes of Z's first ne rows; absent for GLA), X_c [n, V], Qs_c [C, K], O0_c
+[C, V]. At a chunk that starts a sequence (src_c >= 0) the state is reset to the initial
+state h0[src_c] instead. The forward kernel runs this recurrence with S in float32, parallel
+over (batch * heads, V blocks), and writes o and every S_c. The rows of Z, W and X go
+through the dots in blocks of RB = min(C, 64) (one or two blocks for the delta family,
+more for rank-r ops), so the tiles on chip do not grow with the rank.
 
-Saved for the backward: M, Qs (phase 1's outputs, already in memory) and S_in, K*V*4 bytes
-per chunk (64 KB at K=V=128: as much as Bc; 268 MB at B=4, T=4096, H=16, C=64). Recomputing
-S_in in the backward instead would need a second forward scan (the reverse recurrence needs
-S_c in descending c) or storing every (1/r)-th state and re-scanning segments; at these sizes
-one extra fp32 state per chunk is the cheaper choice.
+Why factors and not M = Diag(gamma) - Z_E^T W: at C=64, K=V=128 the factors Z, W, X are
+96 KB of float32 per chunk where M and Bc are 128 KB, and forming M, Bc was two batched
+XLA matmuls forward (0.7 ms of 3.0 for gated_delta_rule at B=4, T=4096, H=16 on the H100)
+and more in the backward. The kernel does the same dot FLOPs either way (W S and Z^T U are
+C x K x V each, M S is K x K x V, with C = K/2).
+
+Saved for the backward: the factors and Qs (phase 1's outputs, already in memory) and S_in,
+K*V*4 bytes per chunk (64 KB at K=V=128; 268 MB at B=4, T=4096, H=16, C=64); U is recomputed
+(one more C x K x V dot per chunk instead of storing 32 KB per chunk). Recomputing S_in
+instead would need a second forward scan (the reverse recurrence needs S_c in descending c)
+or storing every (1/r)-th state and re-scanning segments; at these sizes one extra fp32 state
+per chunk is the cheaper choice.
 
 The backward kernel runs the transposed recurrence from the last chunk down. With G_c the
 cotangent of S_{c+1} as produced by chunk c (zero past a sequence's last chunk: its
 successor resets, and the final state's cotangent reaches S_c through the caller's XLA
-`finals = M S + Bc`, i.e. through dS_in):
+`chunked.transition`, i.e. through dS_in):
 
-    dM_c = G_c S_c^T,  dBc_c = G_c,  dQs_c = do_c S_c^T,  dO0_c = do_c,
-    dS_c = M_c^T G_c + Qs_c^T do_c + dS_in_c,
+    dU_c = Z_c G_c = dX_c,  dZ_c = U_c G_c^T,  dW_c = -dU_c[:ne] S_c^T,
+    dgamma_c = rowsum(G_c * S_c),  dQs_c = do_c S_c^T,  dO0_c = do_c,
+    dS_c = gamma_c * G_c - W_c^T dU_c[:ne] + Qs_c^T do_c + dS_in_c,
     G_{c-1} = 0 and dh0[src_c] += dS_c if chunk c resets, else G_{c-1} = dS_c.
 
-dM and dQs contract over V, so each V block writes its partial sum and the wrapper adds them.
+dZ, dW, dgamma and dQs contract over V, so each V block writes its partial sum and the
+wrapper adds them.
 
 Two launch forms share the per-chunk math (`_forward_chunk`, `_backward_chunk`):
 - "loop" (GPU through Triton, and the CPU in interpret mode): grid (B*H, V/BV), a fori_loop
@@ -99,70 +112,92 @@ def _dot(a, b, precision, trans_a=False, trans_b=False):
                                preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
 
 
-def _forward_chunk(c, src, S, m_ref, bc_ref, qs_ref, o0_ref, h0_ref, o_ref, sin_ref, *, diag,
-                   precision):
-    """One chunk of the forward recurrence: reset, save S_c, write o_c; returns S_{c+1}."""
-    S = jnp.where(src >= 0, h0_ref[jnp.maximum(src, 0)].astype(jnp.float32), S)
-    sin_ref[c] = S
-    o_ref[c] = (_dot(qs_ref[c], S, precision) + o0_ref[c]).astype(o_ref.dtype)
-    m = m_ref[c]
-    MS = m * S if diag else _dot(m, S, precision)
-    return MS + bc_ref[c]
+
+# Operand names of the kernels, in call order ("w" only when the op has probed rows).
+_FWD_IN = ("src", "gam", "z", "w", "x", "qs", "o0", "h0")
+_FWD_OUT = ("o", "sin")
+_BWD_IN = ("src", "gam", "z", "w", "x", "qs", "sin", "do", "dsin")
+_BWD_OUT = ("dgam", "dz", "dw", "dx", "dqs", "dh0")
 
 
-def _backward_chunk(c, src, G, m_ref, qs_ref, sin_ref, do_ref, dsin_ref, dm_ref, dbc_ref,
-                    dqs_ref, dh0_ref, *, diag, precision):
+def _names(names, has_w):
+    return tuple(n for n in names if has_w or n not in ("w", "dw"))
+
+
+def _row_blocks(r, rb):
+    """Static (rows, probed) per block of rb rows of Z / X: probed rows also have W."""
+    n = r["z"].shape[-2]
+    ne = r["w"].shape[-2] if "w" in r else 0
+    return [(pl.ds(i, rb), i < ne) for i in range(0, n, rb)]
+
+
+def _forward_chunk(c, src, S, r, *, rb, precision):
+    """One chunk of the forward recurrence: reset, save S_c, write o_c; returns S_{c+1}.
+    r: the kernel's refs by name."""
+    S = jnp.where(src >= 0, r["h0"][jnp.maximum(src, 0)].astype(jnp.float32), S)
+    r["sin"][c] = S
+    r["o"][c] = (_dot(r["qs"][c], S, precision) + r["o0"][c]).astype(r["o"].dtype)
+    out = r["gam"][c] * S
+    for rows, probed in _row_blocks(r, rb):
+        U = r["x"][c, rows]
+        if probed:
+            U = U - _dot(r["w"][c, rows], S, precision)
+        out = out + _dot(r["z"][c, rows], U, precision, trans_a=True)
+    return out
+
+
+def _backward_chunk(c, src, G, r, *, rb, precision):
     """One chunk of the reverse recurrence; returns G_{c-1}."""
-    S = sin_ref[c]
-    do = do_ref[c].astype(jnp.float32)
-    m = m_ref[c]
-    if diag:
-        dm_ref[c] = jnp.sum(G * S, axis=1, keepdims=True)
-        dS = m * G
-    else:
-        dm_ref[c] = _dot(G, S, precision, trans_b=True)
-        dS = _dot(m, G, precision, trans_a=True)
-    dbc_ref[c] = G
-    dqs_ref[c] = _dot(do, S, precision, trans_b=True)
-    dS = dS + _dot(qs_ref[c], do, precision, trans_a=True) + dsin_ref[c]
+    S = r["sin"][c]
+    do = r["do"][c].astype(jnp.float32)
+    r["dgam"][c] = jnp.sum(G * S, axis=1, keepdims=True)
+    r["dqs"][c] = _dot(do, S, precision, trans_b=True)
+    dS = r["gam"][c] * G + _dot(r["qs"][c], do, precision, trans_a=True) + r["dsin"][c]
+    for rows, probed in _row_blocks(r, rb):
+        dU = _dot(r["z"][c, rows], G, precision)
+        r["dx"][c, rows] = dU
+        U = r["x"][c, rows]
+        if probed:
+            Wb = r["w"][c, rows]
+            U = U - _dot(Wb, S, precision)
+            r["dw"][c, rows] = -_dot(dU, S, precision, trans_b=True)
+            dS = dS - _dot(Wb, dU, precision, trans_a=True)
+        r["dz"][c, rows] = _dot(U, G, precision, trans_b=True)
     reset = src >= 0
 
     @pl.when(reset)
     def _():
         i = jnp.maximum(src, 0)
-        dh0_ref[i] = dh0_ref[i] + dS
+        r["dh0"][i] = r["dh0"][i] + dS
 
     return jnp.where(reset, jnp.zeros_like(dS), dS)
 
 
 # ---- "loop" form: Triton on GPU, interpret mode on the CPU ----------------------------------
 
-def _loop_forward_kernel(src_ref, m_ref, bc_ref, qs_ref, o0_ref, h0_ref, o_ref, sin_ref, *,
-                         diag, precision):
-    NC, K, BV = sin_ref.shape
+def _loop_forward_kernel(*refs, names, rb, precision):
+    r = dict(zip(names, refs))
+    NC, K, BV = r["sin"].shape
 
     def body(c, S):
-        return _forward_chunk(c, src_ref[c], S, m_ref, bc_ref, qs_ref, o0_ref, h0_ref, o_ref,
-                              sin_ref, diag=diag, precision=precision)
+        return _forward_chunk(c, r["src"][c], S, r, rb=rb, precision=precision)
 
     jax.lax.fori_loop(0, NC, body, jnp.zeros((K, BV), jnp.float32))
 
 
-def _loop_backward_kernel(src_ref, m_ref, qs_ref, sin_ref, do_ref, dsin_ref, dm_ref, dbc_ref,
-                          dqs_ref, dh0_ref, *, diag, precision):
-    NC, K, BV = sin_ref.shape
+def _loop_backward_kernel(*refs, names, rb, precision):
+    r = dict(zip(names, refs))
+    NC, K, BV = r["sin"].shape
 
     def clear(n, carry):
-        dh0_ref[n] = jnp.zeros((K, BV), dh0_ref.dtype)
+        r["dh0"][n] = jnp.zeros((K, BV), r["dh0"].dtype)
         return carry
 
-    jax.lax.fori_loop(0, dh0_ref.shape[0], clear, 0)
+    jax.lax.fori_loop(0, r["dh0"].shape[0], clear, 0)
 
     def body(i, G):
         c = NC - 1 - i
-        return _backward_chunk(c, src_ref[c], G, m_ref, qs_ref, sin_ref, do_ref, dsin_ref,
-                               dm_ref, dbc_ref, dqs_ref, dh0_ref, diag=diag,
-                               precision=precision)
+        return _backward_chunk(c, r["src"][c], G, r, rb=rb, precision=precision)
 
     jax.lax.fori_loop(0, NC, body, jnp.zeros((K, BV), jnp.float32))
 
@@ -175,84 +210,107 @@ def _loop_call(kernel, cfg, launch, grid, in_specs, out_specs, out_shape, name):
                           name=name)
 
 
-def _loop_forward(cfg, M, Bc, Qs, O0, h0, src, H, o_dtype):
-    BH, NC, C, K = Qs.shape
-    V, Nb, BV = Bc.shape[-1], h0.shape[1], cfg.fwd.block_v
-    diag = M.shape[-1] == 1
-    row = lambda bh, j: (_div(bh, H), 0)
-    per_chunk = lambda bh, j: (bh, 0, 0, 0)
-    per_chunk_v = lambda bh, j: (bh, 0, 0, j)
-    in_specs = [
-        pl.BlockSpec((None, NC), row),
-        pl.BlockSpec((None, NC) + M.shape[2:], per_chunk),
-        pl.BlockSpec((None, NC, K, BV), per_chunk_v),
-        pl.BlockSpec((None, NC, C, K), per_chunk),
-        pl.BlockSpec((None, NC, C, BV), per_chunk_v),
-        pl.BlockSpec((None, Nb, None, K, BV), lambda bh, j: (_div(bh, H), 0, _rem(bh, H), 0, j)),
-    ]
-    out_specs = [pl.BlockSpec((None, NC, C, BV), per_chunk_v),
-                 pl.BlockSpec((None, NC, K, BV), per_chunk_v)]
-    out_shape = [jax.ShapeDtypeStruct((BH, NC, C, V), o_dtype),
+def _specs(arrays, per_chunk, per_chunk_v, h0_map, v_blocked, BV):
+    """BlockSpecs for the named operands: the whole chunk axis (loop form) or one chunk (grid
+    form) per program; V-blocked operands (`v_blocked`) take their program's BV columns."""
+    specs = []
+    for name, shape in arrays:
+        if name == "src":
+            specs.append(None)
+        elif name in ("h0", "dh0"):
+            specs.append(pl.BlockSpec((None, shape[1], None, shape[3], BV), h0_map))
+        elif name in v_blocked:
+            specs.append(pl.BlockSpec((None,) + shape[1:-1] + (BV,), per_chunk_v))
+        else:
+            specs.append(pl.BlockSpec((None,) + shape[1:], per_chunk))
+    return specs
+
+
+_V_BLOCKED = ("x", "o0", "o", "sin", "do", "dsin", "dx")
+
+
+def _partial(shape, nv):
+    """A V-contracted gradient: one partial per V block, [BH, nv, ...]."""
+    return (shape[0], nv) + shape[1:]
+
+
+def _loop_forward(cfg, ins, H, rb):
+    BH, NC, C, K = ins["qs"].shape
+    V, BV = ins["x"].shape[-1], cfg.fwd.block_v
+    h0_map = lambda bh, j: (_div(bh, H), 0, _rem(bh, H), 0, j)
+    arrays = [(n, x.shape) for n, x in ins.items()]
+    in_specs = _specs(arrays, lambda bh, j: (bh,) + (0,) * 3, lambda bh, j: (bh, 0, 0, j),
+                      h0_map, _V_BLOCKED, BV)
+    in_specs[0] = pl.BlockSpec((None, NC), lambda bh, j: (_div(bh, H), 0))
+    out_shape = [jax.ShapeDtypeStruct((BH, NC, C, V), jnp.float32),
                  jax.ShapeDtypeStruct((BH, NC, K, V), jnp.float32)]
-    kernel = functools.partial(_loop_forward_kernel, diag=diag, precision=cfg.precision)
+    out_specs = _specs([("o", (BH, NC, C, V)), ("sin", (BH, NC, K, V))], None,
+                       lambda bh, j: (bh, 0, 0, j), h0_map, _V_BLOCKED, BV)
+    kernel = functools.partial(_loop_forward_kernel, names=tuple(ins) + _FWD_OUT, rb=rb,
+                               precision=cfg.precision)
     return _loop_call(kernel, cfg, cfg.fwd, (BH, V // BV), in_specs, out_specs, out_shape,
-                      "dplr_state_pass_fwd")(src, M, Bc, Qs, O0, h0)
+                      "dplr_state_pass_fwd")(*ins.values())
 
 
-def _loop_backward(cfg, M, Qs, S_in, do, dS_in, src, h0_shape, H):
-    BH, NC, C, K = Qs.shape
-    V, Nb, BV = S_in.shape[-1], h0_shape[1], cfg.bwd.block_v
+def _bwd_outputs(ins, h0_shape, nv):
+    """(name, shape) of the backward kernel's outputs, V-contracted ones with a partial axis."""
+    shapes = {"dgam": _partial(ins["gam"].shape, nv), "dz": _partial(ins["z"].shape, nv),
+              "dx": ins["x"].shape, "dqs": _partial(ins["qs"].shape, nv), "dh0": h0_shape}
+    if "w" in ins:
+        shapes["dw"] = _partial(ins["w"].shape, nv)
+    return [(n, shapes[n]) for n in _names(_BWD_OUT, "w" in ins)]
+
+
+def _sum_partials(outs):
+    return {n: x if n in ("dx", "dh0") else x.sum(1) for n, x in outs.items()}
+
+
+def _loop_backward(cfg, ins, h0_shape, H, rb):
+    BH, NC, C, K = ins["qs"].shape
+    V, BV = ins["x"].shape[-1], cfg.bwd.block_v
     nv = V // BV
-    diag = M.shape[-1] == 1
-    row = lambda bh, j: (_div(bh, H), 0)
-    per_chunk = lambda bh, j: (bh, 0, 0, 0)
-    per_chunk_v = lambda bh, j: (bh, 0, 0, j)
-    partial_v = lambda bh, j: (bh, j, 0, 0, 0)
-    in_specs = [
-        pl.BlockSpec((None, NC), row),
-        pl.BlockSpec((None, NC) + M.shape[2:], per_chunk),
-        pl.BlockSpec((None, NC, C, K), per_chunk),
-        pl.BlockSpec((None, NC, K, BV), per_chunk_v),
-        pl.BlockSpec((None, NC, C, BV), per_chunk_v),
-        pl.BlockSpec((None, NC, K, BV), per_chunk_v),
-    ]
-    out_specs = [
-        pl.BlockSpec((None, None, NC) + M.shape[2:], partial_v),
-        pl.BlockSpec((None, NC, K, BV), per_chunk_v),
-        pl.BlockSpec((None, None, NC, C, K), partial_v),
-        pl.BlockSpec((None, Nb, None, K, BV), lambda bh, j: (_div(bh, H), 0, _rem(bh, H), 0, j)),
-    ]
-    out_shape = [jax.ShapeDtypeStruct((BH, nv) + M.shape[1:], jnp.float32),
-                 jax.ShapeDtypeStruct(S_in.shape, jnp.float32),
-                 jax.ShapeDtypeStruct((BH, nv, NC, C, K), jnp.float32),
-                 jax.ShapeDtypeStruct(h0_shape, jnp.float32)]
-    kernel = functools.partial(_loop_backward_kernel, diag=diag, precision=cfg.precision)
-    dM, dBc, dQs, dh0 = _loop_call(kernel, cfg, cfg.bwd, (BH, nv), in_specs, out_specs, out_shape,
-                                   "dplr_state_pass_bwd")(src, M, Qs, S_in, do, dS_in)
-    return dM.sum(1), dBc, dQs.sum(1), dh0
+    h0_map = lambda bh, j: (_div(bh, H), 0, _rem(bh, H), 0, j)
+    in_specs = _specs([(n, x.shape) for n, x in ins.items()], lambda bh, j: (bh,) + (0,) * 3,
+                      lambda bh, j: (bh, 0, 0, j), h0_map, _V_BLOCKED, BV)
+    in_specs[0] = pl.BlockSpec((None, NC), lambda bh, j: (_div(bh, H), 0))
+    outs = _bwd_outputs(ins, h0_shape, nv)
+    out_specs = []
+    for n, shape in outs:
+        if n in ("dx", "dh0"):
+            out_specs += _specs([(n, shape)], None, lambda bh, j: (bh, 0, 0, j), h0_map,
+                                _V_BLOCKED, BV)
+        else:
+            out_specs.append(pl.BlockSpec((None, None) + shape[2:],
+                                          lambda bh, j: (bh, j, 0, 0, 0)))
+    out_shape = [jax.ShapeDtypeStruct(shape, jnp.float32) for _, shape in outs]
+    kernel = functools.partial(_loop_backward_kernel, names=tuple(ins) + tuple(n for n, _ in outs),
+                               rb=rb, precision=cfg.precision)
+    res = _loop_call(kernel, cfg, cfg.bwd, (BH, nv), in_specs, out_specs, out_shape,
+                     "dplr_state_pass_bwd")(*ins.values())
+    return _sum_partials(dict(zip((n for n, _ in outs), res)))
 
 
 # ---- "grid" form: Mosaic on TPU (chunk axis last, state in VMEM scratch) ---------------------
 
-def _grid_forward_kernel(src_ref, m_ref, bc_ref, qs_ref, o0_ref, h0_ref, o_ref, sin_ref, s_ref,
-                         *, H, diag, precision):
+def _grid_forward_kernel(*refs, names, H, rb, precision):
+    r = dict(zip(names, refs))
+    s_ref = refs[-1]
     b, c = _div(pl.program_id(0), H), pl.program_id(2)
-    s_ref[...] = _forward_chunk(0, src_ref[b, c], s_ref[...], m_ref, bc_ref, qs_ref, o0_ref,
-                                h0_ref, o_ref, sin_ref, diag=diag, precision=precision)
+    s_ref[...] = _forward_chunk(0, r["src"][b, c], s_ref[...], r, rb=rb, precision=precision)
 
 
-def _grid_backward_kernel(src_ref, m_ref, qs_ref, sin_ref, do_ref, dsin_ref, dm_ref, dbc_ref,
-                          dqs_ref, dh0_ref, g_ref, *, H, diag, precision):
+def _grid_backward_kernel(*refs, names, H, rb, precision):
+    r = dict(zip(names, refs))
+    g_ref = refs[-1]
     b, i = _div(pl.program_id(0), H), pl.program_id(2)
     NC = pl.num_programs(2)
 
     @pl.when(i == 0)
     def _():
-        dh0_ref[...] = jnp.zeros_like(dh0_ref)
+        r["dh0"][...] = jnp.zeros_like(r["dh0"])
         g_ref[...] = jnp.zeros_like(g_ref)
 
-    g_ref[...] = _backward_chunk(0, src_ref[b, NC - 1 - i], g_ref[...], m_ref, qs_ref, sin_ref,
-                                 do_ref, dsin_ref, dm_ref, dbc_ref, dqs_ref, dh0_ref, diag=diag,
+    g_ref[...] = _backward_chunk(0, r["src"][b, NC - 1 - i], g_ref[...], r, rb=rb,
                                  precision=precision)
 
 
@@ -261,63 +319,56 @@ def _grid_params(cfg):
         dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def _grid_forward(cfg, M, Bc, Qs, O0, h0, src, H, o_dtype):
-    BH, NC, C, K = Qs.shape
-    V, Nb, BV = Bc.shape[-1], h0.shape[1], cfg.fwd.block_v
-    diag = M.shape[-1] == 1
-    chunk = lambda bh, j, c: (bh, c, 0, 0)
-    chunk_v = lambda bh, j, c: (bh, c, 0, j)
-    in_specs = [
-        pl.BlockSpec(memory_space=pltpu.SMEM),
-        pl.BlockSpec((None, 1) + M.shape[2:], chunk),
-        pl.BlockSpec((None, 1, K, BV), chunk_v),
-        pl.BlockSpec((None, 1, C, K), chunk),
-        pl.BlockSpec((None, 1, C, BV), chunk_v),
-        pl.BlockSpec((None, Nb, None, K, BV), lambda bh, j, c: (_div(bh, H), 0, _rem(bh, H), 0, j)),
-    ]
-    out_specs = [pl.BlockSpec((None, 1, C, BV), chunk_v), pl.BlockSpec((None, 1, K, BV), chunk_v)]
-    out_shape = [jax.ShapeDtypeStruct((BH, NC, C, V), o_dtype),
-                 jax.ShapeDtypeStruct((BH, NC, K, V), jnp.float32)]
-    kernel = functools.partial(_grid_forward_kernel, H=H, diag=diag, precision=cfg.precision)
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=(BH, V // BV, NC), in_specs=in_specs,
+def _grid_block(shape):
+    """One chunk's block of a per-chunk operand (chunk axis kept with size 1)."""
+    return (1,) + shape[2:]
+
+
+def _grid_call(kernel, cfg, ins, outs, BV, H, reverse, name):
+    BH, NC, C, K = ins["qs"].shape
+    nv = ins["x"].shape[-1] // BV
+    at = (lambda i: NC - 1 - i) if reverse else (lambda i: i)
+    h0_map = lambda bh, j, i: (_div(bh, H), 0, _rem(bh, H), 0, j)
+
+    def spec(n, shape, partial=False):
+        if n == "src":
+            return pl.BlockSpec(memory_space=pltpu.SMEM)
+        if n in ("h0", "dh0"):
+            return pl.BlockSpec((None, shape[1], None, shape[3], BV), h0_map)
+        if partial:
+            return pl.BlockSpec((None, None) + _grid_block(shape[1:]),
+                                lambda bh, j, i: (bh, j, at(i), 0, 0))
+        if n in _V_BLOCKED:
+            return pl.BlockSpec((None, 1) + shape[2:-1] + (BV,),
+                                lambda bh, j, i: (bh, at(i), 0, j))
+        return pl.BlockSpec((None,) + _grid_block(shape), lambda bh, j, i: (bh, at(i), 0, 0))
+
+    in_specs = [spec(n, x.shape) for n, x in ins.items()]
+    out_specs = [spec(n, shape, partial=len(shape) == 5 and n not in ("dh0",))
+                 for n, shape in outs]
+    out_shape = [jax.ShapeDtypeStruct(shape, jnp.float32) for _, shape in outs]
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(BH, nv, NC), in_specs=in_specs,
                           out_specs=out_specs, scratch_shapes=[pltpu.VMEM((K, BV), jnp.float32)],
                           interpret=cfg.interpret, compiler_params=_grid_params(cfg),
-                          name="dplr_state_pass_fwd")(src, M, Bc, Qs, O0, h0)
+                          name=name)(*ins.values())
 
 
-def _grid_backward(cfg, M, Qs, S_in, do, dS_in, src, h0_shape, H):
-    BH, NC, C, K = Qs.shape
-    V, Nb, BV = S_in.shape[-1], h0_shape[1], cfg.bwd.block_v
-    nv = V // BV
-    diag = M.shape[-1] == 1
-    chunk = lambda bh, j, i: (bh, NC - 1 - i, 0, 0)
-    chunk_v = lambda bh, j, i: (bh, NC - 1 - i, 0, j)
-    partial_v = lambda bh, j, i: (bh, j, NC - 1 - i, 0, 0)
-    in_specs = [
-        pl.BlockSpec(memory_space=pltpu.SMEM),
-        pl.BlockSpec((None, 1) + M.shape[2:], chunk),
-        pl.BlockSpec((None, 1, C, K), chunk),
-        pl.BlockSpec((None, 1, K, BV), chunk_v),
-        pl.BlockSpec((None, 1, C, BV), chunk_v),
-        pl.BlockSpec((None, 1, K, BV), chunk_v),
-    ]
-    out_specs = [
-        pl.BlockSpec((None, None, 1) + M.shape[2:], partial_v),
-        pl.BlockSpec((None, 1, K, BV), chunk_v),
-        pl.BlockSpec((None, None, 1, C, K), partial_v),
-        pl.BlockSpec((None, Nb, None, K, BV), lambda bh, j, i: (_div(bh, H), 0, _rem(bh, H), 0, j)),
-    ]
-    out_shape = [jax.ShapeDtypeStruct((BH, nv) + M.shape[1:], jnp.float32),
-                 jax.ShapeDtypeStruct(S_in.shape, jnp.float32),
-                 jax.ShapeDtypeStruct((BH, nv, NC, C, K), jnp.float32),
-                 jax.ShapeDtypeStruct(h0_shape, jnp.float32)]
-    kernel = functools.partial(_grid_backward_kernel, H=H, diag=diag, precision=cfg.precision)
-    dM, dBc, dQs, dh0 = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(BH, nv, NC), in_specs=in_specs, out_specs=out_specs,
-        scratch_shapes=[pltpu.VMEM((K, BV), jnp.float32)], interpret=cfg.interpret,
-        compiler_params=_grid_params(cfg), name="dplr_state_pass_bwd",
-    )(src, M, Qs, S_in, do, dS_in)
-    return dM.sum(1), dBc, dQs.sum(1), dh0
+def _grid_forward(cfg, ins, H, rb):
+    BH, NC, C, K = ins["qs"].shape
+    V = ins["x"].shape[-1]
+    outs = [("o", (BH, NC, C, V)), ("sin", (BH, NC, K, V))]
+    kernel = functools.partial(_grid_forward_kernel, names=tuple(ins) + _FWD_OUT, H=H, rb=rb,
+                               precision=cfg.precision)
+    return _grid_call(kernel, cfg, ins, outs, cfg.fwd.block_v, H, False, "dplr_state_pass_fwd")
+
+
+def _grid_backward(cfg, ins, h0_shape, H, rb):
+    nv = ins["x"].shape[-1] // cfg.bwd.block_v
+    outs = _bwd_outputs(ins, h0_shape, nv)
+    kernel = functools.partial(_grid_backward_kernel, names=tuple(ins) + tuple(n for n, _ in outs),
+                               H=H, rb=rb, precision=cfg.precision)
+    res = _grid_call(kernel, cfg, ins, outs, cfg.bwd.block_v, H, True, "dplr_state_pass_bwd")
+    return _sum_partials(dict(zip((n for n, _ in outs), res)))
 
 
 _FORMS = {"loop": (_loop_forward, _loop_backward), "grid": (_grid_forward, _grid_backward)}
@@ -326,20 +377,24 @@ _FORMS = {"loop": (_loop_forward, _loop_backward), "grid": (_grid_forward, _grid
 # ---- differentiable entry point ----------------------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _state_pass(cfg, H, o_dtype, M, Bc, Qs, O0, h0, src):
-    return _FORMS[cfg.form][0](cfg, M, Bc, Qs, O0, h0, src, H, o_dtype)
+def _state_pass(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src):
+    ins = dict(src=src, gam=gam, z=Z, w=W, x=X, qs=Qs, o0=O0, h0=h0)
+    return _FORMS[cfg.form][0](cfg, {n: ins[n] for n in _names(_FWD_IN, W is not None)}, H, rb)
 
 
-def _state_pass_fwd(cfg, H, o_dtype, M, Bc, Qs, O0, h0, src):
-    o, S_in = _FORMS[cfg.form][0](cfg, M, Bc, Qs, O0, h0, src, H, o_dtype)
-    return (o, S_in), (M, Qs, S_in, src, h0.shape)
+def _state_pass_fwd(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src):
+    o, S_in = _state_pass(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src)
+    return (o, S_in), (gam, Z, W, X, Qs, S_in, src, h0.shape)
 
 
-def _state_pass_bwd(cfg, H, o_dtype, res, cts):
-    M, Qs, S_in, src, h0_shape = res
+def _state_pass_bwd(cfg, H, rb, res, cts):
+    gam, Z, W, X, Qs, S_in, src, h0_shape = res
     do, dS_in = cts
-    dM, dBc, dQs, dh0 = _FORMS[cfg.form][1](cfg, M, Qs, S_in, do, dS_in, src, h0_shape, H)
-    return dM, dBc, dQs, do.astype(jnp.float32), dh0, None
+    ins = dict(src=src, gam=gam, z=Z, w=W, x=X, qs=Qs, sin=S_in, do=do, dsin=dS_in)
+    d = _FORMS[cfg.form][1](cfg, {n: ins[n] for n in _names(_BWD_IN, W is not None)},
+                            h0_shape, H, rb)
+    return (d["dgam"], d["dz"], d.get("dw"), d["dx"], d["dqs"], do.astype(jnp.float32),
+            d["dh0"], None)
 
 
 _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
@@ -350,38 +405,41 @@ def _pow2(n):
 
 
 def _pad_to(x, axis, n):
-    if x.shape[axis] == n:
+    if x is None or x.shape[axis] == n:
         return x
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, n - x.shape[axis])
     return jnp.pad(x, pad)
 
 
-def state_pass(M, Bc, Qs, O0, h0, src, cfg: Config):
-    """The inter-chunk state pass; differentiable in (M, Bc, Qs, O0, h0).
+def state_pass(gamma, Z, W, X, Qs, O0, h0, src, cfg: Config):
+    """The inter-chunk state pass on factored transitions; differentiable in (gamma, Z, W, X,
+    Qs, O0, h0).
 
-    M [B, H, NC, K, K] or [B, H, NC, K] (diagonal), Bc [B, H, NC, K, V], Qs [B, H, NC, C, K],
-    O0 [B, H, NC, C, V] (float32); h0 [B, Nb, H, K, V] the initial states that batch row b can
+    gamma [B, H, NC, K], Z [B, H, NC, n, K], W [B, H, NC, ne, K] or None, X [B, H, NC, n, V],
+    Qs [B, H, NC, C, K], O0 [B, H, NC, C, V] (float32; chunked.chunk_factors per chunk; n and
+    ne multiples of min(C, 64)); h0 [B, Nb, H, K, V] the initial states that batch row b can
     load; src [B, NC] int32: the index into h0[b] that chunk c resets to, or -1 (no reset;
     chunk 0 of every row must reset). K and V are zero-padded to powers of two >= 16.
     Returns o [B, H, NC, C, V] float32 and S_in [B, H, NC, K, V] float32 (state entering
     each chunk).
     """
     B, H, NC, C, K = Qs.shape
-    V = Bc.shape[-1]
+    V = X.shape[-1]
     Kp, Vp = _pow2(K), _pow2(V)
-    if M.ndim == 4:
-        M = M[..., None]
-    M = _pad_to(M, 3, Kp)
-    if M.shape[-1] != 1:
-        M = _pad_to(M, 4, Kp)
-    Bc = _pad_to(_pad_to(Bc, 3, Kp), 4, Vp)
-    Qs, O0 = _pad_to(Qs, 4, Kp), _pad_to(O0, 4, Vp)
+    rb = min(C, 64)
+    if Z.shape[-2] % rb or (W is not None and W.shape[-2] % rb):
+        raise ValueError(f"state_pass: rows of Z {Z.shape} and W "
+                         f"{None if W is None else W.shape} must be multiples of {rb}")
+    gamma = _pad_to(gamma, 3, Kp)[..., None]
+    Z, W, Qs = (_pad_to(x, 4, Kp) for x in (Z, W, Qs))
+    X, O0 = _pad_to(X, 4, Vp), _pad_to(O0, 4, Vp)
     h0 = _pad_to(_pad_to(h0.astype(jnp.float32), 3, Kp), 4, Vp)
     fit = lambda launch: dataclasses.replace(launch, block_v=min(launch.block_v or Vp, Vp))
     cfg = dataclasses.replace(cfg, fwd=fit(cfg.fwd), bwd=fit(cfg.bwd))
-    flat = lambda x: x.reshape((B * H,) + x.shape[2:])
-    o, S_in = _state_pass(cfg, H, jnp.float32, flat(M), flat(Bc), flat(Qs), flat(O0), h0, src)
+    flat = lambda x: None if x is None else x.reshape((B * H,) + x.shape[2:])
+    o, S_in = _state_pass(cfg, H, rb, *(flat(x) for x in (gamma, Z, W, X, Qs, O0)),
+                          h0, src)
     o = o.reshape(B, H, NC, C, Vp)[..., :V]
     S_in = S_in.reshape(B, H, NC, Kp, Vp)[..., :K, :V]
     return o, S_in
