@@ -258,7 +258,8 @@ def bench_state_pass(T, configs):
     for cfg in configs:
         launch = lambda x: f"{x.block_v}/{x.num_warps}/{x.num_stages}"
         tag = (f"state_pass {getattr(cfg.precision, 'name', cfg.precision)} fwd "
-               f"{launch(cfg.fwd)} bwd {launch(cfg.bwd)}")
+               f"{launch(cfg.fwd)} bwd {launch(cfg.bwd)} "
+               f"grads {cfg.grads.num_warps}/{cfg.grads.num_stages}")
         f = lambda *a: state_pass(*a, h0, src, cfg)[0]
 
         def fb(*a):
@@ -573,9 +574,12 @@ def main():
         save(a.out)
     gpu = PLATFORM_CONFIGS["gpu"]
     fast = dataclasses.replace(gpu, precision=gpu.precision_16bit)
-    sp_configs = [gpu, fast] + [dataclasses.replace(fast, fwd=Launch(*f), bwd=Launch(*b))
-                                for f, b in (((64, 8, 2), (64, 8, 1)), ((64, 4, 2), (64, 4, 1)),
-                                             ((128, 8, 1), (128, 8, 1)))]
+    sp_configs = ([gpu, fast, dataclasses.replace(gpu, fwd=Launch(64, 8, 2))]
+                  + [dataclasses.replace(fast, fwd=Launch(*f), bwd=Launch(*b), grads=Launch(*g))
+                     for f, b, g in (((64, 8, 2), (64, 8, 1), (None, 4, 2)),
+                                     ((64, 8, 2), (64, 8, 2), (None, 8, 2)),
+                                     ((64, 4, 2), (64, 4, 2), (None, 4, 1)),
+                                     ((32, 4, 2), (32, 4, 1), (None, 2, 2)))])
     Ts = sorted(a.T, key=lambda T: (T != 4096, T))  # the headline shape first
     for i, T in enumerate(Ts):
         if i > 0 and time.time() - T0 > a.budget:

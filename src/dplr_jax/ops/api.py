@@ -163,9 +163,9 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     """The chunk engine for op `name` on validated inputs (backend "xla"; the Pallas kernels
     pass their phases as `decayed` / `scan`, see chunked.chunked): cast to the accumulation
     dtype, scale q, build the op's form, run it (n virtual tokens per token for multi-factor
-    ops, in chunks of chunk_size * n rounded down to a power of two: phase 1 costs O(C) per
-    virtual token, and a chunk may split a token's virtual group) and keep each token's last
-    virtual output. bounded: the log decays are >= chunked.MIN_BOUND (checked by the caller).
+    ops, in chunks of chunk_size virtual tokens: phase 1 costs O(C) per virtual token, and the
+    state pass's dots grow past C = 64; a chunk may split a token's virtual group) and keep
+    each token's last virtual output. bounded: the log decays are >= chunked.MIN_BOUND (checked by the caller).
     Returns o (accumulation dtype) and the final states."""
     dtype = acc_dtype(*inputs, initial_state)
     xs = _cast(inputs, dtype)
@@ -175,8 +175,7 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     h0 = _initial_state(initial_state, N, v.shape[2], q.shape[-1], v.shape[-1], dtype)
     form = forms.FORMS[name](*xs)
     n = form.n_virtual
-    vchunk = 1 << ((chunk_size * n).bit_length() - 1)
-    o, S = chunked.chunked(*form.engine_inputs(), h0, chunk_size=vchunk,
+    o, S = chunked.chunked(*form.engine_inputs(), h0, chunk_size=chunk_size,
                            cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
                            decayed=functools.partial(decayed or chunked.decayed_products,
                                                      bounded=bounded), scan=scan)

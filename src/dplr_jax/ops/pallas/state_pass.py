@@ -21,30 +21,35 @@ and more in the backward. The kernel does the same dot FLOPs either way (W S and
 C x K x V each, M S is K x K x V, with C = K/2).
 
 Saved for the backward: the factors and Qs (phase 1's outputs, already in memory) and S_in,
-K*V*4 bytes per chunk (64 KB at K=V=128; 268 MB at B=4, T=4096, H=16, C=64); U is recomputed
-(one more C x K x V dot per chunk instead of storing 32 KB per chunk). Recomputing S_in
+K*V*4 bytes per chunk (64 KB at K=V=128; 268 MB at B=4, T=4096, H=16, C=64). Recomputing S_in
 instead would need a second forward scan (the reverse recurrence needs S_c in descending c)
 or storing every (1/r)-th state and re-scanning segments; at these sizes one extra fp32 state
 per chunk is the cheaper choice.
 
-The backward kernel runs the transposed recurrence from the last chunk down. With G_c the
-cotangent of S_{c+1} as produced by chunk c (zero past a sequence's last chunk: its
-successor resets, and the final state's cotangent reaches S_c through the caller's XLA
-`chunked.transition`, i.e. through dS_in):
+The backward has a sequential half and a parallel half. With G_c the cotangent of S_{c+1} as
+produced by chunk c (zero past a sequence's last chunk: its successor resets, and the final
+state's cotangent reaches S_c through the caller's XLA `chunked.transition`, i.e. through
+dS_in), the sequential kernel runs the transposed recurrence from the last chunk down and
+writes every G_c (K*V*4 bytes per chunk, like S_in):
 
-    dU_c = Z_c G_c = dX_c,  dZ_c = U_c G_c^T,  dW_c = -dU_c[:ne] S_c^T,
-    dgamma_c = rowsum(G_c * S_c),  dQs_c = do_c S_c^T,  dO0_c = do_c,
-    dS_c = gamma_c * G_c - W_c^T dU_c[:ne] + Qs_c^T do_c + dS_in_c,
+    dS_c = gamma_c * G_c - W_c^T (Z_c G_c)[:ne] + Qs_c^T do_c + dS_in_c,
     G_{c-1} = 0 and dh0[src_c] += dS_c if chunk c resets, else G_{c-1} = dS_c.
 
-dZ, dW, dgamma and dQs contract over V, so each V block writes its partial sum and the
-wrapper adds them.
+Then one program per chunk (all of V, so nothing is left to sum over V blocks) forms
+
+    dX_c = Z_c G_c,  U_c = X_c - [W_c; 0] S_c,  dZ_c = U_c G_c^T,  dW_c = -dX_c[:ne] S_c^T,
+    dgamma_c = rowsum(G_c * S_c),  dQs_c = do_c S_c^T,  dO0_c = do_c.
+
+One kernel doing both (each V block writing partial dZ, dW, dQs for XLA to sum) took 2.2 ms
+on the H100 at B=4, T=4096, H=16, K=V=128 against 0.7 for the forward: seven dependent dots
+per chunk on the sequential path instead of three.
 
 Two launch forms share the per-chunk math (`_forward_chunk`, `_backward_chunk`):
 - "loop" (GPU through Triton, and the CPU in interpret mode): grid (B*H, V/BV), a fori_loop
   over chunks inside the kernel, S in registers. Blocks are powers of two, dots are 2-D.
 - "grid" (TPU through Mosaic): grid (B*H, V/BV, NC) with the chunk axis last ("arbitrary"),
   S in a VMEM scratch buffer, the reset sources in SMEM.
+The parallel gradient kernel has grid (B*H, NC) in both.
 """
 
 from __future__ import annotations
@@ -77,7 +82,8 @@ class Config:
     or a pltpu.InterpretParams(); precision: of the in-kernel dots for float32 inputs (a
     lax.Precision or a lax.DotAlgorithmPreset: on the GPU TF32_TF32_F32_X3, three tf32 passes,
     because Triton's IEEE float32 dot is ~200x slower); precision_16bit: for bf16/fp16 inputs
-    (HIGH: tf32 on the GPU, bf16x3 on the TPU); fwd, bwd: launch parameters per kernel;
+    (HIGH: tf32 on the GPU, bf16x3 on the TPU); fwd, bwd, grads: launch parameters of the
+    forward, the sequential backward and the parallel gradient kernel (its block_v unused);
     products: (forward, backward) launch of phase 1's decayed-product kernels (decayed.py,
     "loop" form only), or None to leave them to XLA (engine.py); max_k: the largest padded
     key width the state pass takes (None: any), wider states use XLA's scan (engine.py).
@@ -89,6 +95,7 @@ class Config:
     precision_16bit: object = jax.lax.Precision.HIGH
     fwd: Launch = Launch()
     bwd: Launch = Launch()
+    grads: Launch = Launch()
     products: tuple[Launch, Launch] | None = None
     max_k: int | None = None
 
@@ -113,22 +120,25 @@ def _dot(a, b, precision, trans_a=False, trans_b=False):
 
 
 
-# Operand names of the kernels, in call order ("w" only when the op has probed rows).
+# Operand names of the kernels, in call order ("w", "dw" only when the op has probed rows).
 _FWD_IN = ("src", "gam", "z", "w", "x", "qs", "o0", "h0")
 _FWD_OUT = ("o", "sin")
-_BWD_IN = ("src", "gam", "z", "w", "x", "qs", "sin", "do", "dsin")
-_BWD_OUT = ("dgam", "dz", "dw", "dx", "dqs", "dh0")
+_BWD_IN = ("src", "gam", "z", "w", "qs", "do", "dsin")
+_BWD_OUT = ("g", "dh0")
+_GRAD_IN = ("sin", "g", "z", "w", "x", "do")
+_GRAD_OUT = ("dgam", "dz", "dw", "dx", "dqs")
+_V_BLOCKED = ("x", "o0", "o", "sin", "do", "dsin", "g")
 
 
 def _names(names, has_w):
     return tuple(n for n in names if has_w or n not in ("w", "dw"))
 
 
-def _row_blocks(r, rb):
+def _row_blocks(r, rb, probed_only=False):
     """Static (rows, probed) per block of rb rows of Z / X: probed rows also have W."""
     n = r["z"].shape[-2]
     ne = r["w"].shape[-2] if "w" in r else 0
-    return [(pl.ds(i, rb), i < ne) for i in range(0, n, rb)]
+    return [(pl.ds(i, rb), i < ne) for i in range(0, ne if probed_only else n, rb)]
 
 
 def _forward_chunk(c, src, S, r, *, rb, precision):
@@ -147,22 +157,13 @@ def _forward_chunk(c, src, S, r, *, rb, precision):
 
 
 def _backward_chunk(c, src, G, r, *, rb, precision):
-    """One chunk of the reverse recurrence; returns G_{c-1}."""
-    S = r["sin"][c]
+    """One chunk of the reverse recurrence: saves G_c; returns G_{c-1}."""
+    r["g"][c] = G
     do = r["do"][c].astype(jnp.float32)
-    r["dgam"][c] = jnp.sum(G * S, axis=1, keepdims=True)
-    r["dqs"][c] = _dot(do, S, precision, trans_b=True)
     dS = r["gam"][c] * G + _dot(r["qs"][c], do, precision, trans_a=True) + r["dsin"][c]
-    for rows, probed in _row_blocks(r, rb):
+    for rows, _ in _row_blocks(r, rb, probed_only=True):
         dU = _dot(r["z"][c, rows], G, precision)
-        r["dx"][c, rows] = dU
-        U = r["x"][c, rows]
-        if probed:
-            Wb = r["w"][c, rows]
-            U = U - _dot(Wb, S, precision)
-            r["dw"][c, rows] = -_dot(dU, S, precision, trans_b=True)
-            dS = dS - _dot(Wb, dU, precision, trans_a=True)
-        r["dz"][c, rows] = _dot(U, G, precision, trans_b=True)
+        dS = dS - _dot(r["w"][c, rows], dU, precision, trans_a=True)
     reset = src >= 0
 
     @pl.when(reset)
@@ -173,7 +174,39 @@ def _backward_chunk(c, src, G, r, *, rb, precision):
     return jnp.where(reset, jnp.zeros_like(dS), dS)
 
 
-# ---- "loop" form: Triton on GPU, interpret mode on the CPU ----------------------------------
+def _grads_kernel(*refs, names, rb, bv, precision):
+    """The factors' and Qs's gradients of one chunk from its S_c and G_c (all of V, in blocks
+    of bv columns; the accumulators are one row block of [rb, K] at a time)."""
+    r = dict(zip(names, refs))
+    K, V = r["sin"].shape
+    cols = [pl.ds(j, bv) for j in range(0, V, bv)]
+    load = lambda name, col: r[name][:, col].astype(jnp.float32)
+    dqs = dgam = 0.0
+    for col in cols:
+        S = load("sin", col)
+        dqs = dqs + _dot(load("do", col), S, precision, trans_b=True)
+        dgam = dgam + jnp.sum(load("g", col) * S, axis=1, keepdims=True)
+    r["dqs"][...] = dqs
+    r["dgam"][...] = dgam
+    for rows, probed in _row_blocks(r, rb):
+        Zb = r["z"][rows]
+        dZ = dW = 0.0
+        for col in cols:
+            S, G = load("sin", col), load("g", col)
+            dU = _dot(Zb, G, precision)
+            r["dx"][rows, col] = dU
+            U = r["x"][rows, col]
+            if probed:
+                U = U - _dot(r["w"][rows], S, precision)
+                dW = dW - _dot(dU, S, precision, trans_b=True)
+            dZ = dZ + _dot(U, G, precision, trans_b=True)
+        r["dz"][rows] = dZ
+        if probed:
+            r["dw"][rows] = dW
+
+
+# ---- sequential kernels: "loop" form (Triton on GPU, interpret mode on the CPU) and "grid"
+# form (Mosaic on TPU: chunk axis last, state in VMEM scratch) ------------------------------
 
 def _loop_forward_kernel(*refs, names, rb, precision):
     r = dict(zip(names, refs))
@@ -187,7 +220,7 @@ def _loop_forward_kernel(*refs, names, rb, precision):
 
 def _loop_backward_kernel(*refs, names, rb, precision):
     r = dict(zip(names, refs))
-    NC, K, BV = r["sin"].shape
+    NC, K, BV = r["g"].shape
 
     def clear(n, carry):
         r["dh0"][n] = jnp.zeros((K, BV), r["dh0"].dtype)
@@ -202,106 +235,14 @@ def _loop_backward_kernel(*refs, names, rb, precision):
     jax.lax.fori_loop(0, NC, body, jnp.zeros((K, BV), jnp.float32))
 
 
-def _loop_call(kernel, cfg, launch, grid, in_specs, out_specs, out_shape, name):
-    params = None if cfg.interpret else pl_triton.CompilerParams(
-        num_warps=launch.num_warps, num_stages=launch.num_stages)
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                          out_specs=out_specs, interpret=cfg.interpret, compiler_params=params,
-                          name=name)
-
-
-def _specs(arrays, per_chunk, per_chunk_v, h0_map, v_blocked, BV):
-    """BlockSpecs for the named operands: the whole chunk axis (loop form) or one chunk (grid
-    form) per program; V-blocked operands (`v_blocked`) take their program's BV columns."""
-    specs = []
-    for name, shape in arrays:
-        if name == "src":
-            specs.append(None)
-        elif name in ("h0", "dh0"):
-            specs.append(pl.BlockSpec((None, shape[1], None, shape[3], BV), h0_map))
-        elif name in v_blocked:
-            specs.append(pl.BlockSpec((None,) + shape[1:-1] + (BV,), per_chunk_v))
-        else:
-            specs.append(pl.BlockSpec((None,) + shape[1:], per_chunk))
-    return specs
-
-
-_V_BLOCKED = ("x", "o0", "o", "sin", "do", "dsin", "dx")
-
-
-def _partial(shape, nv):
-    """A V-contracted gradient: one partial per V block, [BH, nv, ...]."""
-    return (shape[0], nv) + shape[1:]
-
-
-def _loop_forward(cfg, ins, H, rb):
-    BH, NC, C, K = ins["qs"].shape
-    V, BV = ins["x"].shape[-1], cfg.fwd.block_v
-    h0_map = lambda bh, j: (_div(bh, H), 0, _rem(bh, H), 0, j)
-    arrays = [(n, x.shape) for n, x in ins.items()]
-    in_specs = _specs(arrays, lambda bh, j: (bh,) + (0,) * 3, lambda bh, j: (bh, 0, 0, j),
-                      h0_map, _V_BLOCKED, BV)
-    in_specs[0] = pl.BlockSpec((None, NC), lambda bh, j: (_div(bh, H), 0))
-    out_shape = [jax.ShapeDtypeStruct((BH, NC, C, V), jnp.float32),
-                 jax.ShapeDtypeStruct((BH, NC, K, V), jnp.float32)]
-    out_specs = _specs([("o", (BH, NC, C, V)), ("sin", (BH, NC, K, V))], None,
-                       lambda bh, j: (bh, 0, 0, j), h0_map, _V_BLOCKED, BV)
-    kernel = functools.partial(_loop_forward_kernel, names=tuple(ins) + _FWD_OUT, rb=rb,
-                               precision=cfg.precision)
-    return _loop_call(kernel, cfg, cfg.fwd, (BH, V // BV), in_specs, out_specs, out_shape,
-                      "dplr_state_pass_fwd")(*ins.values())
-
-
-def _bwd_outputs(ins, h0_shape, nv):
-    """(name, shape) of the backward kernel's outputs, V-contracted ones with a partial axis."""
-    shapes = {"dgam": _partial(ins["gam"].shape, nv), "dz": _partial(ins["z"].shape, nv),
-              "dx": ins["x"].shape, "dqs": _partial(ins["qs"].shape, nv), "dh0": h0_shape}
-    if "w" in ins:
-        shapes["dw"] = _partial(ins["w"].shape, nv)
-    return [(n, shapes[n]) for n in _names(_BWD_OUT, "w" in ins)]
-
-
-def _sum_partials(outs):
-    return {n: x if n in ("dx", "dh0") else x.sum(1) for n, x in outs.items()}
-
-
-def _loop_backward(cfg, ins, h0_shape, H, rb):
-    BH, NC, C, K = ins["qs"].shape
-    V, BV = ins["x"].shape[-1], cfg.bwd.block_v
-    nv = V // BV
-    h0_map = lambda bh, j: (_div(bh, H), 0, _rem(bh, H), 0, j)
-    in_specs = _specs([(n, x.shape) for n, x in ins.items()], lambda bh, j: (bh,) + (0,) * 3,
-                      lambda bh, j: (bh, 0, 0, j), h0_map, _V_BLOCKED, BV)
-    in_specs[0] = pl.BlockSpec((None, NC), lambda bh, j: (_div(bh, H), 0))
-    outs = _bwd_outputs(ins, h0_shape, nv)
-    out_specs = []
-    for n, shape in outs:
-        if n in ("dx", "dh0"):
-            out_specs += _specs([(n, shape)], None, lambda bh, j: (bh, 0, 0, j), h0_map,
-                                _V_BLOCKED, BV)
-        else:
-            out_specs.append(pl.BlockSpec((None, None) + shape[2:],
-                                          lambda bh, j: (bh, j, 0, 0, 0)))
-    out_shape = [jax.ShapeDtypeStruct(shape, jnp.float32) for _, shape in outs]
-    kernel = functools.partial(_loop_backward_kernel, names=tuple(ins) + tuple(n for n, _ in outs),
-                               rb=rb, precision=cfg.precision)
-    res = _loop_call(kernel, cfg, cfg.bwd, (BH, nv), in_specs, out_specs, out_shape,
-                     "dplr_state_pass_bwd")(*ins.values())
-    return _sum_partials(dict(zip((n for n, _ in outs), res)))
-
-
-# ---- "grid" form: Mosaic on TPU (chunk axis last, state in VMEM scratch) ---------------------
-
 def _grid_forward_kernel(*refs, names, H, rb, precision):
-    r = dict(zip(names, refs))
-    s_ref = refs[-1]
+    r, s_ref = dict(zip(names, refs)), refs[-1]
     b, c = _div(pl.program_id(0), H), pl.program_id(2)
     s_ref[...] = _forward_chunk(0, r["src"][b, c], s_ref[...], r, rb=rb, precision=precision)
 
 
 def _grid_backward_kernel(*refs, names, H, rb, precision):
-    r = dict(zip(names, refs))
-    g_ref = refs[-1]
+    r, g_ref = dict(zip(names, refs)), refs[-1]
     b, i = _div(pl.program_id(0), H), pl.program_id(2)
     NC = pl.num_programs(2)
 
@@ -314,72 +255,90 @@ def _grid_backward_kernel(*refs, names, H, rb, precision):
                                  precision=precision)
 
 
-def _grid_params(cfg):
-    return None if cfg.interpret else pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "arbitrary"))
+def _triton_params(cfg, launch):
+    return None if cfg.interpret else pl_triton.CompilerParams(
+        num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
-def _grid_block(shape):
-    """One chunk's block of a per-chunk operand (chunk axis kept with size 1)."""
-    return (1,) + shape[2:]
-
-
-def _grid_call(kernel, cfg, ins, outs, BV, H, reverse, name):
-    BH, NC, C, K = ins["qs"].shape
-    nv = ins["x"].shape[-1] // BV
+def _sequential(cfg, launch, ins, outs, H, rb, reverse):
+    """pallas_call of the forward (reverse=False) or backward sequential kernel over named
+    [BH, NC, a, b] inputs (and src [B, NC], h0 / dh0 [B, Nb, H, K, V]) and (name, shape)
+    float32 outputs: grid (BH, V/BV) with the whole chunk axis per program ("loop"), or
+    (BH, V/BV, NC) with one chunk per step, descending if reverse ("grid")."""
+    BH, NC = ins["z"].shape[:2]
+    K, V = outs[-1][1][-2:]
+    BV = launch.block_v
+    grid_form = cfg.form == "grid"
     at = (lambda i: NC - 1 - i) if reverse else (lambda i: i)
-    h0_map = lambda bh, j, i: (_div(bh, H), 0, _rem(bh, H), 0, j)
 
-    def spec(n, shape, partial=False):
-        if n == "src":
-            return pl.BlockSpec(memory_space=pltpu.SMEM)
-        if n in ("h0", "dh0"):
-            return pl.BlockSpec((None, shape[1], None, shape[3], BV), h0_map)
-        if partial:
-            return pl.BlockSpec((None, None) + _grid_block(shape[1:]),
-                                lambda bh, j, i: (bh, j, at(i), 0, 0))
-        if n in _V_BLOCKED:
-            return pl.BlockSpec((None, 1) + shape[2:-1] + (BV,),
-                                lambda bh, j, i: (bh, at(i), 0, j))
-        return pl.BlockSpec((None,) + _grid_block(shape), lambda bh, j, i: (bh, at(i), 0, 0))
+    def spec(name, shape):
+        bv = BV if name in _V_BLOCKED else shape[-1]
+        vj = name in _V_BLOCKED
+        if name == "src":
+            return (pl.BlockSpec(memory_space=pltpu.SMEM) if grid_form else
+                    pl.BlockSpec((None, NC), lambda bh, j: (_div(bh, H), 0)))
+        if name in ("h0", "dh0"):
+            index = lambda bh, j, *i: (_div(bh, H), 0, _rem(bh, H), 0, j)
+            return pl.BlockSpec((None, shape[1], None, shape[3], BV), index)
+        if grid_form:
+            return pl.BlockSpec((None, 1, shape[2], bv),
+                                lambda bh, j, i: (bh, at(i), 0, j if vj else 0))
+        return pl.BlockSpec((None, NC, shape[2], bv), lambda bh, j: (bh, 0, 0, j if vj else 0))
 
-    in_specs = [spec(n, x.shape) for n, x in ins.items()]
-    out_specs = [spec(n, shape, partial=len(shape) == 5 and n not in ("dh0",))
-                 for n, shape in outs]
-    out_shape = [jax.ShapeDtypeStruct(shape, jnp.float32) for _, shape in outs]
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=(BH, nv, NC), in_specs=in_specs,
-                          out_specs=out_specs, scratch_shapes=[pltpu.VMEM((K, BV), jnp.float32)],
-                          interpret=cfg.interpret, compiler_params=_grid_params(cfg),
-                          name=name)(*ins.values())
-
-
-def _grid_forward(cfg, ins, H, rb):
-    BH, NC, C, K = ins["qs"].shape
-    V = ins["x"].shape[-1]
-    outs = [("o", (BH, NC, C, V)), ("sin", (BH, NC, K, V))]
-    kernel = functools.partial(_grid_forward_kernel, names=tuple(ins) + _FWD_OUT, H=H, rb=rb,
-                               precision=cfg.precision)
-    return _grid_call(kernel, cfg, ins, outs, cfg.fwd.block_v, H, False, "dplr_state_pass_fwd")
-
-
-def _grid_backward(cfg, ins, h0_shape, H, rb):
-    nv = ins["x"].shape[-1] // cfg.bwd.block_v
-    outs = _bwd_outputs(ins, h0_shape, nv)
-    kernel = functools.partial(_grid_backward_kernel, names=tuple(ins) + tuple(n for n, _ in outs),
-                               H=H, rb=rb, precision=cfg.precision)
-    res = _grid_call(kernel, cfg, ins, outs, cfg.bwd.block_v, H, True, "dplr_state_pass_bwd")
-    return _sum_partials(dict(zip((n for n, _ in outs), res)))
+    names = tuple(ins) + tuple(n for n, _ in outs)
+    if grid_form:
+        kernel = _grid_backward_kernel if reverse else _grid_forward_kernel
+        kernel = functools.partial(kernel, names=names, H=H, rb=rb, precision=cfg.precision)
+        grid, scratch = (BH, V // BV, NC), [pltpu.VMEM((K, BV), jnp.float32)]
+        params = None if cfg.interpret else pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary"))
+    else:
+        kernel = _loop_backward_kernel if reverse else _loop_forward_kernel
+        kernel = functools.partial(kernel, names=names, rb=rb, precision=cfg.precision)
+        grid, scratch, params = (BH, V // BV), (), _triton_params(cfg, launch)
+    return pl.pallas_call(
+        kernel, out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32) for _, shape in outs],
+        grid=grid, in_specs=[spec(n, x.shape) for n, x in ins.items()],
+        out_specs=[spec(n, shape) for n, shape in outs], scratch_shapes=scratch,
+        interpret=cfg.interpret, compiler_params=params,
+        name="dplr_state_pass_" + ("bwd" if reverse else "fwd"))(*ins.values())
 
 
-_FORMS = {"loop": (_loop_forward, _loop_backward), "grid": (_grid_forward, _grid_backward)}
+def _grads(cfg, ins, rb):
+    """The parallel half of the backward: one program per (batch * head, chunk)."""
+    BH, NC, K, V = ins["sin"].shape
+    shapes = {"dgam": (BH, NC, K, 1), "dz": ins["z"].shape, "dx": ins["x"].shape,
+              "dqs": ins["do"].shape[:3] + (K,), "dw": None if "w" not in ins else ins["w"].shape}
+    names = _names(_GRAD_OUT, "w" in ins)
+    spec = lambda shape: pl.BlockSpec((None, None) + shape[2:], lambda bh, c: (bh, c, 0, 0))
+    if cfg.form == "grid":
+        params = None if cfg.interpret else pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel"))
+    else:
+        params = _triton_params(cfg, cfg.grads)
+    kernel = functools.partial(_grads_kernel, names=tuple(ins) + names, rb=rb,
+                               bv=min(V, 64), precision=cfg.precision)
+    res = pl.pallas_call(
+        kernel, out_shape=[jax.ShapeDtypeStruct(shapes[n], jnp.float32) for n in names],
+        grid=(BH, NC), in_specs=[spec(x.shape) for x in ins.values()],
+        out_specs=[spec(shapes[n]) for n in names], interpret=cfg.interpret,
+        compiler_params=params, name="dplr_state_pass_grads")(*ins.values())
+    return dict(zip(names, res))
 
 
 # ---- differentiable entry point ----------------------------------------------------------------
 
+def _pick(names, **arrays):
+    return {n: arrays[n] for n in _names(names, arrays.get("w") is not None)}
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _state_pass(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src):
-    ins = dict(src=src, gam=gam, z=Z, w=W, x=X, qs=Qs, o0=O0, h0=h0)
-    return _FORMS[cfg.form][0](cfg, {n: ins[n] for n in _names(_FWD_IN, W is not None)}, H, rb)
+    BH, NC, C, K = Qs.shape
+    V = X.shape[-1]
+    ins = _pick(_FWD_IN, src=src, gam=gam, z=Z, w=W, x=X, qs=Qs, o0=O0, h0=h0)
+    return _sequential(cfg, cfg.fwd, ins, [("o", (BH, NC, C, V)), ("sin", (BH, NC, K, V))],
+                       H, rb, reverse=False)
 
 
 def _state_pass_fwd(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src):
@@ -390,11 +349,12 @@ def _state_pass_fwd(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src):
 def _state_pass_bwd(cfg, H, rb, res, cts):
     gam, Z, W, X, Qs, S_in, src, h0_shape = res
     do, dS_in = cts
-    ins = dict(src=src, gam=gam, z=Z, w=W, x=X, qs=Qs, sin=S_in, do=do, dsin=dS_in)
-    d = _FORMS[cfg.form][1](cfg, {n: ins[n] for n in _names(_BWD_IN, W is not None)},
-                            h0_shape, H, rb)
-    return (d["dgam"], d["dz"], d.get("dw"), d["dx"], d["dqs"], do.astype(jnp.float32),
-            d["dh0"], None)
+    ins = _pick(_BWD_IN, src=src, gam=gam, z=Z, w=W, qs=Qs, do=do, dsin=dS_in)
+    G, dh0 = _sequential(cfg, cfg.bwd, ins, [("g", S_in.shape), ("dh0", h0_shape)], H, rb,
+                         reverse=True)
+    d = _grads(cfg, _pick(_GRAD_IN, sin=S_in, g=G, z=Z, w=W, x=X, do=do), rb)
+    return (d["dgam"], d["dz"], d.get("dw"), d["dx"], d["dqs"], do.astype(jnp.float32), dh0,
+            None)
 
 
 _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
@@ -438,8 +398,7 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, cfg: Config):
     fit = lambda launch: dataclasses.replace(launch, block_v=min(launch.block_v or Vp, Vp))
     cfg = dataclasses.replace(cfg, fwd=fit(cfg.fwd), bwd=fit(cfg.bwd))
     flat = lambda x: None if x is None else x.reshape((B * H,) + x.shape[2:])
-    o, S_in = _state_pass(cfg, H, rb, *(flat(x) for x in (gamma, Z, W, X, Qs, O0)),
-                          h0, src)
+    o, S_in = _state_pass(cfg, H, rb, *(flat(x) for x in (gamma, Z, W, X, Qs, O0)), h0, src)
     o = o.reshape(B, H, NC, C, Vp)[..., :V]
     S_in = S_in.reshape(B, H, NC, Kp, Vp)[..., :K, :V]
     return o, S_in
