@@ -517,7 +517,7 @@ def main():
                     help="also check and time kda and gla with log_decay_lower_bound=BOUND "
                          "(decays clipped to >= BOUND), at the first T")
     ap.add_argument("--wide-checks", action="store_true",
-                    help="also check kda at head dim 256 and at chunk 128 (bf16)")
+                    help="also check kda at head dim 256 (bf16, fp32) and at chunk 128 (bf16)")
     ap.add_argument("--products", action="store_true",
                     help="at the first T, also time phase 1's decayed products alone (Pallas vs "
                          "XLA)")
@@ -567,14 +567,16 @@ def main():
                         guarded(f"check {op} bound", lambda: check(
                             op, dtype, case, jax.random.fold_in(key, 30 + i), bound=a.bound))
             if a.wide_checks and op == "kda":
-                for kw in (dict(K_=256), dict(chunk=128), dict(K_=256, chunk=128, bound=-5.0)):
+                for dtype, kw in ((jnp.bfloat16, dict(K_=256)), (jnp.float32, dict(K_=256)),
+                                  (jnp.bfloat16, dict(chunk=128)),
+                                  (jnp.bfloat16, dict(K_=256, chunk=128, bound=-5.0))):
                     with jax.default_matmul_precision("highest"):
                         guarded(f"check kda {kw}", lambda: check(
-                            op, jnp.bfloat16, "plain", jax.random.fold_in(key, 40), **kw))
+                            op, dtype, "plain", jax.random.fold_in(key, 40), **kw))
         save(a.out)
     gpu = PLATFORM_CONFIGS["gpu"]
     fast = dataclasses.replace(gpu, precision=gpu.precision_16bit)
-    sp_configs = ([gpu, fast, dataclasses.replace(gpu, fwd=Launch(64, 8, 2))]
+    sp_configs = ([gpu, fast]
                   + [dataclasses.replace(fast, fwd=Launch(*f), bwd=Launch(*b), grads=Launch(*g))
                      for f, b, g in (((64, 8, 2), (64, 8, 1), (None, 4, 2)),
                                      ((64, 8, 2), (64, 8, 2), (None, 8, 2)),

@@ -8,6 +8,7 @@ that need padding, and the TPU form of the kernels under the TPU interpreter.
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +129,7 @@ def test_tpu_form_under_tpu_interpreter(name, rng, x64):
 
 
 def test_states_wider_than_max_k_scan_in_xla(rng, x64):
-    """Config.max_k (GPU: 128, the state pass's shared-memory limit): wider keys run XLA's
+    """Config.max_k (GPU: 256, the state pass's shared-memory limit): wider keys run XLA's
     scan for phases 2 and 3, still with the decayed-product kernels, and agree with the
     reference; at or below it the state-pass kernel runs."""
     args = cast(make_inputs("kda", rng, T=40, K=24, V=16), jnp.float32)  # K pads to 32
@@ -154,3 +155,19 @@ def test_states_wider_than_max_k_scan_in_xla(rng, x64):
     assert "dplr_state_pass" in str(jax.make_jaxpr(
         lambda a, h: wide(*a, scale=0.25, initial_state=h, cu_seqlens=None,
                           chunk_size=16))(args, h0))
+
+
+@pytest.mark.parametrize("name", ["kda", "dplr"])
+def test_backward_keeps_phase1_products(rng, name):
+    """Phase 1 runs under jax.checkpoint with a policy that saves its decayed products
+    (chunked.SAVED): the gradient runs each product kernel once forward and once backward,
+    never again to rematerialize, and the state pass's three kernels once each."""
+    args = cast(make_inputs(name, rng, T=64, K=16, V=16), jnp.float32)
+    loss = lambda *a: jnp.sum(getattr(ops, name)(*a, backend="pallas")[0] ** 2)
+    text = str(jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(args)))))(*args))
+    names = re.findall(r"name=(dplr_\w+)", text)
+    products = 2 if name == "kda" else 4  # kda: L, QE; dplr: L, PF, QE, QF
+    assert names.count("dplr_decayed_fwd") == products, names
+    assert names.count("dplr_decayed_bwd") == products, names
+    for kernel in ("fwd", "bwd", "grads"):
+        assert names.count(f"dplr_state_pass_{kernel}") == 1, names

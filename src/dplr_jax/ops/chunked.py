@@ -41,6 +41,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dplr_jax.ops.layout import ChunkLayout
 from dplr_jax.ops.triangular import unit_lower_inverse
@@ -172,6 +173,17 @@ def decayed_products(X, Y, g, probe, bounded=False):
     return out.reshape(C, a, C, b)
 
 
+# What the backward pass keeps of phase 1 rather than recomputing it: the intra-chunk decayed
+# products and the UT inverse, the parts most expensive to recompute (on the H100 the products
+# were ~1.7 ms of kda's forward, run again in its backward) and small: C x C per chunk each,
+# 16 KB in float32 at C=64, where each of phase 1's outputs is 32-64 KB per chunk.
+SAVED = "phase1_products"
+
+
+def _saved(x):
+    return checkpoint_name(x, SAVED)
+
+
 def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
     """One chunk of one head -> its transition in factored form, (gamma, Z, W, X, Qs, O0):
 
@@ -199,21 +211,21 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
     Z, X, W = [], [], None
     if E is not None:
         m = E.shape[1]
-        L = decayed(P, E, g, probe=True).reshape(C * m, C * m)
-        Tinv = unit_lower_inverse(L, block=SUB * m)
+        L = _saved(decayed(P, E, g, probe=True).reshape(C * m, C * m))
+        Tinv = _saved(unit_lower_inverse(L, block=SUB * m))
         rhs = y
         if F is not None:
-            PF = decayed(P, F, g, probe=True)  # [C, m, C, r]
+            PF = _saved(decayed(P, F, g, probe=True))  # [C, m, C, r]
             rhs = y - jnp.einsum("tjsi,siv->tjv", PF, Vk)
         W = Tinv @ _rowscale(P, e_prev).reshape(C * m, K)
         X0 = Tinv @ rhs.reshape(C * m, -1)
-        QE = decayed(q1, E, g, probe=False)[:, 0].reshape(C, C * m)
+        QE = _saved(decayed(q1, E, g, probe=False)[:, 0].reshape(C, C * m))
         Qs = Qs - QE @ W
         O0 = QE @ X0
         Z.append(_rowscale(E, e_end).reshape(C * m, K))
         X.append(X0)
     if F is not None:
-        QF = decayed(q1, F, g, probe=False)[:, 0]  # [C, C, r]
+        QF = _saved(decayed(q1, F, g, probe=False)[:, 0])  # [C, C, r]
         O0 = O0 + jnp.einsum("tsi,siv->tv", QF, Vk)
         Z.append(_rowscale(F, e_end).reshape(-1, K))
         X.append(Vk.reshape(-1, Vk.shape[-1]))
@@ -248,7 +260,8 @@ def _summaries(layout, summary, q, g, E, y, P, F, Vk, decayed):
     def chunks(x):
         return None if x is None else jnp.moveaxis(layout.to_chunks(x), 3, 1)
 
-    fn = jax.checkpoint(functools.partial(summary, decayed=decayed))
+    fn = jax.checkpoint(functools.partial(summary, decayed=decayed),
+                        policy=jax.checkpoint_policies.save_only_these_names(SAVED))
     for _ in range(3):
         fn = jax.vmap(fn)
     return fn(*(chunks(x) for x in (q, g, E, y, P, F, Vk)))

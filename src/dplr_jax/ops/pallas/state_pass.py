@@ -175,10 +175,11 @@ def _backward_chunk(c, src, G, r, *, rb, precision):
 
 
 def _grads_kernel(*refs, names, rb, bv, precision):
-    """The factors' and Qs's gradients of one chunk from its S_c and G_c (all of V, in blocks
-    of bv columns; the accumulators are one row block of [rb, K] at a time)."""
+    """The factors' and Qs's gradients of one chunk from its S_c and G_c, all of V in blocks of
+    bv columns. One [rows, K] float32 accumulator is live at a time (dQs, then dW and dZ of
+    each row block); S and G are re-read per pass (from L2) rather than held."""
     r = dict(zip(names, refs))
-    K, V = r["sin"].shape
+    V = r["sin"].shape[1]
     cols = [pl.ds(j, bv) for j in range(0, V, bv)]
     load = lambda name, col: r[name][:, col].astype(jnp.float32)
     dqs = dgam = 0.0
@@ -190,19 +191,22 @@ def _grads_kernel(*refs, names, rb, bv, precision):
     r["dgam"][...] = dgam
     for rows, probed in _row_blocks(r, rb):
         Zb = r["z"][rows]
-        dZ = dW = 0.0
+        dW = 0.0
         for col in cols:
-            S, G = load("sin", col), load("g", col)
-            dU = _dot(Zb, G, precision)
+            dU = _dot(Zb, load("g", col), precision)
             r["dx"][rows, col] = dU
-            U = r["x"][rows, col]
             if probed:
-                U = U - _dot(r["w"][rows], S, precision)
-                dW = dW - _dot(dU, S, precision, trans_b=True)
-            dZ = dZ + _dot(U, G, precision, trans_b=True)
-        r["dz"][rows] = dZ
+                dW = dW - _dot(dU, load("sin", col), precision, trans_b=True)
         if probed:
             r["dw"][rows] = dW
+            Wb = r["w"][rows]
+        dZ = 0.0
+        for col in cols:
+            U = r["x"][rows, col]
+            if probed:
+                U = U - _dot(Wb, load("sin", col), precision)
+            dZ = dZ + _dot(U, load("g", col), precision, trans_b=True)
+        r["dz"][rows] = dZ
 
 
 # ---- sequential kernels: "loop" form (Triton on GPU, interpret mode on the CPU) and "grid"
