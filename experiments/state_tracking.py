@@ -19,8 +19,9 @@ for beta in (1, 2):
     CONFIGS[f"parity_beta{beta}"] = _config(
         f"parity_beta{beta}", TaskConfig("parity"),
         dict(mixer="deltanet", d_model=64, n_layers=2, n_heads=2, beta_range=float(beta)))
-# S3: 2 layers of d_model 128 at lr 3e-3. With 1 layer, or d_model 64, or lr 1e-3, neither n
-# left chance in 3000 steps (H100 runs: README results, experiments/results/h100/s3_*).
+# S3: 2 layers of d_model 128 at lr 3e-3. With d_model 64 or lr 1e-3 neither n left chance in
+# 3000 steps, and n=2 with 1 layer of 128 reached 0.347 (H100 runs: README results,
+# experiments/results/h100/s3_*).
 for n in (1, 2):
     CONFIGS[f"s3_gdp_n{n}"] = _config(
         f"s3_gdp_n{n}", TaskConfig("permutation_composition", dict(n=3)),

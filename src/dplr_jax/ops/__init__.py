@@ -6,7 +6,8 @@ Layout [B, T, H, D]; every op returns (o, final_state). Keyword options on every
 scale (default K**-0.5), initial_state (float32 [N, HV, K, V]), output_final_state,
 cu_seqlens (int32 [N+1], B == 1: packed sequences, state reset at each boundary),
 chunk_size (power of two >= 16; hdla and gated_delta_product count their n virtual
-steps per token: a chunk holds chunk_size / n tokens), backend ("auto", "pallas", "xla", "reference"); the ops
+steps per token: a chunk holds chunk_size steps, about chunk_size / n tokens, and may split a
+token's steps), backend ("auto", "pallas", "xla", "reference"); the ops
 with per-channel log decays (gla, kda, dplr, hdla) also take log_decay_lower_bound: None, or
 a promise L in [-5, 0) that every log decay is >= L. It lets the chunk paths form the
 diagonal 16 x 16 blocks of the intra-chunk decays as one product of factors of at most

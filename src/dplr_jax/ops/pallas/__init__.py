@@ -18,6 +18,7 @@ PLATFORM_CONFIGS = {
     "gpu": Config(form="loop", precision=jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
                   fwd=Launch(block_v=64, num_warps=8, num_stages=1),
                   bwd=Launch(block_v=64, num_warps=8, num_stages=1),
+                  grads=Launch(num_warps=4, num_stages=2),
                   products=(Launch(num_warps=2, num_stages=1),
                             Launch(num_warps=4, num_stages=1)),
                   # K = 256 overflowed shared memory when the state pass took M (K x K);

@@ -1,10 +1,12 @@
 """The chunk engine with Pallas phases, and the ops built on it (backend "pallas").
 
 Phases 2 and 3 (the state scan and the output matmul o = Qs S + O0) are one Pallas kernel
-forward and one backward (state_pass.py), for every op of forms.py, up to the key width
-`Config.max_k` (GPU: 256; wider states run XLA's scan). Phase 1 (per-chunk factored
-transitions and Qs, O0) is the XLA `chunk_factors` of chunked.py, differentiated by JAX and
-rematerialized in the backward pass, except for its intra-chunk decayed products of
+forward and two backward (state_pass.py: a sequential one and a parallel one per chunk), for
+every op of forms.py, up to the key width `Config.max_k` (GPU: 256; wider states run XLA's
+scan). Phase 1 (per-chunk factored transitions and Qs, O0) is the XLA `chunk_factors` of
+chunked.py, differentiated by JAX and rematerialized in the backward pass but for the
+decayed products and the UT inverse, which it keeps (chunked.SAVED); its intra-chunk decayed
+products of
 per-channel decays (kda, gla, dplr, hdla), which run in the Pallas kernels of decayed.py
 where the configuration names their launch (`Config.products`).
 """

@@ -10,9 +10,10 @@ gamma_c [K] (the decay across the chunk), Z_c [n, K] (keys decayed to the chunk 
 [ne, K] (the probes of Z's first ne rows; absent for GLA), X_c [n, V], Qs_c [C, K], O0_c
 [C, V]. At a chunk that starts a sequence (src_c >= 0) the state is reset to the initial
 state h0[src_c] instead. The forward kernel runs this recurrence with S in float32, parallel
-over (batch * heads, V blocks), and writes o and every S_c. The rows of Z, W and X go
-through the dots in blocks of RB = min(C, 64) (one or two blocks for the delta family,
-more for rank-r ops), so the tiles on chip do not grow with the rank.
+over (batch * heads, V blocks), and writes o and every S_c. The rows of Z, W and X, and the
+query rows of Qs and o, go through the dots in blocks of RB = min(C, 64) (one or two blocks
+for the delta family, more for rank-r ops), so the tiles on chip grow neither with the rank
+nor with the chunk.
 
 Why factors and not M = Diag(gamma) - Z_E^T W: at C=64, K=V=128 the factors Z, W, X are
 96 KB of float32 per chunk where M and Bc are 128 KB, and forming M, Bc was two batched
@@ -122,9 +123,7 @@ def _dot(a, b, precision, trans_a=False, trans_b=False):
 
 # Operand names of the kernels, in call order ("w", "dw" only when the op has probed rows).
 _FWD_IN = ("src", "gam", "z", "w", "x", "qs", "o0", "h0")
-_FWD_OUT = ("o", "sin")
 _BWD_IN = ("src", "gam", "z", "w", "qs", "do", "dsin")
-_BWD_OUT = ("g", "dh0")
 _GRAD_IN = ("sin", "g", "z", "w", "x", "do")
 _GRAD_OUT = ("dgam", "dz", "dw", "dx", "dqs")
 _V_BLOCKED = ("x", "o0", "o", "sin", "do", "dsin", "g")
@@ -141,12 +140,19 @@ def _row_blocks(r, rb, probed_only=False):
     return [(pl.ds(i, rb), i < ne) for i in range(0, ne if probed_only else n, rb)]
 
 
+def _query_blocks(C, rb):
+    """Static blocks of rb of a chunk's C query rows (of Qs, o, do)."""
+    return [pl.ds(i, rb) for i in range(0, C, rb)]
+
+
 def _forward_chunk(c, src, S, r, *, rb, precision):
     """One chunk of the forward recurrence: reset, save S_c, write o_c; returns S_{c+1}.
     r: the kernel's refs by name."""
     S = jnp.where(src >= 0, r["h0"][jnp.maximum(src, 0)].astype(jnp.float32), S)
     r["sin"][c] = S
-    r["o"][c] = (_dot(r["qs"][c], S, precision) + r["o0"][c]).astype(r["o"].dtype)
+    for rows in _query_blocks(r["qs"].shape[-2], rb):
+        r["o"][c, rows] = (_dot(r["qs"][c, rows], S, precision)
+                           + r["o0"][c, rows]).astype(r["o"].dtype)
     out = r["gam"][c] * S
     for rows, probed in _row_blocks(r, rb):
         U = r["x"][c, rows]
@@ -159,8 +165,9 @@ def _forward_chunk(c, src, S, r, *, rb, precision):
 def _backward_chunk(c, src, G, r, *, rb, precision):
     """One chunk of the reverse recurrence: saves G_c; returns G_{c-1}."""
     r["g"][c] = G
-    do = r["do"][c].astype(jnp.float32)
-    dS = r["gam"][c] * G + _dot(r["qs"][c], do, precision, trans_a=True) + r["dsin"][c]
+    dS = r["gam"][c] * G + r["dsin"][c]
+    for rows in _query_blocks(r["qs"].shape[-2], rb):
+        dS = dS + _dot(r["qs"][c, rows], r["do"][c, rows], precision, trans_a=True)
     for rows, _ in _row_blocks(r, rb, probed_only=True):
         dU = _dot(r["z"][c, rows], G, precision)
         dS = dS - _dot(r["w"][c, rows], dU, precision, trans_a=True)
@@ -176,19 +183,22 @@ def _backward_chunk(c, src, G, r, *, rb, precision):
 
 def _grads_kernel(*refs, names, rb, bv, precision):
     """The factors' and Qs's gradients of one chunk from its S_c and G_c, all of V in blocks of
-    bv columns. One [rows, K] float32 accumulator is live at a time (dQs, then dW and dZ of
-    each row block); S and G are re-read per pass (from L2) rather than held."""
+    bv columns. One [rb, K] float32 accumulator is live at a time (dQs of each query row block,
+    then dW and dZ of each row block of Z); S and G are re-read per pass (from L2) rather than
+    held."""
     r = dict(zip(names, refs))
     V = r["sin"].shape[1]
     cols = [pl.ds(j, bv) for j in range(0, V, bv)]
-    load = lambda name, col: r[name][:, col].astype(jnp.float32)
-    dqs = dgam = 0.0
+    load = lambda name, col: r[name][:, col]
+    dgam = 0.0
     for col in cols:
-        S = load("sin", col)
-        dqs = dqs + _dot(load("do", col), S, precision, trans_b=True)
-        dgam = dgam + jnp.sum(load("g", col) * S, axis=1, keepdims=True)
-    r["dqs"][...] = dqs
+        dgam = dgam + jnp.sum(load("g", col) * load("sin", col), axis=1, keepdims=True)
     r["dgam"][...] = dgam
+    for rows in _query_blocks(r["dqs"].shape[-2], rb):
+        dqs = 0.0
+        for col in cols:
+            dqs = dqs + _dot(r["do"][rows, col], load("sin", col), precision, trans_b=True)
+        r["dqs"][rows] = dqs
     for rows, probed in _row_blocks(r, rb):
         Zb = r["z"][rows]
         dW = 0.0
@@ -259,25 +269,30 @@ def _grid_backward_kernel(*refs, names, H, rb, precision):
                                  precision=precision)
 
 
-def _triton_params(cfg, launch):
-    return None if cfg.interpret else pl_triton.CompilerParams(
-        num_warps=launch.num_warps, num_stages=launch.num_stages)
+def _params(cfg, launch, semantics):
+    """Compiler parameters: Triton's launch ("loop" form) or Mosaic's dimension semantics."""
+    if cfg.interpret:
+        return None
+    if cfg.form == "grid":
+        return pltpu.CompilerParams(dimension_semantics=semantics)
+    return pl_triton.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
-def _sequential(cfg, launch, ins, outs, H, rb, reverse):
+def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
     """pallas_call of the forward (reverse=False) or backward sequential kernel over named
     [BH, NC, a, b] inputs (and src [B, NC], h0 / dh0 [B, Nb, H, K, V]) and (name, shape)
-    float32 outputs: grid (BH, V/BV) with the whole chunk axis per program ("loop"), or
-    (BH, V/BV, NC) with one chunk per step, descending if reverse ("grid")."""
+    float32 outputs, for a state of shape `state` = (K, V): grid (BH, V/BV) with the whole
+    chunk axis per program ("loop"), or (BH, V/BV, NC) with one chunk per step, descending if
+    reverse ("grid")."""
     BH, NC = ins["z"].shape[:2]
-    K, V = outs[-1][1][-2:]
+    K, V = state
     BV = launch.block_v
     grid_form = cfg.form == "grid"
     at = (lambda i: NC - 1 - i) if reverse else (lambda i: i)
 
     def spec(name, shape):
-        bv = BV if name in _V_BLOCKED else shape[-1]
         vj = name in _V_BLOCKED
+        bv = BV if vj else shape[-1]
         if name == "src":
             return (pl.BlockSpec(memory_space=pltpu.SMEM) if grid_form else
                     pl.BlockSpec((None, NC), lambda bh, j: (_div(bh, H), 0)))
@@ -294,17 +309,16 @@ def _sequential(cfg, launch, ins, outs, H, rb, reverse):
         kernel = _grid_backward_kernel if reverse else _grid_forward_kernel
         kernel = functools.partial(kernel, names=names, H=H, rb=rb, precision=cfg.precision)
         grid, scratch = (BH, V // BV, NC), [pltpu.VMEM((K, BV), jnp.float32)]
-        params = None if cfg.interpret else pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary"))
     else:
         kernel = _loop_backward_kernel if reverse else _loop_forward_kernel
         kernel = functools.partial(kernel, names=names, rb=rb, precision=cfg.precision)
-        grid, scratch, params = (BH, V // BV), (), _triton_params(cfg, launch)
+        grid, scratch = (BH, V // BV), ()
     return pl.pallas_call(
         kernel, out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32) for _, shape in outs],
         grid=grid, in_specs=[spec(n, x.shape) for n, x in ins.items()],
         out_specs=[spec(n, shape) for n, shape in outs], scratch_shapes=scratch,
-        interpret=cfg.interpret, compiler_params=params,
+        interpret=cfg.interpret,
+        compiler_params=_params(cfg, launch, ("parallel", "parallel", "arbitrary")),
         name="dplr_state_pass_" + ("bwd" if reverse else "fwd"))(*ins.values())
 
 
@@ -315,18 +329,17 @@ def _grads(cfg, ins, rb):
               "dqs": ins["do"].shape[:3] + (K,), "dw": None if "w" not in ins else ins["w"].shape}
     names = _names(_GRAD_OUT, "w" in ins)
     spec = lambda shape: pl.BlockSpec((None, None) + shape[2:], lambda bh, c: (bh, c, 0, 0))
-    if cfg.form == "grid":
-        params = None if cfg.interpret else pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel"))
-    else:
-        params = _triton_params(cfg, cfg.grads)
-    kernel = functools.partial(_grads_kernel, names=tuple(ins) + names, rb=rb,
-                               bv=min(V, 64), precision=cfg.precision)
+    # Column blocks of 64 keep the GPU's tiles small; on the TPU a 64-lane slice of a
+    # 128-lane tile would cost relayouts, so it takes all of V at once.
+    bv = V if cfg.form == "grid" else min(V, 64)
+    kernel = functools.partial(_grads_kernel, names=tuple(ins) + names, rb=rb, bv=bv,
+                               precision=cfg.precision)
     res = pl.pallas_call(
         kernel, out_shape=[jax.ShapeDtypeStruct(shapes[n], jnp.float32) for n in names],
         grid=(BH, NC), in_specs=[spec(x.shape) for x in ins.values()],
         out_specs=[spec(shapes[n]) for n in names], interpret=cfg.interpret,
-        compiler_params=params, name="dplr_state_pass_grads")(*ins.values())
+        compiler_params=_params(cfg, cfg.grads, ("parallel", "parallel")),
+        name="dplr_state_pass_grads")(*ins.values())
     return dict(zip(names, res))
 
 
@@ -342,7 +355,7 @@ def _state_pass(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src):
     V = X.shape[-1]
     ins = _pick(_FWD_IN, src=src, gam=gam, z=Z, w=W, x=X, qs=Qs, o0=O0, h0=h0)
     return _sequential(cfg, cfg.fwd, ins, [("o", (BH, NC, C, V)), ("sin", (BH, NC, K, V))],
-                       H, rb, reverse=False)
+                       (K, V), H, rb, reverse=False)
 
 
 def _state_pass_fwd(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src):
@@ -354,8 +367,8 @@ def _state_pass_bwd(cfg, H, rb, res, cts):
     gam, Z, W, X, Qs, S_in, src, h0_shape = res
     do, dS_in = cts
     ins = _pick(_BWD_IN, src=src, gam=gam, z=Z, w=W, qs=Qs, do=do, dsin=dS_in)
-    G, dh0 = _sequential(cfg, cfg.bwd, ins, [("g", S_in.shape), ("dh0", h0_shape)], H, rb,
-                         reverse=True)
+    G, dh0 = _sequential(cfg, cfg.bwd, ins, [("g", S_in.shape), ("dh0", h0_shape)],
+                         S_in.shape[-2:], H, rb, reverse=True)
     d = _grads(cfg, _pick(_GRAD_IN, sin=S_in, g=G, z=Z, w=W, x=X, do=do), rb)
     return (d["dgam"], d["dz"], d.get("dw"), d["dx"], d["dqs"], do.astype(jnp.float32), dh0,
             None)

@@ -1,0 +1,80 @@
+"""The state-pass kernels alone (ops/pallas/state_pass.py) against a jnp scan over
+chunked.transition, on random factored transitions: outputs, entering states and every
+gradient (gamma, Z, W, X, Qs, O0, h0), float32 to 1e-5.
+
+The op tests reach the kernels only at C <= 64 and V <= 64; these cover what they do not:
+several V blocks (block_v < V, V padded from 160 to 256), chunks of 128 rows (two row blocks
+of Z and of Qs), no probed rows (GLA: W is None), probed and plain rows together (DPLR-like,
+m = 2 probed and r = 1 plain rows per token), resets to several initial states, and the TPU
+form under the TPU interpreter.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from _ops_inputs import assert_close
+from dplr_jax.ops.chunked import transition
+from dplr_jax.ops.pallas.state_pass import Config, Launch, state_pass
+
+
+def scan_reference(gamma, Z, W, X, Qs, O0, h0, src):
+    """o [B, H, NC, C, V] and S_in [B, H, NC, K, V] by a plain scan per batch row."""
+    B, H, NC = Qs.shape[:3]
+
+    def row(b):
+        def body(S, c):
+            i = src[b, c]
+            S = jnp.where(i >= 0, h0[b, jnp.maximum(i, 0)], S)
+            at = lambda x: None if x is None else x[b, :, c]
+            o = jnp.einsum("hck,hkv->hcv", Qs[b, :, c], S) + O0[b, :, c]
+            return transition(at(gamma), at(Z), at(W), at(X), S), (o, S)
+
+        _, (o, S) = jax.lax.scan(body, jnp.zeros(h0.shape[2:], h0.dtype), jnp.arange(NC))
+        return jnp.moveaxis(o, 0, 1), jnp.moveaxis(S, 0, 1)
+
+    o, S = zip(*[row(b) for b in range(B)])
+    return jnp.stack(o), jnp.stack(S)
+
+
+LOOP = Config(form="loop", interpret=True)
+CASES = {  # name: (config, C, K, V, m probed rows per token, r plain rows per token, NC)
+    "loop-vblocks-C128": (Config(form="loop", interpret=True, fwd=Launch(block_v=16),
+                                 bwd=Launch(block_v=32)), 128, 24, 160, 1, 1, 3),
+    "loop-no-probes": (LOOP, 64, 16, 48, 0, 1, 3),
+    "loop-m2-r1": (LOOP, 32, 16, 80, 2, 1, 3),
+    "grid-m1-r1": (Config(form="grid", interpret=pltpu.InterpretParams()), 32, 16, 80, 1, 1, 3),
+    "grid-vblocks-C128": (Config(form="grid", interpret=pltpu.InterpretParams(),
+                                 fwd=Launch(block_v=32), bwd=Launch(block_v=32)),
+                          128, 16, 64, 1, 1, 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_state_pass_matches_scan(case):
+    cfg, C, K, V, m, r, NC = CASES[case]
+    B, H, Nb = 2, 2, 2
+    rng = np.random.default_rng(sum(map(ord, case)))
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    gamma = jnp.asarray(rng.uniform(0.5, 1.0, (B, H, NC, K)), jnp.float32)
+    Z = 0.05 * normal(B, H, NC, C * (m + r), K)
+    W = None if m == 0 else 0.05 * normal(B, H, NC, C * m, K)
+    X = normal(B, H, NC, C * (m + r), V)
+    Qs, O0 = normal(B, H, NC, C, K), normal(B, H, NC, C, V)
+    h0 = normal(B, Nb, H, K, V)
+    src = jnp.asarray([[0, -1, 1], [1, 0, -1]], jnp.int32)[:, :NC]  # resets to both states
+    args = (gamma, Z, W, X, Qs, O0, h0)
+    out, pull = jax.vjp(lambda *a: state_pass(*a, src, cfg), *args)
+    with jax.default_matmul_precision("highest"):
+        ref, pull_ref = jax.vjp(lambda *a: scan_reference(*a, src), *args)
+        cts = (normal(*ref[0].shape), normal(*ref[1].shape))
+        grads_ref = pull_ref(cts)
+    for got, want, what in zip(out, ref, ("o", "S_in")):
+        assert_close(got, want, 1e-5, what)
+    names = ("gamma", "Z", "W", "X", "Qs", "O0", "h0")
+    for got, want, what in zip(pull(cts), grads_ref, names):
+        assert (got is None) == (want is None), what
+        if want is not None:
+            assert_close(got, want, 1e-5, f"d{what}")
