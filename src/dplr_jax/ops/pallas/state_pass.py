@@ -120,7 +120,6 @@ def _dot(a, b, precision, trans_a=False, trans_b=False):
                                preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
 
 
-
 # Operand names of the kernels, in call order ("w", "dw" only when the op has probed rows).
 _FWD_IN = ("src", "gam", "z", "w", "x", "qs", "o0", "h0")
 _BWD_IN = ("src", "gam", "z", "w", "qs", "do", "dsin")
