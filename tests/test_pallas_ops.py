@@ -55,6 +55,7 @@ FP32_CASES = [
     ("gla", {}),
     ("kda", dict(K=24, V=40)),  # padded to 32 and 64 inside the kernel
     ("dplr", dict(R=2, Rkv=1)),
+    ("dplr", dict(R=4, Rkv=2, decay=False)),  # 6 row blocks in the state pass, no log decay
     ("hdla", {}),
     ("gated_delta_product", dict(n=2)),
     ("gated_delta_product", dict(n=3, K=8, V=8)),  # virtual chunks split tokens' groups
@@ -106,7 +107,7 @@ def test_varlen(case, rng, x64):
         check_pallas_vjp(name, args, h0, rng, 5e-3, 5e-3, BF16_TOL.__getitem__, cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("name", ["kda", "gla"])
+@pytest.mark.parametrize("name", ["kda", "gla", "dplr"])
 def test_tpu_form_under_tpu_interpreter(name, rng, x64):
     """The Mosaic kernels (chunk axis on the grid, state in VMEM, resets in SMEM) run with TPU
     semantics by the TPU interpreter and agree with the reference."""
