@@ -35,8 +35,7 @@ with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s (probe: minus R_u
 formed by the wrapper (chunked.masked_sums). The kernel leaves out the pairs whose decay is
 empty (s = t; probe: s = t - 1): they cancel in dg, but their float32 rounding would not
 (with every g at -5, dg was off by 5e-5 to 1.4e-4 relative, benchmarks/decayed_dg_cpu.py);
-the wrapper adds their dX, dY
-after dg. Nothing is saved but the inputs.
+the wrapper adds their dX, dY after dg. Nothing is saved but the inputs.
 
 Cost per chunk (C = 64, K = 128, float32): reads 3 C K values (96 KB), writes C^2 (16 KB);
 C 16 K exps on the diagonal blocks (131 K) and ~3 C K for the factors; off-diagonal dots

@@ -5,10 +5,9 @@ forward and two backward (state_pass.py: a sequential one and a parallel one per
 every op of forms.py, up to the key width `Config.max_k` (GPU: 256; wider states run XLA's
 scan). Phase 1 (per-chunk factored transitions and Qs, O0) is the XLA `chunk_factors` of
 chunked.py, differentiated by JAX and rematerialized in the backward pass but for the
-decayed products and the UT inverse, which it keeps (chunked.SAVED); its intra-chunk decayed
-products of
-per-channel decays (kda, gla, dplr, hdla), which run in the Pallas kernels of decayed.py
-where the configuration names their launch (`Config.products`).
+decayed products and the UT inverse, which it keeps (chunked.SAVED). Its intra-chunk
+decayed products of per-channel decays (kda, gla, dplr, hdla) run in the Pallas kernels of
+decayed.py where the configuration names their launch (`Config.products`).
 """
 
 from __future__ import annotations
