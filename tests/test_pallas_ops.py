@@ -160,9 +160,10 @@ def test_states_wider_than_max_k_scan_in_xla(rng, x64):
 
 @pytest.mark.parametrize("name", ["kda", "dplr"])
 def test_backward_keeps_phase1_products(rng, name):
-    """Phase 1 runs under jax.checkpoint with a policy that saves its decayed products
-    (chunked.SAVED): the gradient runs each product kernel once forward and once backward,
-    never again to rematerialize, and the state pass's three kernels once each."""
+    """Phase 1 keeps its decayed products for the backward (dplr: under jax.checkpoint with
+    the policy chunked.SAVED; kda: as residuals of the factors kernels, factors.py): the
+    gradient runs each product kernel once forward and once backward, never again to
+    rematerialize, and the state pass's three kernels once each."""
     args = cast(make_inputs(name, rng, T=64, K=16, V=16), jnp.float32)
     loss = lambda *a: jnp.sum(getattr(ops, name)(*a, backend="pallas")[0] ** 2)
     text = str(jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(args)))))(*args))

@@ -159,9 +159,9 @@ def _initial_state(initial_state, N, HV, K, V, dtype):
 
 
 def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, bounded=False,
-                decayed=None, scan=None):
+                decayed=None, scan=None, factors=None):
     """The chunk engine for op `name` on validated inputs (backend "xla"; the Pallas kernels
-    pass their phases as `decayed` / `scan`, see chunked.chunked): cast to the accumulation
+    pass their phases as `decayed` / `scan` / `factors`, see chunked.chunked): cast to the accumulation
     dtype, scale q, build the op's form, run it (n virtual tokens per token for multi-factor
     ops, in chunks of chunk_size virtual tokens: phase 1 costs O(C) per virtual token, and the
     state pass's dots grow past C = 64; a chunk may split a token's virtual group) and keep
@@ -179,7 +179,8 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     o, S = chunked.chunked(*form.engine_inputs(), h0, chunk_size=chunk_size,
                            cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
                            decayed=functools.partial(decayed or chunked.decayed_products,
-                                                     bounded=bounded), scan=scan)
+                                                     bounded=bounded), scan=scan,
+                           factors=factors)
     if n > 1:
         o = o.reshape(o.shape[0], -1, n, *o.shape[2:])[:, :, -1]
     return o, S

@@ -255,14 +255,20 @@ def _apply(M, S):
     return M[..., :, None] * S if M.ndim == S.ndim - 1 else jnp.einsum("...kl,...lv->...kv", M, S)
 
 
-def _summaries(layout, summary, q, g, E, y, P, F, Vk, decayed):
+def checkpointed(summary, *, decayed):
+    """summary (chunk_summary or chunk_factors) for one chunk, rematerialized in the backward
+    pass but for what SAVED names."""
+    return jax.checkpoint(functools.partial(summary, decayed=decayed),
+                          policy=jax.checkpoint_policies.save_only_these_names(SAVED))
+
+
+def _summaries(layout, summary, q, g, E, y, P, F, Vk):
     """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...].
-    summary: chunk_summary or chunk_factors."""
+    summary: a function of one chunk's (q, g, E, y, P, F, Vk)."""
     def chunks(x):
         return None if x is None else jnp.moveaxis(layout.to_chunks(x), 3, 1)
 
-    fn = jax.checkpoint(functools.partial(summary, decayed=decayed),
-                        policy=jax.checkpoint_policies.save_only_these_names(SAVED))
+    fn = summary
     for _ in range(3):
         fn = jax.vmap(fn)
     return fn(*(chunks(x) for x in (q, g, E, y, P, F, Vk)))
@@ -283,25 +289,30 @@ def _scan_outputs(layout, M, Bc, Qs, O0, h0):
 
 
 def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None,
-            decayed=decayed_products, scan=None):
+            decayed=decayed_products, scan=None, factors=None):
     """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype;
     h0 [N, H, K, V]. Returns o [B, T, H, V] (unscaled) and final states [N, H, K, V].
 
     decayed(X, Y, g, probe) replaces phase 1's intra-chunk products (decayed_products), and
     scan(layout, factors, h0) -> (o, S_in) phases 2+3 on the factored transitions
-    (chunk_factors; the Pallas state pass plugs in here). Without scan, phase 1 multiplies
-    the transitions out (chunk_summary) for XLA's scan (_scan_outputs).
+    (chunk_factors; the Pallas state pass plugs in here), and factors(q, g, E, y, P, F, Vk,
+    decayed=...) replaces the checkpointed chunk_factors of one chunk (the Pallas kernels of
+    the delta family). Without scan, phase 1 multiplies the transitions out (chunk_summary)
+    for XLA's scan (_scan_outputs).
     """
     B, T = q.shape[:2]
     layout = ChunkLayout.make(B, T, chunk_size, cu_seqlens)
     inputs = (q, g, E, y, P, F, Vk)
     r, c = layout.final_row, layout.final_chunk
     if scan is None:
-        M, Bc, Qs, O0 = _summaries(layout, chunk_summary, *inputs, decayed)
+        M, Bc, Qs, O0 = _summaries(layout, checkpointed(chunk_summary, decayed=decayed),
+                                   *inputs)
         o, S_in = _scan_outputs(layout, M, Bc, Qs, O0, h0)
         finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
     else:
-        factors = _summaries(layout, chunk_factors, *inputs, decayed)
+        summary = (checkpointed(chunk_factors, decayed=decayed) if factors is None
+                   else functools.partial(factors, decayed=decayed))
+        factors = _summaries(layout, summary, *inputs)
         o, S_in = scan(layout, factors, h0)
         gamma, Z, W, X = (None if f is None else f[r, :, c] for f in factors[:4])
         finals = transition(gamma, Z, W, X, S_in[r, :, c])

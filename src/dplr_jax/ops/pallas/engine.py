@@ -3,11 +3,13 @@
 Phases 2 and 3 (the state scan and the output matmul o = Qs S + O0) are one Pallas kernel
 forward and two backward (state_pass.py: a sequential one and a parallel one per chunk), for
 every op of forms.py, up to the key width `Config.max_k` (GPU: 256; wider states run XLA's
-scan). Phase 1 (per-chunk factored transitions and Qs, O0) is the XLA `chunk_factors` of
-chunked.py, differentiated by JAX and rematerialized in the backward pass but for the
-decayed products and the UT inverse, which it keeps (chunked.SAVED). Its intra-chunk
-decayed products of per-channel decays (kda, gla, dplr, hdla) run in the Pallas kernels of
-decayed.py where the configuration names their launch (`Config.products`).
+scan). Phase 1 (per-chunk factored transitions and Qs, O0): its intra-chunk decayed
+products of per-channel decays (kda, gla, dplr, hdla) run in the Pallas kernels of decayed.py
+where the configuration names their launch (`Config.products`); for the delta family (one
+probed key per token, no plain keys: every op but gla and dplr) the rest runs in the kernels
+of factors.py (`Config.factors`); otherwise it is the XLA `chunk_factors` of chunked.py,
+differentiated by JAX and rematerialized in the backward pass but for the decayed products
+and the UT inverse, which it keeps (chunked.SAVED).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import functools
 
 import jax.numpy as jnp
 
+from dplr_jax.ops import chunked
 from dplr_jax.ops.api import run_chunked
-from dplr_jax.ops.pallas import decayed
+from dplr_jax.ops.pallas import decayed, factors
 from dplr_jax.ops.pallas.state_pass import Config, _pow2, state_pass
 
 
@@ -34,22 +37,33 @@ def _scan(layout, factors, h0, *, cfg):
                       cfg)
 
 
+def _phase1(q, g, E, y, P, F, Vk, *, decayed, **kernel):
+    """Phase 1 of one chunk: the delta family's (one probed key per token, no plain keys) in
+    the kernels of factors.py, every other form in XLA (chunked.chunk_factors)."""
+    if E is not None and F is None and E.shape[1] == 1:
+        return factors.delta_factors(q, g, E, y, P, decayed=decayed, **kernel)
+    return chunked.checkpointed(chunked.chunk_factors, decayed=decayed)(q, g, E, y, P, F, Vk)
+
+
 def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config, bounded=False):
     """Op `name` (a key of forms.FORMS) on validated inputs; returns (o, final state)."""
     exact = cfg.precision  # the float32 precision, for in-kernel sums of log decays
     sixteen_bit = any(x.dtype not in (jnp.float32, jnp.float64) for x in inputs if x is not None)
     if sixteen_bit:
         cfg = dataclasses.replace(cfg, precision=cfg.precision_16bit)
-    products = None
+    products = phase1 = None
     if cfg.products is not None and cfg.form == "loop":  # Triton / interpret kernels only
         products = functools.partial(decayed.decayed_products, interpret=cfg.interpret,
                                      precision=cfg.precision, exact=exact, launch=cfg.products)
+    if cfg.factors is not None and cfg.form == "loop":
+        phase1 = functools.partial(_phase1, interpret=cfg.interpret, precision=cfg.precision,
+                                   exact=exact, launch=cfg.factors)
     scan = functools.partial(_scan, cfg=cfg)
     if cfg.max_k is not None and _pow2(inputs[0].shape[-1]) > cfg.max_k:
         scan = None  # the state is too wide for the kernel: XLA's scan (chunked.py)
     return run_chunked(name, inputs, scale=scale, initial_state=initial_state,
                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, bounded=bounded,
-                       decayed=products, scan=scan)
+                       decayed=products, scan=scan, factors=phase1)
 
 
 def kernel(name, cfg: Config):

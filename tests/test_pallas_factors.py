@@ -1,0 +1,127 @@
+"""The Pallas kernels for the rest of the delta family's phase 1 (pallas/factors.py).
+
+`factors.delta_factors` (CPU interpret mode) against XLA's `chunked.chunk_factors` on one
+chunk: the six factors and the cotangents of q, g, E, y, P, for per-channel, per-token and no
+decay, K and V over one and several 64-column programs (padded), hard resets; float64 to
+rounding and float32 against float64; which ops take the kernels.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from _ops_inputs import assert_close, cast, make_inputs
+from dplr_jax import ops
+from dplr_jax.ops import chunked
+from dplr_jax.ops.pallas import decayed, factors
+from dplr_jax.ops.pallas.state_pass import Launch
+
+HIGHEST = jax.lax.Precision.HIGHEST
+KERNELS = dict(interpret=True, precision=HIGHEST, exact=HIGHEST, launch=(Launch(), Launch()))
+PRODUCTS = functools.partial(decayed.decayed_products, **KERNELS)
+
+
+def chunk(rng, decay, C, K, V, strong=False):
+    """One chunk of a delta-rule op as float64 NumPy: q, g (None, [C] or [C, K]), E = beta k,
+    y, P = k e^g (as the ops' forms build them: the probe reads the decayed state)."""
+    q = rng.standard_normal((C, K))
+    k = rng.standard_normal((C, K)) / np.sqrt(K)
+    beta = rng.uniform(0.0, 2.0, (C, 1))
+    y = rng.standard_normal((C, 1, V))
+    shape = {"channel": (C, K), "scalar": (C,)}.get(decay)
+    g = None if shape is None else -np.logaddexp(0.0, -(1.5 * rng.standard_normal(shape) + 3.0))
+    if strong and g is not None:
+        g = np.where(rng.random(shape) < 0.05, -1000.0, 10.0 * g)
+        g[C // 2 + 3] = -1000.0
+    eg = 1.0 if g is None else np.exp(g if g.ndim == 2 else g[:, None])
+    return q, g, (beta * k)[:, None], y, (k * eg)[:, None]
+
+
+def factors_and_pullback(fn, xs, cts):
+    """The factors and the cotangents of the inputs that are not None."""
+    live = [i for i, x in enumerate(xs) if x is not None]
+
+    def f(*a):
+        full = list(xs)
+        for i, x in zip(live, a):
+            full[i] = x
+        return fn(*full)
+
+    out, pull = jax.vjp(f, *(xs[i] for i in live))
+    return out, pull(cts)
+
+
+def run_both(xs, cts):
+    ref = factors_and_pullback(
+        lambda q, g, E, y, P: chunked.chunk_factors(q, g, E, y, P, None, None), xs, cts)
+    got = jax.jit(lambda xs, cts: factors_and_pullback(
+        lambda q, g, E, y, P: factors.delta_factors(q, g, E, y, P, decayed=PRODUCTS,
+                                                    **KERNELS), xs, cts))(xs, cts)
+    return got, ref
+
+
+NAMES = ("gamma", "Z", "W", "X", "Qs", "O0")
+
+
+def close(x, ref, tol, what):
+    """assert_close, or exact zeros where the reference is all zeros (gamma after a reset
+    of every channel)."""
+    if not np.any(np.asarray(ref)):
+        assert not np.any(np.asarray(x)), what
+    else:
+        assert_close(x, ref, tol, what)
+
+
+@pytest.mark.parametrize("decay", ["channel", "scalar", None])
+@pytest.mark.parametrize("C,K,V,strong", [(64, 32, 16, False), (32, 100, 80, False),
+                                          (16, 24, 200, True)])
+def test_matches_xla_in_float64(decay, C, K, V, strong, rng, x64):
+    """Same math as chunk_factors: every factor and every input cotangent to rounding. K and
+    V of 100 / 128 / 200 run two to four 64-column programs, the padded ones included."""
+    xs = cast(chunk(rng, decay, C, K, V, strong), jnp.float64)
+    shapes = [(K,), (C, K), (C, K), (C, V), (C, K), (C, V)]
+    cts = tuple(jnp.asarray(rng.standard_normal(s)) for s in shapes)
+    (f_got, d_got), (f_ref, d_ref) = run_both(xs, cts)
+    for name, u, v in zip(NAMES, f_got, f_ref):
+        assert u.shape == v.shape and u.dtype == jnp.float64, name
+        close(u, v, 1e-12, name)
+    names = [n for n, x in zip(("q", "g", "E", "y", "P"), xs) if x is not None]
+    for name, u, v in zip(names, d_got, d_ref):
+        assert u.shape == v.shape and bool(jnp.all(jnp.isfinite(u))), name
+        close(u, v, 1e-12, f"d{name}")
+
+
+@pytest.mark.parametrize("decay", ["channel", "scalar"])
+def test_float32_against_float64(decay, rng):
+    """float32 kernels vs the float64 XLA version (hard resets): relative RMSE < 1e-5."""
+    xs = chunk(rng, decay, 64, 64, 64, strong=True)
+    cts = tuple(rng.standard_normal(s) for s in [(64,), (64, 64), (64, 64), (64, 64),
+                                                  (64, 64), (64, 64)])
+    with jax.enable_x64(True):
+        _, (f_ref, d_ref) = run_both(cast(xs, jnp.float64), cast(cts, jnp.float64))
+        f_ref, d_ref = jax.tree.map(np.asarray, (f_ref, d_ref))
+    (f_got, d_got), _ = run_both(cast(xs, jnp.float32), cast(cts, jnp.float32))
+    for name, u, v in zip(NAMES + ("dq", "dg", "dE", "dy", "dP"), f_got + d_got,
+                          tuple(f_ref) + tuple(d_ref)):
+        assert u.dtype == jnp.float32
+        close(u, v, 1e-5, name)
+
+
+@pytest.mark.parametrize("name,uses", [("kda", True), ("gated_delta_rule", True),
+                                       ("delta_rule", True), ("hdla", True),
+                                       ("gated_delta_product", True), ("gla", False),
+                                       ("dplr", False)])
+def test_which_ops_take_the_kernels(name, uses, rng):
+    """The delta family (one probed key per token, no plain keys) runs the factors kernels
+    once forward and once backward and nothing of phase 1 under jax.checkpoint; GLA and DPLR
+    (plain keys) keep XLA's checkpointed chunk_factors."""
+    args = cast(make_inputs(name, rng, T=64, K=16, V=16), jnp.float32)
+    loss = lambda *a: jnp.sum(getattr(ops, name)(*a, backend="pallas")[0] ** 2)
+    text = str(jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(args)))))(*args))
+    kernels = re.findall(r"name=(dplr_factors_\w+)", text)
+    assert kernels == (["dplr_factors_fwd", "dplr_factors_bwd"] if uses else []), kernels
+    assert ("checkpoint" in text or "remat" in text) != uses
