@@ -130,116 +130,84 @@ def _block_rows(probe, base, y, g_ref, step, init, near=True):
     return carry, pre, d, p
 
 
-def _sub_sums(g_ref, j, probe, exact):
-    """Sub-chunk j's query-side prefix sums (exclusive with probe), exclusive suffix sums and
-    total, as _block_rows yields them, from 0/1 dots at float32 accuracy (j may be traced)."""
-    g = g_ref[pl.ds(j * SUB, SUB), :]
-    s, u = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
-    pre = _dot(((u < s) if probe else (u <= s)).astype(g.dtype), g, exact)
-    suffix = _dot((u > s).astype(g.dtype), g, exact)
-    return pre, suffix, jnp.sum(g, axis=0, keepdims=True)
+def _forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):
+    C = x_ref.shape[0]
+    n = C // SUB
+    keys, totals = [], []  # per earlier sub-chunk j: Y_j e^{suffix_j} [16, K], total [1, K]
+    for i in range(n):
+        rows = pl.ds(i * SUB, SUB)
+        Y = y_ref[rows, :]
 
+        def step(t, e, keep, carry, i=i, Y=Y):
+            x_t = x_ref[pl.ds(i * SUB + t, 1), :]
+            row = jnp.sum(jnp.where(keep, Y * e, 0.0) * x_t, axis=1)
+            d_ref[pl.ds(i * SUB + t, 1), rows] = row[None, :].astype(d_ref.dtype)
+            return carry
 
-def _forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision, exact):
-    """Program i: the rows of query sub-chunk i, i.e. the blocks (i, j) for every j."""
-    n = x_ref.shape[0] // SUB
-    i = pl.program_id(0)
-    rows = pl.ds(i * SUB, SUB)
-    Y = y_ref[rows, :]
-
-    def step(t, e, keep, carry):
-        x_t = x_ref[pl.ds(i * SUB + t, 1), :]
-        row = jnp.sum(jnp.where(keep, Y * e, 0.0) * x_t, axis=1)
-        d_ref[pl.ds(i * SUB + t, 1), rows] = row[None, :].astype(d_ref.dtype)
-        return carry
-
-    _, pre, _, _ = _block_rows(probe, i * SUB, Y, g_ref, step, 0)
-
-    def earlier(m, Xq):  # key sub-chunk j = i - 1 - m; Xq carries the sub-chunks between
-        j = i - 1 - m
-        _, suffix, total = _sub_sums(g_ref, j, probe, exact)
-        key = y_ref[pl.ds(j * SUB, SUB), :] * jnp.exp(suffix)
-        d_ref[rows, pl.ds(j * SUB, SUB)] = _dot(Xq, key, precision, trans_b=True).astype(
-            d_ref.dtype)
-        return Xq * jnp.exp(total)
-
-    jax.lax.fori_loop(0, i, earlier, x_ref[rows, :] * jnp.exp(pre))
-
-    def later(j, carry):
-        d_ref[rows, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), d_ref.dtype)
-        return carry
-
-    jax.lax.fori_loop(i + 1, n, later, 0)
+        _, pre, suffix, total = _block_rows(probe, i * SUB, Y, g_ref, step, 0)
+        Xq = x_ref[rows, :] * jnp.exp(pre)
+        for j in reversed(range(i)):  # between = totals of the sub-chunks j+1 .. i-1
+            d_ij = _dot(Xq, keys[j], precision, trans_b=True)
+            d_ref[rows, pl.ds(j * SUB, SUB)] = d_ij.astype(d_ref.dtype)
+            Xq = Xq * jnp.exp(totals[j])
+        for j in range(i + 1, n):
+            d_ref[rows, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), d_ref.dtype)
+        keys.append(Y * jnp.exp(suffix))
+        totals.append(total)
 
 
 def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, precision, exact,
                      bounded):
-    """Program i: dX of query sub-chunk i (blocks (i, j <= i)) and dY of key sub-chunk i
-    (blocks (i' >= i, i))."""
-    n = x_ref.shape[0] // SUB
-    i = pl.program_id(0)
-    rows = pl.ds(i * SUB, SUB)
+    C = x_ref.shape[0]
+    n = C // SUB
     r16 = _iota((SUB, 1), 0)
     c16 = _iota((SUB, SUB), 1)
-    Y = y_ref[rows, :]
-    Xq = x_ref[rows, :]
-    ddt = ddt_ref[rows, rows]  # (dD_ii)^T: [s, t]
-    if bounded:
-        eq, ek, pre, suffix, total = _bounded_block(probe, g_ref[rows, :], exact)
-        ddt = jnp.where(_decayed_pairs(probe), ddt, 0.0)
-        dX = _dot(ddt, Y * ek, precision, trans_a=True) * eq
-        dY = _dot(ddt, Xq * eq, precision) * ek
-    else:
-        def step(t, e, keep, carry):
-            dX, dY = carry
-            w = jnp.where(keep, jnp.sum(jnp.where(c16 == t, ddt, 0.0), axis=1,
-                                        keepdims=True), 0.0)
-            we = w * e
-            dx_t = jnp.sum(we * Y, axis=0, keepdims=True)
-            dX = jnp.where(r16 == t, dx_t, dX)
-            return dX, dY + we * x_ref[pl.ds(i * SUB + t, 1), :]
+    decays, totals, dkeys = [], [], []  # per key sub-chunk j: e^{suffix_j}, total, dY_j so far
+    for i in range(n):
+        rows = pl.ds(i * SUB, SUB)
+        Y = y_ref[rows, :]
+        Xq = x_ref[rows, :]
+        ddt = ddt_ref[rows, rows]  # (dD_ii)^T: [s, t]
+        if bounded:
+            eq, ek, pre, suffix, total = _bounded_block(probe, g_ref[rows, :], exact)
+            ddt = jnp.where(_decayed_pairs(probe), ddt, 0.0)
+            dX = _dot(ddt, Y * ek, precision, trans_a=True) * eq
+            dY = _dot(ddt, Xq * eq, precision) * ek
+        else:
+            def step(t, e, keep, carry, i=i, Y=Y, ddt=ddt):
+                dX, dY = carry
+                w = jnp.where(keep, jnp.sum(jnp.where(c16 == t, ddt, 0.0), axis=1,
+                                            keepdims=True), 0.0)
+                we = w * e
+                dx_t = jnp.sum(we * Y, axis=0, keepdims=True)
+                dX = jnp.where(r16 == t, dx_t, dX)
+                return dX, dY + we * x_ref[pl.ds(i * SUB + t, 1), :]
 
-        zero = jnp.zeros_like(Y)
-        (dX, dY), pre, suffix, total = _block_rows(probe, i * SUB, Y, g_ref, step,
-                                                   (zero, zero), near=False)
-    boundary = _decayed_pairs(probe, boundary=True)
-
-    def earlier(m, carry):  # query side: key sub-chunk j = i - 1 - m
-        dX, eq = carry
-        j = i - 1 - m
-        _, suffix_j, total_j = _sub_sums(g_ref, j, probe, exact)
-        key = y_ref[pl.ds(j * SUB, SUB), :] * jnp.exp(suffix_j)
-        ddt_ji = ddt_ref[pl.ds(j * SUB, SUB), rows]  # (dD_ij)^T: [s in j, t in i]
-        if probe:  # (first row of i, last of j = i - 1): no decay, the wrapper's
-            ddt_ji = jnp.where(boundary | (m != 0), ddt_ji, 0.0)
-        dX = dX + _dot(ddt_ji, key, precision, trans_a=True) * eq
-        return dX, eq * jnp.exp(total_j)
-
-    dX, _ = jax.lax.fori_loop(0, i, earlier, (dX, jnp.exp(pre)))
-    dx_ref[rows, :] = dX.astype(dx_ref.dtype)
-    decay = jnp.exp(suffix)
-
-    def later(m, carry):  # key side: query sub-chunk l = i + 1 + m
-        dY, between = carry  # e^{totals of the sub-chunks strictly between i and l}
-        l = i + 1 + m
-        pre_l, _, total_l = _sub_sums(g_ref, l, probe, exact)
-        Xl = x_ref[pl.ds(l * SUB, SUB), :] * (jnp.exp(pre_l) * between)
-        ddt_il = ddt_ref[rows, pl.ds(l * SUB, SUB)]  # (dD_li)^T: [s in i, t in l]
-        if probe:
-            ddt_il = jnp.where(boundary | (m != 0), ddt_il, 0.0)
-        dY = dY + _dot(ddt_il, Xl, precision) * decay
-        return dY, between * jnp.exp(total_l)
-
-    dY, _ = jax.lax.fori_loop(0, n - 1 - i, later, (dY, jnp.ones_like(total)))
-    dy_ref[rows, :] = dY.astype(dy_ref.dtype)
+            zero = jnp.zeros_like(Y)
+            (dX, dY), pre, suffix, total = _block_rows(probe, i * SUB, Y, g_ref, step,
+                                                       (zero, zero), near=False)
+        eq = jnp.exp(pre)
+        for j in reversed(range(i)):
+            key = y_ref[pl.ds(j * SUB, SUB), :] * decays[j]
+            ddt_ji = ddt_ref[pl.ds(j * SUB, SUB), rows]  # (dD_ij)^T: [s in j, t in i]
+            if probe and j == i - 1:  # (first row of i, last of j): no decay, the wrapper's
+                ddt_ji = jnp.where(_decayed_pairs(probe, boundary=True), ddt_ji, 0.0)
+            dX = dX + _dot(ddt_ji, key, precision, trans_a=True) * eq
+            dkeys[j] = dkeys[j] + _dot(ddt_ji, Xq * eq, precision) * decays[j]
+            eq = eq * jnp.exp(totals[j])
+        dx_ref[rows, :] = dX.astype(dx_ref.dtype)
+        decays.append(jnp.exp(suffix))
+        totals.append(total)
+        dkeys.append(dY)
+    for j in range(n):
+        dy_ref[pl.ds(j * SUB, SUB), :] = dkeys[j].astype(dy_ref.dtype)
 
 
 def _call(kernel, args, outs, interpret, launch, name):
-    """One program per 16-token sub-chunk of the chunk."""
     params = None if interpret else pl_triton.CompilerParams(
         num_warps=launch.num_warps, num_stages=launch.num_stages)
-    return pl.pallas_call(kernel, out_shape=outs, grid=(args[0].shape[0] // SUB,),
-                          interpret=interpret, compiler_params=params, name=name)(*args)
+    return pl.pallas_call(kernel, out_shape=outs, interpret=interpret, compiler_params=params,
+                          name=name)(*args)
 
 
 def _pad_k(*xs):
@@ -251,8 +219,7 @@ def _pad_k(*xs):
 def _products(X, Y, g, probe, cfg):
     C = X.shape[0]
     out = jax.ShapeDtypeStruct((C, C), X.dtype)
-    kernel = functools.partial(_forward_kernel, probe=probe, precision=cfg.precision,
-                               exact=cfg.exact)
+    kernel = functools.partial(_forward_kernel, probe=probe, precision=cfg.precision)
     return _call(kernel, _pad_k(X, Y, g), [out], cfg.interpret, cfg.fwd, "dplr_decayed_fwd")[0]
 
 
