@@ -1,0 +1,66 @@
+"""The delta family's phase-1 factors kernels (ops/pallas/factors.py): XLA's phase 1 against
+the kernels at several launches, one op at a time.
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=src python benchmarks/factors_launch_gpu.py \
+        [--ops kda gated_delta_rule] [--out DIR]
+
+For each op at B=4, T=4096, H=16, K=V=128, bf16 (the inputs of ops_gpu.py), times forward
+and forward+backward of the GPU configuration with `factors=None` (phase 1 in XLA but for the
+decayed products) and with the factors kernels at (warps, stages) of the forward / backward
+launch. Prints a table and writes factors_launch_gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(__file__))
+import ops_gpu as og  # noqa: E402
+from dplr_jax.ops.pallas import PLATFORM_CONFIGS, engine  # noqa: E402
+from dplr_jax.ops.pallas.state_pass import Launch  # noqa: E402
+
+LAUNCHES = {"4 warps / 4 warps": ((4, 1), (4, 1)), "8 / 8": ((8, 1), (8, 1)),
+            "2 / 2": ((2, 1), (2, 1))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ops", nargs="+", default=["kda", "gated_delta_rule"])
+    ap.add_argument("--T", type=int, default=4096)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    a = ap.parse_args()
+    gpu = PLATFORM_CONFIGS["gpu"]
+    variants = {"XLA phase 1 (factors=None)": dataclasses.replace(gpu, factors=None)}
+    for name, (f, b) in LAUNCHES.items():
+        variants[name] = dataclasses.replace(gpu, factors=(Launch(None, *f), Launch(None, *b)))
+    res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+           "python": platform.python_version(), "command": " ".join(sys.argv), "rows": []}
+    key = jax.random.PRNGKey(a.T)
+    print("| op | variant | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
+    for op in a.ops:
+        args = og.inputs(op, og.B, a.T, og.H, og.K, og.V, key, jnp.bfloat16)
+        do = jax.random.normal(key, (og.B, a.T, og.H, og.V), jnp.float32)
+        for name, cfg in variants.items():
+            fn = engine.kernel(op, cfg)
+            fwd = lambda *x, fn=fn: fn(*x, scale=og.K ** -0.5, initial_state=None,
+                                       cu_seqlens=None, chunk_size=og.C)[0]
+            fwd_bwd = lambda do, *x, fwd=fwd: jax.vjp(fwd, *x)[1](do)
+            row = dict(op=op, variant=name, fwd_ms=og.time_jax(fwd, args)[0],
+                       fwd_bwd_ms=og.time_jax(fwd_bwd, (do,) + args)[0])
+            res["rows"].append(row)
+            print(f"| {op} | {name} | {row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} |", flush=True)
+            os.makedirs(a.out, exist_ok=True)
+            with open(os.path.join(a.out, "factors_launch_gpu.json"), "w") as f:
+                json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
