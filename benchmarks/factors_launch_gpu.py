@@ -1,13 +1,14 @@
 """The delta family's phase-1 factors kernels (ops/pallas/factors.py): XLA's phase 1 against
-the kernels at several launches, one op at a time.
+the kernels at several launches and column blocks, one op at a time.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=src python benchmarks/factors_launch_gpu.py \
         [--ops kda gated_delta_rule] [--out DIR]
 
 For each op at B=4, T=4096, H=16, K=V=128, bf16 (the inputs of ops_gpu.py), times forward
 and forward+backward of the GPU configuration with `factors=None` (phase 1 in XLA but for the
-decayed products) and with the factors kernels at (warps, stages) of the forward / backward
-launch. Prints a table and writes factors_launch_gpu.json.
+decayed products) and with the factors kernels at several column blocks (`factors.BLOCK`,
+columns per program) and warps of the forward / backward launch. Prints a table and writes
+factors_launch_gpu.json.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
 import ops_gpu as og  # noqa: E402
-from dplr_jax.ops.pallas import PLATFORM_CONFIGS, engine  # noqa: E402
+from dplr_jax.ops.pallas import PLATFORM_CONFIGS, engine, factors  # noqa: E402
 from dplr_jax.ops.pallas.state_pass import Launch  # noqa: E402
 
-LAUNCHES = {"4 warps / 4 warps": ((4, 1), (4, 1)), "8 / 8": ((8, 1), (8, 1)),
-            "2 / 2": ((2, 1), (2, 1))}
+# name: (columns per program, forward (warps, stages), backward (warps, stages))
+LAUNCHES = {"64 columns, 4 warps / 4 warps": (64, (4, 1), (4, 1)),
+            "64 columns, 8 / 8": (64, (8, 1), (8, 1)), "64 columns, 2 / 2": (64, (2, 1), (2, 1)),
+            "32 columns, 4 / 4": (32, (4, 1), (4, 1)), "32 columns, 2 / 2": (32, (2, 1), (2, 1)),
+            "128 columns, 8 / 8": (128, (8, 1), (8, 1))}
 
 
 def main():
@@ -38,9 +42,11 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     a = ap.parse_args()
     gpu = PLATFORM_CONFIGS["gpu"]
-    variants = {"XLA phase 1 (factors=None)": dataclasses.replace(gpu, factors=None)}
-    for name, (f, b) in LAUNCHES.items():
-        variants[name] = dataclasses.replace(gpu, factors=(Launch(None, *f), Launch(None, *b)))
+    variants = {"XLA phase 1 (factors=None)": (factors.BLOCK,
+                                               dataclasses.replace(gpu, factors=None))}
+    for name, (block, f, b) in LAUNCHES.items():
+        variants[name] = block, dataclasses.replace(gpu, factors=(Launch(None, *f),
+                                                                   Launch(None, *b)))
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "python": platform.python_version(), "command": " ".join(sys.argv), "rows": []}
     key = jax.random.PRNGKey(a.T)
@@ -48,7 +54,8 @@ def main():
     for op in a.ops:
         args = og.inputs(op, og.B, a.T, og.H, og.K, og.V, key, jnp.bfloat16)
         do = jax.random.normal(key, (og.B, a.T, og.H, og.V), jnp.float32)
-        for name, cfg in variants.items():
+        for name, (block, cfg) in variants.items():
+            factors.BLOCK = block  # read when the kernels are traced
             fn = engine.kernel(op, cfg)
             fwd = lambda *x, fn=fn: fn(*x, scale=og.K ** -0.5, initial_state=None,
                                        cu_seqlens=None, chunk_size=og.C)[0]
