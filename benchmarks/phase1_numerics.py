@@ -7,10 +7,11 @@ sums, inexact after hard resets), "masked_cumsum" (commit dfce8e5: a cumulative 
 decays), "matmul_sums" (the working tree: a 0/1 matrix product at full precision). The two
 older ones are read with `git show` (run from a git checkout; --sources DIR takes the two
 files from DIR instead, as chunked_<version>.py, for a machine without git). Each is swapped
-in for chunked.chunk_summary and timed through backend="pallas" (phase 1 all XLA: the
-decayed-product kernels are not used here; Pallas state pass), kda and gated_delta_rule, B=4
-T=4096 H=16 K=V=128 bf16: medians of host-timed jitted calls (block_until_ready) after a
-warm-up.
+in for chunked.chunk_summary and timed through backend="xla" (phase 1 and XLA's scan over
+chunks; the first run went through backend="pallas", whose phase 1 was chunk_summary then
+but has been chunk_factors and the factors kernels since, so swapping chunk_summary would
+not change it), kda and gated_delta_rule, B=4 T=4096 H=16 K=V=128 bf16: medians of
+host-timed jitted calls (block_until_ready) after a warm-up.
 """
 
 from __future__ import annotations
@@ -78,13 +79,13 @@ def main():
     rows = []
     print(f"{'version':<16}{'op':<18}{'fwd ms':>9}{'fwd+bwd ms':>12}")
     for version, fn in versions.items():
-        # chunked._summaries looks it up at call time; every version keeps its decayed products
-        # in XLA (the Pallas backend's decayed-product kernels are left out of this comparison).
+        # chunked.chunked looks it up at call time; every version keeps its decayed products in
+        # XLA.
         chunked.chunk_summary = lambda *x, decayed=None, fn=fn: fn(*x)
         for op, args in cases.items():
             f = getattr(ops, op)
-            fwd = jax.jit(lambda *x, f=f: f(*x, backend="pallas")[0])
-            loss = lambda *x, f=f: jnp.sum(f(*x, backend="pallas")[0].astype(jnp.float32) ** 2)
+            fwd = jax.jit(lambda *x, f=f: f(*x, backend="xla")[0])
+            loss = lambda *x, f=f: jnp.sum(f(*x, backend="xla")[0].astype(jnp.float32) ** 2)
             fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
             r = dict(version=version, op=op, fwd_ms=timed(fwd, args, 10),
                      fwd_bwd_ms=timed(fb, args, 5))
