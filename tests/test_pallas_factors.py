@@ -117,11 +117,11 @@ def test_float32_against_float64(decay, rng):
                                        ("dplr", False)])
 def test_which_ops_take_the_kernels(name, uses, rng):
     """The delta family (one probed key per token, no plain keys) runs the factors kernels
-    once forward and once backward and nothing of phase 1 under jax.checkpoint; GLA and DPLR
-    (plain keys) keep XLA's checkpointed chunk_factors."""
+    once forward and once backward, and not XLA's chunk_factors (whose saved products carry
+    the name chunked.SAVED); GLA and DPLR (plain keys) keep XLA's chunk_factors."""
     args = cast(make_inputs(name, rng, T=64, K=16, V=16), jnp.float32)
     loss = lambda *a: jnp.sum(getattr(ops, name)(*a, backend="pallas")[0] ** 2)
     text = str(jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(args)))))(*args))
     kernels = re.findall(r"name=(dplr_factors_\w+)", text)
     assert kernels == (["dplr_factors_fwd", "dplr_factors_bwd"] if uses else []), kernels
-    assert ("checkpoint" in text or "remat" in text) != uses
+    assert (chunked.SAVED in text) != uses

@@ -20,7 +20,8 @@ Inside a chunk with cumulative log decay G_t (G_0 = 0) and S_0 its initial state
 
 Writing x = X0 - W S_0 splits every chunk into an affine map S_C = M S_0 + Bc and outputs
 o = Qs S_0 + O0 that need S_0 only through one matmul: phase 1 computes (M, Bc, Qs, O0) for
-all chunks in parallel (rematerialized in the backward pass, except what SAVED names),
+all chunks in parallel (here rematerialized in the backward pass, except what SAVED names;
+the Pallas backend's kernels for the delta family keep their own residuals),
 phase 2 scans S over chunks (O(T/C) states saved), phase 3 is a batched matmul.
 M = Diag(e^{G_C}) - Z_E^T W and Bc = Z^T X need not be formed: the Pallas state pass takes
 the factors (chunk_factors), which are C x K where M is K x K, and applies them to S inside

@@ -35,8 +35,9 @@ arrive as a row g [1, C] and take them as masked row sums; no decay (delta_rule)
 Saved for the backward: the inputs (the chunked copies phase 1 reads anyway), QE and Tinv
 (C x C per chunk, 16 KB each at C=64). W and X0 are recomputed (two C x C x K dots).
 Cost per chunk at C=64, K=V=128, float32: forward reads 160 KB + 32 KB and writes 160 KB
-(1.44 GB at B=4, T=4096, H=16: 0.48 ms at 3 TB/s), backward reads 352 KB and writes 192 KB
-(2.2 GB: 0.74 ms); ~14 MFLOP forward, ~30 backward (tf32 / 3-pass tf32: not the limit).
+(1.44 GB at B=4, T=4096, H=16: 0.48 ms at 3 TB/s), backward reads 352 KB and writes 288 KB
+(of which 128 KB are the four programs' C x C partials; 2.6 GB: 0.87 ms, and XLA then reads
+the partials once more to add them); ~14 MFLOP forward, ~30 backward (tf32 / 3-pass tf32: not the limit).
 Measured for kda there (bf16 inputs; benchmarks/NOTES.md): 0.68 ms forward, 2.14 backward.
 """
 
@@ -285,8 +286,15 @@ def delta_factors(q, g, E, y, P, *, decayed, interpret, precision, exact, launch
     """chunked.chunk_factors for one chunk of the delta family (E, y, P [C, 1, ...], no plain
     keys), with the intra-chunk products from `decayed` and the rest in the kernels above.
     launch: (forward, backward) Launch."""
-    L = decayed(P, E, g, probe=True)[:, 0, :, 0]
-    QE = decayed(q[:, None], E, g, probe=False)[:, 0, :, 0]
+    def products(q, g, E, P):
+        return (decayed(P, E, g, probe=True)[:, 0, :, 0],
+                decayed(q[:, None], E, g, probe=False)[:, 0, :, 0])
+
+    # Rematerialized in the backward pass, not saved: XLA's products (per-token or no decay)
+    # would keep C x C intermediates per chunk (+60% residuals for gated_delta_rule), and its
+    # per-channel ones [C, 16, K] pairwise decays; the kernels' (decayed.py) keep only their
+    # inputs, which are saved anyway, and are not run again.
+    L, QE = jax.checkpoint(products, policy=jax.checkpoint_policies.nothing_saveable)(q, g, E, P)
     cfg = _Cfg(interpret, precision, exact, *launch)
     gamma, Z, W, X0, Qs, O0 = _tail(q, g, E[:, 0], y[:, 0], P[:, 0], L, QE, cfg)
     return gamma, Z, W, X0, Qs, O0

@@ -113,8 +113,9 @@ def _rem(a, b):
 
 
 def _dot(a, b, precision, trans_a=False, trans_b=False):
-    """2-D a @ b (a^T, b^T on request), accumulated in float32 (float64 for float64 inputs,
-    which only the CPU interpreter sees)."""
+    """2-D a @ b (a^T, b^T on request), accumulated in float32 (float64 for float64 inputs:
+    exact in the CPU interpreter; Triton's dots compute float64 inputs in float32, which the
+    state pass avoids by casting, and phase 1's kernels inherit under x64 on a GPU)."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
     if isinstance(precision, jax.lax.Precision):
         precision = (precision, precision)
