@@ -51,11 +51,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from dplr_jax.ops.chunked import SUB
 from dplr_jax.ops.pallas.decayed import _iota
 from dplr_jax.ops.pallas.state_pass import Launch, _dot, _pad_to, _pow2
 from dplr_jax.ops.triangular import unit_lower_inverse
 
-SUB = 16  # the UT inverse's forward-substitution block (chunked.SUB)
+BLOCK = 64  # columns of K (and V) per program
 
 
 class _Cfg(NamedTuple):
@@ -71,9 +72,6 @@ class _Cfg(NamedTuple):
 def _masks(C):
     t, u = _iota((C, C), 0), _iota((C, C), 1)
     return u <= t, u < t, u > t  # [t, u]: inclusive prefix, exclusive prefix, suffix
-
-
-BLOCK = 64  # columns of K (and V) per program
 
 
 def _prefix_sums(g, decay, exact):
