@@ -165,8 +165,8 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     accumulation dtype, scale q, build the op's form, run it (n virtual tokens per token for
     multi-factor ops, in chunks of chunk_size virtual tokens: phase 1 costs O(C) per virtual
     token, and the state pass's dots grow past C = 64; a chunk may split a token's virtual
-    group) and keep each token's last virtual output. bounded: the log decays are >= chunked.MIN_BOUND
-    (checked by the caller).
+    group) and keep each token's last virtual output. bounded: the log decays are >=
+    chunked.MIN_BOUND (checked by the caller).
     Returns o (accumulation dtype) and the final states."""
     dtype = acc_dtype(*inputs, initial_state)
     xs = _cast(inputs, dtype)

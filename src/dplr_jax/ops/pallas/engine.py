@@ -3,13 +3,14 @@
 Phases 2 and 3 (the state scan and the output matmul o = Qs S + O0) are one Pallas kernel
 forward and two backward (state_pass.py: a sequential one and a parallel one per chunk), for
 every op of forms.py, up to the key width `Config.max_k` (GPU: 256; wider states run XLA's
-scan, and then phase 1 but its decayed products in XLA too). Phase 1 (per-chunk factored transitions and Qs, O0): its intra-chunk decayed
-products of per-channel decays (kda, gla, dplr, hdla) run in the Pallas kernels of decayed.py
-where the configuration names their launch (`Config.products`); for the delta family (one
-probed key per token, no plain keys: every op but gla and dplr) the rest runs in the kernels
-of factors.py (`Config.factors`); otherwise it is the XLA `chunk_factors` of chunked.py,
-differentiated by JAX and rematerialized in the backward pass but for the decayed products
-and the UT inverse, which it keeps (chunked.SAVED).
+scan, and XLA's phase 1 around the decayed-product kernels). Phase 1 (per-chunk factored
+transitions and Qs, O0): its intra-chunk decayed products of per-channel decays (kda, gla,
+dplr, hdla) run in the Pallas kernels of decayed.py where the configuration names their
+launch (`Config.products`); for the delta family (one probed key per token, no plain keys:
+every op but gla and dplr) the rest runs in the kernels of factors.py (`Config.factors`);
+otherwise it is the XLA `chunk_factors` of chunked.py, differentiated by JAX and
+rematerialized in the backward pass but for the decayed products and the UT inverse, which
+it keeps (chunked.SAVED).
 """
 
 from __future__ import annotations

@@ -33,12 +33,15 @@ Per-channel decays g [C, K] take their prefix sums as 0/1 dots; scalar decays (o
 arrive as a row g [1, C] and take them as masked row sums; no decay (delta_rule) skips them.
 
 Saved for the backward: the inputs (the chunked copies phase 1 reads anyway), QE and Tinv
-(C x C per chunk, 16 KB each at C=64). W and X0 are recomputed (two C x C x K dots).
+(C x C per chunk, 16 KB each at C=64). W and X0 are recomputed (two C x C x K dots), and so
+are the products where XLA forms them (delta_factors), rather than keeping XLA's
+intermediates.
 Cost per chunk at C=64, K=V=128, float32: forward reads 160 KB + 32 KB and writes 160 KB
 (1.44 GB at B=4, T=4096, H=16: 0.48 ms at 3 TB/s), backward reads 352 KB and writes 288 KB
 (of which 128 KB are the four programs' C x C partials; 2.6 GB: 0.87 ms, and XLA then reads
-the partials once more to add them); ~14 MFLOP forward, ~30 backward (tf32 / 3-pass tf32: not the limit).
-Measured for kda there (bf16 inputs; benchmarks/NOTES.md): 0.68 ms forward, 2.14 backward.
+the partials once more to add them); ~14 MFLOP forward, ~30 backward (tf32 / 3-pass tf32:
+not the limit). Measured for kda there (bf16 inputs; benchmarks/NOTES.md): 0.68 ms
+forward, 2.14 backward.
 """
 
 from __future__ import annotations
