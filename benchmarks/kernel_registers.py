@@ -1,0 +1,151 @@
+"""Registers, spills and shared memory of the Pallas GPU kernels, and the occupancy they allow,
+measured without a GPU.
+
+    pip install triton==3.6.0     # not a dependency of the project: this script only
+    PYTHONPATH=src python benchmarks/kernel_registers.py [--ops kda gated_delta_rule] \
+        [--warps 1 2 4 8] [--out benchmarks/results/kernel_registers.json]
+
+Lowers each op's forward+backward for "cuda" on the CPU (abstract H100 mesh, as the lowering
+tests do, at K = V = 128, chunk 64, bf16) and keeps the Triton IR of every Pallas kernel (by
+wrapping Pallas' private `lower_jaxpr_to_triton_module`, so this may need updating with JAX).
+Each kernel is then compiled by the `triton` package to PTX for sm_90 at several warp counts,
+and ptxas -v (shipped in the triton wheel) reports registers per thread, spill bytes and the
+stack frame. From registers and shared memory follow the programs (CTAs) an H100 SM holds: 64K
+registers (allocated per warp in units of 256), 228 KB of shared memory, at most 32 programs
+and 64 warps. The committed launch of each kernel (PLATFORM_CONFIGS["gpu"]) is marked.
+
+XLA compiles the kernels with the Triton it bundles, not this one: the numbers are those of
+the same IR through Triton 3.6, close but not necessarily equal to what runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src.mesh import AbstractDevice
+from jax._src.pallas.triton import pallas_call_registration
+from jax.sharding import AbstractMesh
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from _ops_inputs import cast, make_inputs  # noqa: E402
+from dplr_jax.ops.pallas import PLATFORM_CONFIGS, engine  # noqa: E402
+
+H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+
+def kernel_irs(op):
+    """{kernel name: Triton IR text} of op's forward+backward (one entry per distinct name;
+    a repeated name, e.g. kda's two decayed products, gets a suffix)."""
+    lowering = pallas_call_registration.lowering
+    original, irs = lowering.lower_jaxpr_to_triton_module, {}
+
+    def capture(jaxpr, *args, **kwargs):
+        result = original(jaxpr, *args, **kwargs)
+        name = jaxpr.debug_info.func_name
+        key = name if name not in irs else f"{name}#{sum(k.startswith(name) for k in irs) + 1}"
+        irs[key] = result.module.operation.get_asm()
+        return result
+
+    args = cast(make_inputs(op, np.random.default_rng(0), B=1, T=256, H=2, K=128, V=128),
+                jnp.bfloat16)
+    fn = engine.kernel(op, PLATFORM_CONFIGS["gpu"])
+
+    def loss(*a):
+        o, S = fn(*a, scale=128 ** -0.5, initial_state=None, cu_seqlens=None, chunk_size=64,
+                  bounded=False)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
+
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
+            jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).trace(*args).lower(
+                lowering_platforms=("cuda",))
+    finally:
+        lowering.lower_jaxpr_to_triton_module = original
+    return irs
+
+
+def committed_warps(name):
+    cfg = PLATFORM_CONFIGS["gpu"]
+    launches = {"dplr_decayed_fwd": cfg.products[0], "dplr_decayed_bwd": cfg.products[1],
+                "dplr_factors_fwd": cfg.factors[0], "dplr_factors_bwd": cfg.factors[1],
+                "dplr_state_pass_fwd": cfg.fwd, "dplr_state_pass_bwd": cfg.bwd,
+                "dplr_state_pass_grads": cfg.grads}
+    return launches[name.split("#")[0]].num_warps
+
+
+def resident(regs, smem, warps):
+    """(programs, warps) one H100 SM holds at these registers per thread and shared bytes."""
+    per_warp = -(-regs * 32 // 256) * 256
+    programs = min(65536 // (per_warp * warps), 32, 64 // warps,
+                   233472 // smem if smem else 32)
+    return programs, programs * warps
+
+
+def compile_stats(ir_text, warps):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.ttir")
+        with open(path, "w") as f:
+            f.write(ir_text)
+        k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": 1})
+        ptx = os.path.join(d, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "ptxas")
+        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    st, ld = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                log).groups())
+    smem = int(k.metadata.shared)
+    programs, resident_warps = resident(regs, smem, warps)
+    return {"registers": regs, "spill_store_bytes": st, "spill_load_bytes": ld,
+            "shared_bytes": smem, "programs_per_sm": programs, "warps_per_sm": resident_warps}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ops", nargs="+", default=["kda", "gated_delta_rule", "gla"])
+    ap.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--out", default="benchmarks/results/kernel_registers.json")
+    a = ap.parse_args()
+    import triton
+
+    rows = []
+    print("| op | kernel | warps | registers | spill st/ld B | shared KB | programs/SM | "
+          "warps/SM |")
+    print("|---|---|---|---|---|---|---|---|")
+    for op in a.ops:
+        for name, ir_text in kernel_irs(op).items():
+            for w in a.warps:
+                s = compile_stats(ir_text, w)
+                mark = " (committed)" if w == committed_warps(name) else ""
+                rows.append({"op": op, "kernel": name, "num_warps": w,
+                             "committed": bool(mark), **s})
+                print(f"| {op} | {name} | {w}{mark} | {s['registers']} | "
+                      f"{s['spill_store_bytes']}/{s['spill_load_bytes']} | "
+                      f"{s['shared_bytes'] / 1024:.0f} | {s['programs_per_sm']} | "
+                      f"{s['warps_per_sm']} |", flush=True)
+    meta = {"jax": jax.__version__, "triton": triton.__version__, "target": "sm_90a",
+            "command": "python " + " ".join(sys.argv)}
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
