@@ -40,8 +40,10 @@ the wrapper adds their dX, dY after dg. Nothing is saved but the inputs.
 Cost per chunk (C = 64, K = 128, float32): reads 3 C K values (96 KB), writes C^2 (16 KB);
 C 16 K exps on the diagonal blocks (131 K) and ~3 C K for the factors; off-diagonal dots
 n(n-1)/2 x 2 * 16^2 K = 0.4 MFLOP. At B=4, T=4096, H=16 (4096 chunks): 0.46 GB (0.15 ms
-at 3 TB/s) and 0.54 G exps (0.13 ms at 16 exp/clk/SM): measured 0.87 ms forward on the H100,
-bound by the 64 dependent row steps per program (benchmarks/NOTES.md).
+at 3 TB/s) and 0.54 G exps (0.13 ms at 16 exp/clk/SM): measured 0.87 ms forward on the H100.
+What bounds it is not established: splitting the row steps over programs, splitting the key
+columns, fusing two products, running products instead of exps and fewer live registers were
+each slower or no faster (benchmarks/NOTES.md, sixth session).
 
 The kernels run on the GPU through Triton and on the CPU in interpret mode; the TPU
 configuration keeps XLA's version. K is padded with zeros to a power of two >= 16 (zeros add
