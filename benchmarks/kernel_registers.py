@@ -3,7 +3,7 @@ measured without a GPU.
 
     pip install triton==3.6.0     # not a dependency of the project: this script only
     PYTHONPATH=src python benchmarks/kernel_registers.py [--ops kda gated_delta_rule] \
-        [--warps 1 2 4 8] [--out benchmarks/results/kernel_registers.json]
+        [--warps 1 2 4 8] [--out benchmarks/results/kernel_registers.json] [--ttgir DIR]
 
 Lowers each op's forward+backward for "cuda" on the CPU (abstract H100 mesh, as the lowering
 tests do, at K = V = 128, chunk 64, bf16) and keeps the Triton IR of every Pallas kernel (by
@@ -91,7 +91,9 @@ def resident(regs, smem, warps):
     return programs, programs * warps
 
 
-def compile_stats(ir_text, warps):
+def compile_stats(ir_text, warps, ttgir_path=None):
+    """ptxas -v's numbers for one kernel at `warps`; ttgir_path: also write Triton's GPU IR
+    (the layouts, reductions and relayouts the kernel compiles to) there."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -101,6 +103,9 @@ def compile_stats(ir_text, warps):
             f.write(ir_text)
         k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": 1})
+        if ttgir_path:
+            with open(ttgir_path, "w") as f:
+                f.write(k.asm["ttgir"])
         ptx = os.path.join(d, "kernel.ptx")
         with open(ptx, "w") as f:
             f.write(k.asm["ptx"])
@@ -122,9 +127,13 @@ def main():
     ap.add_argument("--ops", nargs="+", default=["kda", "gated_delta_rule", "gla"])
     ap.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--out", default="benchmarks/results/kernel_registers.json")
+    ap.add_argument("--ttgir", metavar="DIR",
+                    help="also write each kernel's Triton GPU IR to DIR/<op>_<kernel>_w<warps>")
     a = ap.parse_args()
     import triton
 
+    if a.ttgir:
+        os.makedirs(a.ttgir, exist_ok=True)
     rows = []
     print("| op | kernel | warps | registers | spill st/ld B | shared KB | programs/SM | "
           "warps/SM |")
@@ -132,7 +141,9 @@ def main():
     for op in a.ops:
         for name, ir_text in kernel_irs(op).items():
             for w in a.warps:
-                s = compile_stats(ir_text, w)
+                tag = f"{op}_{name.replace('#', '_')}_w{w}.ttgir"
+                path = a.ttgir and os.path.join(a.ttgir, tag)
+                s = compile_stats(ir_text, w, path)
                 mark = " (committed)" if w == committed_warps(name) else ""
                 rows.append({"op": op, "kernel": name, "num_warps": w,
                              "committed": bool(mark), **s})
