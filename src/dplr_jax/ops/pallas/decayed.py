@@ -104,31 +104,38 @@ def _bounded_block(probe, g, exact):
     return jnp.exp(pre - mid), jnp.exp(mid - incl), pre, total - incl, total
 
 
-def _block_rows(probe, base, y, g_ref, step, init, near=True):
-    """The row loop of sub-chunk rows [base, base + 16): step(t, e, keep, carry) per row with
-    e[s, k] = exp(the pair's decay sum) and keep[s] the row's valid columns (near=False:
-    without the pair that has no decay, s = t, or s = t - 1 with probe). Returns
-    (carry, pre, suffix, total): the query-side prefix sums of the sub-chunk (inclusive, or
-    exclusive with probe), its exclusive suffix sums and its total [1, K]."""
+def _block_rows(probe, base, y, x_ref, g_ref, step, init, near=True):
+    """The row loop of sub-chunk rows [base, base + 16): step(t, e, keep, x_t, carry) per row
+    with e[s, k] = exp(the pair's decay sum), keep[s] the row's valid columns (near=False:
+    without the pair that has no decay, s = t, or s = t - 1 with probe) and x_t the row of
+    x_ref. Returns (carry, pre, suffix, total): the query-side prefix sums of the sub-chunk
+    (inclusive, or exclusive with probe), its exclusive suffix sums and its total [1, K].
+
+    The rows of x and g a step reads are loaded one step ahead (the loop carries them), so
+    their latency overlaps the step before rather than opening each step."""
     s = _iota(y.shape, 0)
     s1 = _iota((SUB, 1), 0)
 
+    def rows(t):  # row t (clamped into the sub-chunk: the last step loads nothing new)
+        r = pl.ds(base + jnp.minimum(t, SUB - 1), 1)
+        return x_ref[r, :], g_ref[r, :].astype(y.dtype)
+
     def body(t, state):
-        d, p, pre, carry = state
-        g_t = g_ref[pl.ds(base + t, 1), :].astype(d.dtype)
+        d, p, pre, (x_t, g_t), carry = state
+        ahead = rows(t + 1)
         if probe:  # decays over s < u <= t - 1: the previous row's sums; prefix excludes t
-            carry = step(t, jnp.exp(d), s1 < (t if near else t - 1), carry)
+            carry = step(t, jnp.exp(d), s1 < (t if near else t - 1), x_t, carry)
             pre = jnp.where(s == t, p, pre)
         p = p + g_t
         d = jnp.where(s < t, d + g_t, 0.0)
         if not probe:
-            carry = step(t, jnp.exp(d), s1 <= t if near else s1 < t, carry)
+            carry = step(t, jnp.exp(d), s1 <= t if near else s1 < t, x_t, carry)
             pre = jnp.where(s == t, p, pre)
-        return d, p, pre, carry
+        return d, p, pre, ahead, carry
 
     zero = jnp.zeros_like(y)
-    d, p, pre, carry = jax.lax.fori_loop(
-        0, SUB, body, (zero, jnp.zeros((1, y.shape[1]), y.dtype), zero, init))
+    d, p, pre, _, carry = jax.lax.fori_loop(
+        0, SUB, body, (zero, jnp.zeros((1, y.shape[1]), y.dtype), zero, rows(0), init))
     return carry, pre, d, p
 
 
@@ -140,13 +147,12 @@ def _forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):
         rows = pl.ds(i * SUB, SUB)
         Y = y_ref[rows, :]
 
-        def step(t, e, keep, carry, i=i, Y=Y):
-            x_t = x_ref[pl.ds(i * SUB + t, 1), :]
+        def step(t, e, keep, x_t, carry, i=i, Y=Y):
             row = jnp.sum(jnp.where(keep, Y * e, 0.0) * x_t, axis=1)
             d_ref[pl.ds(i * SUB + t, 1), rows] = row[None, :].astype(d_ref.dtype)
             return carry
 
-        _, pre, suffix, total = _block_rows(probe, i * SUB, Y, g_ref, step, 0)
+        _, pre, suffix, total = _block_rows(probe, i * SUB, Y, x_ref, g_ref, step, 0)
         Xq = x_ref[rows, :] * jnp.exp(pre)
         for j in reversed(range(i)):  # between = totals of the sub-chunks j+1 .. i-1
             d_ij = _dot(Xq, keys[j], precision, trans_b=True)
@@ -176,17 +182,17 @@ def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, pre
             dX = _dot(ddt, Y * ek, precision, trans_a=True) * eq
             dY = _dot(ddt, Xq * eq, precision) * ek
         else:
-            def step(t, e, keep, carry, i=i, Y=Y, ddt=ddt):
+            def step(t, e, keep, x_t, carry, Y=Y, ddt=ddt):
                 dX, dY = carry
                 w = jnp.where(keep, jnp.sum(jnp.where(c16 == t, ddt, 0.0), axis=1,
                                             keepdims=True), 0.0)
                 we = w * e
                 dx_t = jnp.sum(we * Y, axis=0, keepdims=True)
                 dX = jnp.where(r16 == t, dx_t, dX)
-                return dX, dY + we * x_ref[pl.ds(i * SUB + t, 1), :]
+                return dX, dY + we * x_t
 
             zero = jnp.zeros_like(Y)
-            (dX, dY), pre, suffix, total = _block_rows(probe, i * SUB, Y, g_ref, step,
+            (dX, dY), pre, suffix, total = _block_rows(probe, i * SUB, Y, x_ref, g_ref, step,
                                                        (zero, zero), near=False)
         eq = jnp.exp(pre)
         for j in reversed(range(i)):
