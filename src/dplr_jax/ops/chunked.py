@@ -58,18 +58,32 @@ def _rowscale(X, e):
     return X * (e[:, None, None] if e.ndim == 1 else e[:, None, :])
 
 
+def _sum_dot(dot, dtype):
+    """dot(precision) at float32 accuracy, for the 0/1 matrix products that form sums of log
+    decays and of gradients: HIGHEST, except float32 on CUDA GPUs, where three tf32 passes on
+    the tensor cores are as accurate (each term rounded to 2^-22 relative; the 0/1 factor is
+    exact in tf32) and faster than XLA's HIGHEST float32 dot on the CUDA cores (the pairwise
+    segment sums of a scalar decay, [C*C, C] x [C, chunks]: 0.21 -> 0.11 ms in Gated
+    DeltaNet's forward on the H100, 0.41 -> 0.23 in its backward; benchmarks/NOTES.md)."""
+    if dtype != jnp.float32:
+        return dot(jax.lax.Precision.HIGHEST)
+    return jax.lax.platform_dependent(
+        cuda=lambda: dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3),
+        default=lambda: dot(jax.lax.Precision.HIGHEST))
+
+
 def masked_sums(g, axis, keep):
     """out_t = sum of g_u over the u with keep(t, u) (index arrays -> bool), along `axis`.
 
-    A 0/1 matrix product at full precision, so every output is a sum of the tokens it covers.
-    Not jnp.cumsum: XLA lowers cumsum on GPUs as a reduce-window whose memory traffic grows
-    with the window, and its transpose likewise (7.3 ms of kda's 39 ms forward+backward at
-    B=4, T=4096, H=16, K=128 on the H100, benchmarks/NOTES.md).
+    A 0/1 matrix product at float32 accuracy (_sum_dot), so every output is a sum of the
+    tokens it covers. Not jnp.cumsum: XLA lowers cumsum on GPUs as a reduce-window whose
+    memory traffic grows with the window, and its transpose likewise (7.3 ms of kda's 39 ms
+    forward+backward at B=4, T=4096, H=16, K=128 on the H100, benchmarks/NOTES.md).
     """
     t = jnp.arange(g.shape[axis])
     span = keep(t[:, None], t[None, :]).astype(g.dtype)
-    out = jnp.tensordot(span, jnp.moveaxis(g, axis, 0), axes=1,
-                        precision=jax.lax.Precision.HIGHEST)
+    out = _sum_dot(lambda p: jnp.tensordot(span, jnp.moveaxis(g, axis, 0), axes=1,
+                                           precision=p), g.dtype)
     return jnp.moveaxis(out, 0, axis)
 
 
@@ -82,13 +96,13 @@ def prefix_suffix(g, axis=0):
 
 def segment_sums(g, probe):
     """S[t, s] = sum of g_u over s < u <= t (over s < u <= t - 1 if probe), for s < t; 0 elsewhere.
-    g [c, ...]; returns [c, c, ...]. A 0/1 matrix product at full precision: sums of the
-    per-token decays, never differences of cumulative sums."""
+    g [c, ...]; returns [c, c, ...]. A 0/1 matrix product at float32 accuracy (_sum_dot):
+    sums of the per-token decays, never differences of cumulative sums."""
     c = g.shape[0]
     t = jnp.arange(c)
     hi = t[:, None, None] - (1 if probe else 0)  # [t, s, u]: s < u <= hi
     span = ((t[None, :, None] < t[None, None, :]) & (t[None, None, :] <= hi)).astype(g.dtype)
-    return jnp.einsum("tsu,u...->ts...", span, g, precision=jax.lax.Precision.HIGHEST)
+    return _sum_dot(lambda p: jnp.einsum("tsu,u...->ts...", span, g, precision=p), g.dtype)
 
 
 def _diagonal_blocks(Xs, Ys, gs, probe, bounded):
