@@ -77,6 +77,8 @@ def kernel_irs(op):
 def committed_warps(name):
     cfg = PLATFORM_CONFIGS["gpu"]
     launches = {"dplr_decayed_fwd": cfg.products[0], "dplr_decayed_bwd": cfg.products[1],
+                "dplr_decayed_scalar_fwd": cfg.scalar_products[0],
+                "dplr_decayed_scalar_bwd": cfg.scalar_products[1],
                 "dplr_factors_fwd": cfg.factors[0], "dplr_factors_bwd": cfg.factors[1],
                 "dplr_state_pass_fwd": cfg.fwd, "dplr_state_pass_bwd": cfg.bwd,
                 "dplr_state_pass_grads": cfg.grads}

@@ -270,12 +270,10 @@ def bench_state_pass(T, configs):
         guarded(tag + " fwd+bwd", lambda: record(tag, T, "fwd+bwd", *time_jax(fb, args)))
 
 
-def bench_products(T):
-    """Phase 1's decayed products of per-channel decays alone (kda's L: probe=True), float32
-    per chunk as the engine passes them, vmapped over B*H*T/C chunks: the Pallas kernels
-    (decayed.py) at several warp counts vs XLA's chunked.decayed_products, forward and
-    forward+backward; plus a check of one against the other on the GPU, plain and with hard
-    resets."""
+def _products_setup(T):
+    """Inputs of kda's L (probe=True) per chunk, float32 as the engine passes them, vmapped
+    over B*H*T/C chunks, and (forward, forward+backward) functions of XLA's products and of
+    the kernels at (forward, backward) warps: (X, Y, g, xla, pallas(wf, wb, bounded))."""
     N = B * H * T // C
     ks = jax.random.split(jax.random.PRNGKey(11), 4)
     X = jax.random.normal(ks[0], (N, C, 1, K))
@@ -294,10 +292,22 @@ def bench_products(T):
 
     xla = fns(xla_chunked.decayed_products)
     gpu = PLATFORM_CONFIGS["gpu"]
+    launches = lambda wf, wb: (Launch(num_warps=wf, num_stages=1),
+                               Launch(num_warps=wb, num_stages=1))
     pallas = lambda wf, wb, bounded=False: fns(functools.partial(
         decayed.decayed_products, bounded=bounded, interpret=False,
         precision=gpu.precision_16bit, exact=gpu.precision,  # the bf16-input path
-        launch=(Launch(num_warps=wf, num_stages=1), Launch(num_warps=wb, num_stages=1))))
+        launch=launches(wf, wb), scalar_launch=launches(wf, wb)))
+    return X, Y, g, xla, pallas
+
+
+def bench_products(T):
+    """Phase 1's decayed products of per-channel decays alone (kda's L, _products_setup): the
+    Pallas kernels (decayed.py) at several warp counts vs XLA's chunked.decayed_products,
+    forward and forward+backward; plus a check of one against the other on the GPU, plain
+    and with hard resets, and the bounded path against the exact kernel."""
+    X, Y, g, xla, pallas = _products_setup(T)
+    ks = jax.random.split(jax.random.PRNGKey(11), 4)  # ks[0]: the hard resets' positions
     for strong in (False, True):
         gs = jnp.where(jax.random.uniform(ks[0], g.shape) < 0.02, -1000.0, 10 * g) if strong else g
         with jax.default_matmul_precision("highest"):
@@ -333,6 +343,37 @@ def bench_products(T):
                                                    "fwd", *time_jax(fwd, (X, Y, gb))))
         guarded("products bounded", lambda: record(f"products pallas bounded w{wf}/{wb}", T,
                                                    "fwd+bwd", *time_jax(fb, (X, Y, gb))))
+
+
+def bench_scalar_products(T):
+    """bench_products for one log decay per token (gated_delta_rule's products): the scalar
+    kernels (decayed.py) at several warp counts vs XLA's, with the same check."""
+    X, Y, g, xla, pallas = _products_setup(T)
+    gpu = PLATFORM_CONFIGS["gpu"]
+    gs = g[..., 0]
+    ks = jax.random.split(jax.random.PRNGKey(12), 2)
+    for strong in (False, True):
+        gt = jnp.where(jax.random.uniform(ks[1], gs.shape) < 0.02, -1000.0, 10 * gs) if strong \
+            else gs
+        with jax.default_matmul_precision("highest"):
+            ref = jax.jit(xla[1])(X, Y, gt)
+        got = jax.jit(pallas(*(x.num_warps for x in gpu.scalar_products))[1])(X, Y, gt)
+        errs = {n: rel(a, b) for n, a, b in zip(("D", "dX", "dY", "dg"), got, ref)}
+        finite = all(bool(jnp.all(jnp.isfinite(a))) for a in got)
+        RESULTS["checks"].append({"op": "decayed products, scalar decays (tf32 dots)",
+                                  "case": "strong" if strong else "plain",
+                                  "errors_vs_xla_highest": errs, "finite": finite})
+        log(f"scalar products kernel vs xla ({'strong' if strong else 'plain'}): finite "
+            f"{finite} {errs}")
+    for wf, wb in ((2, 4), (4, 4), (4, 8), (8, 8)):
+        fwd, fb = pallas(wf, wb)
+        tag = f"scalar products pallas w{wf}/{wb}"
+        guarded(tag, lambda: record(tag, T, "fwd", *time_jax(fwd, (X, Y, gs))))
+        guarded(tag, lambda: record(tag, T, "fwd+bwd", *time_jax(fb, (X, Y, gs))))
+    guarded("scalar products xla", lambda: record("scalar products xla", T, "fwd",
+                                                  *time_jax(xla[0], (X, Y, gs))))
+    guarded("scalar products xla", lambda: record("scalar products xla", T, "fwd+bwd",
+                                                  *time_jax(xla[1], (X, Y, gs))))
 
 
 def bench_jax_attention(T):
@@ -521,9 +562,9 @@ def main():
                          "(decays clipped to >= BOUND), at the first T")
     ap.add_argument("--wide-checks", action="store_true",
                     help="also check kda at head dim 256 (bf16, fp32) and at chunk 128 (bf16)")
-    ap.add_argument("--products", action="store_true",
+    ap.add_argument("--products", nargs="*", choices=("channel", "scalar"),
                     help="at the first T, also time phase 1's decayed products alone (Pallas vs "
-                         "XLA)")
+                         "XLA): of per-channel decays, of scalar ones, or (no value) both")
     ap.add_argument("--no-extras", action="store_true",
                     help="skip the state-pass-alone and jax attention timings")
     ap.add_argument("--chunk", type=int, nargs="+", default=[C],
@@ -602,8 +643,11 @@ def main():
             if a.bound is not None:
                 bench_jax(T, [o for o in a.ops if o in ("kda", "gla")] if first else ("kda",),
                           a.backends if first else ("pallas",), bound=a.bound)
-            if first and a.products:
+            products = ("channel", "scalar") if a.products == [] else (a.products or ())
+            if first and "channel" in products:
                 guarded("products", lambda: bench_products(T))
+            if first and "scalar" in products:
+                guarded("scalar products", lambda: bench_scalar_products(T))
             if first and not a.no_extras:
                 bench_state_pass(T, sp_configs)
             if not a.no_extras:

@@ -3,8 +3,9 @@
 The kernels (CPU interpret mode) against XLA's `chunked.decayed_products` on one chunk: values
 and every cotangent (X, Y and the log decays, whose gradient the wrapper forms from two
 reverse sums), probe and plain, chunks of 1, 2 and 4 sub-chunks, several probes / keys per
-token, K padded, hard resets; float32 against float64; backend="pallas" through them against
-the float64 reference at chunk 64 with hard resets; which ops use them.
+token, K padded, hard resets, per-channel and scalar decays; float32 against float64;
+backend="pallas" through them against the float64 reference at chunk 64 with hard resets;
+which ops use them.
 """
 
 import functools
@@ -23,12 +24,13 @@ from test_pallas_ops import check_pallas_vjp
 
 KERNEL = functools.partial(decayed.decayed_products, interpret=True,
                            precision=jax.lax.Precision.HIGHEST, exact=jax.lax.Precision.HIGHEST,
-                           launch=(Launch(), Launch()))
+                           launch=(Launch(), Launch()),
+                           scalar_launch=(Launch(), Launch()))
 
 
-def chunk(rng, C=64, a=1, b=1, K=32, strong=False):
-    """X [C, a, K], Y [C, b, K], log decays g [C, K] as float64 NumPy."""
-    g = -np.logaddexp(0.0, -(1.5 * rng.standard_normal((C, K)) + 3.0))
+def chunk(rng, C=64, a=1, b=1, K=32, strong=False, scalar=False):
+    """X [C, a, K], Y [C, b, K], log decays g [C, K] (scalar: [C]) as float64 NumPy."""
+    g = -np.logaddexp(0.0, -(1.5 * rng.standard_normal((C,) if scalar else (C, K)) + 3.0))
     if strong:
         g = np.where(rng.random(g.shape) < 0.05, -1000.0, 10.0 * g)
         g[C // 2 + 3] = -1000.0
@@ -57,6 +59,24 @@ def test_matches_xla_in_float64(probe, C, a, b, K, strong, rng, x64):
 
 
 @pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
+@pytest.mark.parametrize("C,a,b,K,strong", [(64, 1, 2, 40, False), (64, 1, 1, 32, True),
+                                            (16, 2, 1, 16, True), (32, 1, 1, 100, True)])
+def test_scalar_decays_match_xla_in_float64(probe, C, a, b, K, strong, rng, x64):
+    """One log decay per token (gated_delta_rule's products): the scalar kernels (K = 100:
+    two programs of the backward, their shares of dg added)."""
+    xs = cast(chunk(rng, C=C, a=a, b=b, K=K, strong=strong, scalar=True), jnp.float64)
+    ct = jnp.asarray(rng.standard_normal((C, a, C, b)))
+    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x, probe), xs, ct)
+    fn = lambda ct, *x: value_and_pullback(lambda *y: KERNEL(*y, probe), x, ct)
+    text = str(jax.make_jaxpr(fn)(ct, *xs))
+    assert "dplr_decayed_scalar_fwd" in text and "dplr_decayed_scalar_bwd" in text
+    got = jax.jit(fn)(ct, *xs)
+    for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
+        assert u.shape == v.shape and u.dtype == jnp.float64
+        assert_close(u, v, 1e-12, name)
+
+
+@pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
 @pytest.mark.parametrize("C,a,b,K", [(64, 1, 1, 32), (32, 2, 1, 40), (16, 1, 3, 16)])
 @pytest.mark.parametrize("impl", ["pallas", "xla"])
 def test_bounded_path_matches_exact_in_float64(impl, probe, C, a, b, K, rng, x64):
@@ -76,8 +96,9 @@ def test_bounded_path_matches_exact_in_float64(impl, probe, C, a, b, K, rng, x64
 
 
 @pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
-def test_float32_against_float64_with_hard_resets(probe, rng, x64):
-    xs = chunk(rng, strong=True)
+@pytest.mark.parametrize("scalar", [False, True], ids=["channel", "scalar"])
+def test_float32_against_float64_with_hard_resets(probe, scalar, rng, x64):
+    xs = chunk(rng, strong=True, scalar=scalar)
     ct = rng.standard_normal((64, 1, 64, 1))
     ref = value_and_pullback(lambda *x: chunked.decayed_products(*x, probe),
                              cast(xs, jnp.float64), jnp.asarray(ct))
@@ -117,7 +138,7 @@ def test_vmapped_over_chunks(rng):
     assert_close(got, ref, 1e-5, "D")
 
 
-@pytest.mark.parametrize("name", ["kda", "gla"])
+@pytest.mark.parametrize("name", ["kda", "gla", "gated_delta_rule"])
 def test_backend_pallas_chunk_64_hard_resets(name, rng, x64):
     """backend="pallas" (four sub-chunks per chunk through the kernels) vs the float64
     reference at T=130: gates x10 with 5% hard resets, an initial state, every gradient."""
@@ -129,7 +150,7 @@ def test_backend_pallas_chunk_64_hard_resets(name, rng, x64):
     check_pallas_vjp(name, args, h0, rng, 1e-5, 1e-5, lambda _: 1e-5, chunk_size=64)
 
 
-def test_used_for_per_channel_decays_only():
+def test_used_for_per_channel_and_scalar_decays():
     def jaxpr(name):
         args = cast(make_inputs(name, np.random.default_rng(0), B=1, T=20), jnp.float32)
         fn = lambda *a: ops.OPS[name](*a, backend="pallas", chunk_size=16)[0].sum()
@@ -138,5 +159,9 @@ def test_used_for_per_channel_decays_only():
     for name in ("kda", "gla", "dplr", "hdla"):
         text = jaxpr(name)
         assert "dplr_decayed_fwd" in text and "dplr_decayed_bwd" in text, name
-    for name in ("gated_delta_rule", "delta_rule", "gated_delta_product"):
-        assert "dplr_decayed" not in jaxpr(name), name
+        assert "dplr_decayed_scalar" not in text, name
+    for name in ("gated_delta_rule", "gated_delta_product"):
+        text = jaxpr(name)
+        assert "dplr_decayed_scalar_fwd" in text and "dplr_decayed_scalar_bwd" in text, name
+        assert "dplr_decayed_fwd" not in text, name
+    assert "dplr_decayed" not in jaxpr("delta_rule")

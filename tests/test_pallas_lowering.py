@@ -54,10 +54,13 @@ def test_forward_and_backward_lower(target, case):
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=(target,)).as_text()
     # The forward and both backward state-pass kernels are in the module, and on the GPU
-    # the decayed-product kernels of the per-channel-decay ops...
+    # the decayed-product kernels of the per-channel-decay ops (scalar ones for per-token
+    # decays)...
     assert all(text.count(f"dplr_state_pass_{k}") >= 1 for k in ("fwd", "bwd", "grads"))
     per_channel = target == "cuda" and name in ("kda", "gla", "dplr")
     assert ("dplr_decayed_fwd" in text and "dplr_decayed_bwd" in text) == per_channel
+    scalar = target == "cuda" and name in ("gated_delta_rule", "gated_delta_product")
+    assert ("dplr_decayed_scalar_fwd" in text and "dplr_decayed_scalar_bwd" in text) == scalar
     # ... and the factors kernels of the delta family (one probed key per token, no plain keys)
     delta = target == "cuda" and name not in ("gla", "dplr")
     assert ("dplr_factors_fwd" in text and "dplr_factors_bwd" in text) == delta

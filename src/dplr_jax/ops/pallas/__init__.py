@@ -21,13 +21,15 @@ PLATFORM_CONFIGS = {
                   grads=Launch(num_warps=4, num_stages=2),
                   products=(Launch(num_warps=2, num_stages=1),
                             Launch(num_warps=4, num_stages=1)),
+                  scalar_products=(Launch(num_warps=4, num_stages=1),
+                                   Launch(num_warps=4, num_stages=1)),
                   factors=(Launch(num_warps=4, num_stages=1), Launch(num_warps=4, num_stages=1)),
                   # K = 256 overflowed shared memory when the state pass took M (K x K);
                   # with factors it fits (S is K x 64, the factors go in 64-row blocks).
                   max_k=256),
     "tpu": Config(form="grid"),
     "cpu": Config(form="loop", interpret=True, products=(Launch(), Launch()),
-                  factors=(Launch(), Launch())),
+                  scalar_products=(Launch(), Launch()), factors=(Launch(), Launch())),
 }
 """Launch configuration of the registered kernels per platform."""
 

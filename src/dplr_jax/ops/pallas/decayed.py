@@ -1,5 +1,5 @@
 """Pallas kernels for phase 1's decayed products with per-channel log decays (kda, gla, dplr,
-hdla): the whole [C, C] intra-chunk matrix of one chunk per program.
+hdla) and with scalar ones: the whole [C, C] intra-chunk matrix of one chunk per program.
 
 chunked.decayed_products needs, per chunk of C tokens and one head,
 
@@ -44,6 +44,14 @@ at 3 TB/s) and 0.54 G exps (0.13 ms at 16 exp/clk/SM): measured 0.87 ms forward 
 What bounds it is not established: splitting the row steps over programs, splitting the key
 columns, fusing two products, running products instead of exps and fewer live registers were
 each slower or no faster (benchmarks/NOTES.md, sixth session).
+
+Scalar decays (one per token: gated_delta_rule, gated_delta_product) need no sub-chunks: the
+chunk's pairwise decay sums S [C, C] are one scan over t of the masked per-token decays
+(sums of the tokens each covers), D = (X Y^T) e^S is one dot, and the backward is three
+dots with the log decays' gradient formed in the kernel (a 0/1 dot over s, a masked sum
+over t; one program per 64 key columns, XLA adds their shares). On the H100 (kda's L shape,
+4 warps): 0.15 ms forward against XLA's 0.27, 0.59 forward+backward against 0.68; Gated
+DeltaNet 2.43 -> 2.20 ms forward, 7.60 -> 6.95 forward+backward (benchmarks/NOTES.md).
 
 The kernels run on the GPU through Triton and on the CPU in interpret mode; the TPU
 configuration keeps XLA's version. K is padded with zeros to a power of two >= 16 (zeros add
@@ -211,11 +219,63 @@ def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, pre
         dy_ref[pl.ds(j * SUB, SUB), :] = dkeys[j].astype(dy_ref.dtype)
 
 
-def _call(kernel, args, outs, interpret, launch, name):
+def _acc(ref):
+    return jnp.promote_types(ref.dtype, jnp.float32)  # float32 (float64 in interpret mode)
+
+
+def _scalar_decays(g_row, probe, near):
+    """[t, s] factors e^{S[t, s]} of a chunk's pairs for scalar log decays g_row [1, C], S the
+    sum of g_u over s < u <= t (probe: s < u <= t - 1) by a scan over t (sums of the tokens
+    each covers), 0 off the pairs (s <= t; probe s < t; near=False also without the pair that
+    has no decay, as _decayed_pairs)."""
+    C = g_row.shape[1]
+    t, s = _iota((C, C), 0), _iota((C, C), 1)
+    p = 1 if probe else 0
+    g_t = jnp.sum(jnp.where(s == t - p, g_row, 0.0), axis=1, keepdims=True)  # g[t - p]
+    S = jnp.cumsum(jnp.where(t > s + p, g_t, 0.0), axis=0)
+    return jnp.where(t > s + p - (1 if near else 0), jnp.exp(S), 0.0)
+
+
+def _scalar_forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):
+    """Scalar decays: the whole chunk as one dot X Y^T times the pairs' decay factors."""
+    W = _scalar_decays(g_ref[...].astype(_acc(x_ref)), probe, near=True)
+    d_ref[...] = (_dot(x_ref[...], y_ref[...], precision, trans_b=True) * W).astype(
+        d_ref.dtype)
+
+
+def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref, *, probe,
+                            precision):
+    """One program per block of _SCALAR_BLOCK key columns: its columns of dX = (dD e^S) Y and
+    dY = (dD e^S)^T X, and its share [1, C] of the log decays' gradient, dg_u = the sum of dD D
+    over the pairs whose decay spans u (s < u <= t; probe t - 1; D = X Y^T e^S is a sum over
+    the key columns), as a 0/1 dot over s and a masked sum over t; XLA adds the shares. The
+    pairs without decay stay out of that sum (they span no token; their float32 rounding
+    would enter it as a difference of large terms)."""
+    f = _acc(x_ref)
+    C, K = x_ref.shape
+    kb = min(_SCALAR_BLOCK, K)
+    j = pl.program_id(0)
+    cols = pl.ds(j * kb, kb)
+    X, Y = x_ref[:, cols], y_ref[:, cols]
+    A = dd_ref[...].astype(f) * _scalar_decays(g_ref[...].astype(f), probe, near=True)
+    dx_ref[:, cols] = _dot(A, Y, precision).astype(dx_ref.dtype)
+    dy_ref[:, cols] = _dot(A, X, precision, trans_a=True).astype(dy_ref.dtype)
+    t, u = _iota((C, C), 0), _iota((C, C), 1)
+    p = 1 if probe else 0
+    dS = jnp.where(t > u + p, A * _dot(X, Y, precision, trans_b=True), 0.0)  # [t, s]
+    before = _dot(dS, (t < u).astype(f), precision)  # [t, u]: the sum over s < u
+    dg_ref[pl.ds(j, 1), :] = jnp.sum(jnp.where(t >= u + p, before, 0.0), axis=0,
+                                     keepdims=True).astype(dg_ref.dtype)
+
+
+_SCALAR_BLOCK = 64  # key columns per program of the scalar backward
+
+
+def _call(kernel, args, outs, interpret, launch, name, grid=()):
     params = None if interpret else pl_triton.CompilerParams(
         num_warps=launch.num_warps, num_stages=launch.num_stages)
-    return pl.pallas_call(kernel, out_shape=outs, interpret=interpret, compiler_params=params,
-                          name=name)(*args)
+    return pl.pallas_call(kernel, out_shape=outs, grid=grid, interpret=interpret,
+                          compiler_params=params, name=name)(*args)
 
 
 def _pad_k(*xs):
@@ -223,12 +283,20 @@ def _pad_k(*xs):
     return tuple(_pad_to(x, x.ndim - 1, _pow2(x.shape[-1])) for x in xs)
 
 
+def _kernel_inputs(X, Y, g):
+    """K padded (_pad_k); a scalar decay per token as a row [1, C]."""
+    return _pad_k(X, Y) + ((g[None, :],) if g.ndim == 1 else _pad_k(g))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _products(X, Y, g, probe, cfg):
     C = X.shape[0]
     out = jax.ShapeDtypeStruct((C, C), X.dtype)
-    kernel = functools.partial(_forward_kernel, probe=probe, precision=cfg.precision)
-    return _call(kernel, _pad_k(X, Y, g), [out], cfg.interpret, cfg.fwd, "dplr_decayed_fwd")[0]
+    scalar = g.ndim == 1
+    kernel = functools.partial(_scalar_forward_kernel if scalar else _forward_kernel,
+                               probe=probe, precision=cfg.precision)
+    return _call(kernel, _kernel_inputs(X, Y, g), [out], cfg.interpret, cfg.fwd,
+                 "dplr_decayed_scalar_fwd" if scalar else "dplr_decayed_fwd")[0]
 
 
 def _products_fwd(X, Y, g, probe, cfg):
@@ -237,13 +305,21 @@ def _products_fwd(X, Y, g, probe, cfg):
 
 def _products_bwd(probe, cfg, res, dD):
     X, Y, g = res
-    Xp, Yp, gp = _pad_k(X, Y, g)
+    Xp, Yp, gp = _kernel_inputs(X, Y, g)
+    outs = [jax.ShapeDtypeStruct(Xp.shape, X.dtype)] * 2
+    K = X.shape[-1]
+    if g.ndim == 1:
+        kernel = functools.partial(_scalar_backward_kernel, probe=probe,
+                                   precision=cfg.precision)
+        n = max(Xp.shape[1] // _SCALAR_BLOCK, 1)
+        dX, dY, dg = _call(kernel, (Xp, Yp, gp, dD.astype(X.dtype)),
+                           outs + [jax.ShapeDtypeStruct((n, gp.shape[1]), g.dtype)],
+                           cfg.interpret, cfg.bwd, "dplr_decayed_scalar_bwd", grid=(n,))
+        return dX[:, :K], dY[:, :K], dg.sum(axis=0)
     kernel = functools.partial(_backward_kernel, probe=probe, precision=cfg.precision,
                                exact=cfg.exact, bounded=cfg.bounded)
-    dX, dY = _call(kernel, (Xp, Yp, gp, dD.T.astype(X.dtype)),
-                   [jax.ShapeDtypeStruct(Xp.shape, X.dtype)] * 2, cfg.interpret, cfg.bwd,
+    dX, dY = _call(kernel, (Xp, Yp, gp, dD.T.astype(X.dtype)), outs, cfg.interpret, cfg.bwd,
                    "dplr_decayed_bwd")
-    K = X.shape[-1]
     dX, dY = dX[:, :K], dY[:, :K]  # without the pairs that have no decay (see below)
     R = X * dX
     dg = chunked.masked_sums(R - Y * dY, 0, jnp.less_equal)  # sum over u >= t
@@ -260,13 +336,16 @@ def _products_bwd(probe, cfg, res, dD):
 _products.defvjp(_products_fwd, _products_bwd)
 
 
-def decayed_products(X, Y, g, probe, bounded=False, *, interpret, precision, exact, launch):
-    """Drop-in for chunked.decayed_products (one chunk): the kernels for per-channel decays,
-    XLA's version for scalar or no decays. precision: of the products; exact: a float32-
-    accurate one for the bounded path's prefix sums; launch: (forward, backward) Launch."""
-    if g is None or g.ndim == 1:
+def decayed_products(X, Y, g, probe, bounded=False, *, interpret, precision, exact, launch,
+                     scalar_launch=None):
+    """Drop-in for chunked.decayed_products (one chunk): the kernels for per-channel and
+    scalar decays, XLA's version without decay. precision: of the products; exact: a
+    float32-accurate one for the bounded path's prefix sums; launch, scalar_launch: (forward,
+    backward) Launch of the per-channel and the scalar kernels (scalar_launch None: XLA's
+    version for scalar decays)."""
+    if g is None or (g.ndim == 1 and scalar_launch is None):
         return chunked.decayed_products(X, Y, g, probe)
-    cfg = _Cfg(interpret, precision, exact, bounded, *launch)
+    cfg = _Cfg(interpret, precision, exact, bounded, *(scalar_launch if g.ndim == 1 else launch))
     rows = [[_products(X[:, i], Y[:, j], g, probe, cfg) for j in range(Y.shape[1])]
             for i in range(X.shape[1])]
     return jnp.stack([jnp.stack(r, axis=-1) for r in rows], axis=1)  # [C, a, C, b]

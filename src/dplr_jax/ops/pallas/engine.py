@@ -5,8 +5,9 @@ forward and two backward (state_pass.py: a sequential one and a parallel one per
 every op of forms.py, up to the key width `Config.max_k` (GPU: 256; wider states run XLA's
 scan, and XLA's phase 1 around the decayed-product kernels). Phase 1 (per-chunk factored
 transitions and Qs, O0): its intra-chunk decayed products of per-channel decays (kda, gla,
-dplr, hdla) run in the Pallas kernels of decayed.py where the configuration names their
-launch (`Config.products`); for the delta family (one probed key per token, no plain keys:
+dplr, hdla) and of scalar ones (gated_delta_rule, gated_delta_product) run in the Pallas
+kernels of decayed.py where the configuration names their launch (`Config.products`,
+`Config.scalar_products`); for the delta family (one probed key per token, no plain keys:
 every op but gla and dplr) the rest runs in the kernels of factors.py (`Config.factors`);
 otherwise it is the XLA `chunk_factors` of chunked.py, differentiated by JAX and
 rematerialized in the backward pass but for the decayed products and the UT inverse, which
@@ -55,7 +56,8 @@ def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config,
     products = phase1 = None
     if cfg.products is not None and cfg.form == "loop":  # Triton / interpret kernels only
         products = functools.partial(decayed.decayed_products, interpret=cfg.interpret,
-                                     precision=cfg.precision, exact=exact, launch=cfg.products)
+                                     precision=cfg.precision, exact=exact, launch=cfg.products,
+                                     scalar_launch=cfg.scalar_products)
     if cfg.factors is not None and cfg.form == "loop":
         phase1 = functools.partial(_phase1, interpret=cfg.interpret, precision=cfg.precision,
                                    exact=exact, launch=cfg.factors)

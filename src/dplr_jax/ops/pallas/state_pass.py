@@ -86,8 +86,9 @@ class Config:
     (HIGH: tf32 on the GPU, bf16x3 on the TPU); fwd, bwd, grads: launch parameters of the
     forward, the sequential backward and the parallel gradient kernel (its block_v unused);
     products: (forward, backward) launch of phase 1's decayed-product kernels (decayed.py,
-    "loop" form only), or None to leave them to XLA (engine.py); factors: likewise for the
-    rest of the delta family's phase 1 (factors.py); max_k: the largest padded
+    "loop" form only), or None to leave them to XLA (engine.py); scalar_products: likewise
+    for the products of scalar decays (one per token); factors: likewise for the rest of the
+    delta family's phase 1 (factors.py); max_k: the largest padded
     key width the state pass takes (None: any), wider states use XLA's scan (engine.py).
     """
 
@@ -99,6 +100,7 @@ class Config:
     bwd: Launch = Launch()
     grads: Launch = Launch()
     products: tuple[Launch, Launch] | None = None
+    scalar_products: tuple[Launch, Launch] | None = None
     factors: tuple[Launch, Launch] | None = None
     max_k: int | None = None
 
