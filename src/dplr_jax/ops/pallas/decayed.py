@@ -223,22 +223,21 @@ def _acc(ref):
     return jnp.promote_types(ref.dtype, jnp.float32)  # float32 (float64 in interpret mode)
 
 
-def _scalar_decays(g_row, probe, near):
+def _scalar_decays(g_row, probe):
     """[t, s] factors e^{S[t, s]} of a chunk's pairs for scalar log decays g_row [1, C], S the
     sum of g_u over s < u <= t (probe: s < u <= t - 1) by a scan over t (sums of the tokens
-    each covers), 0 off the pairs (s <= t; probe s < t; near=False also without the pair that
-    has no decay, as _decayed_pairs)."""
+    each covers), 0 off the pairs (s <= t; probe s < t)."""
     C = g_row.shape[1]
     t, s = _iota((C, C), 0), _iota((C, C), 1)
     p = 1 if probe else 0
     g_t = jnp.sum(jnp.where(s == t - p, g_row, 0.0), axis=1, keepdims=True)  # g[t - p]
     S = jnp.cumsum(jnp.where(t > s + p, g_t, 0.0), axis=0)
-    return jnp.where(t > s + p - (1 if near else 0), jnp.exp(S), 0.0)
+    return jnp.where(t >= s + p, jnp.exp(S), 0.0)
 
 
 def _scalar_forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):
     """Scalar decays: the whole chunk as one dot X Y^T times the pairs' decay factors."""
-    W = _scalar_decays(g_ref[...].astype(_acc(x_ref)), probe, near=True)
+    W = _scalar_decays(g_ref[...].astype(_acc(x_ref)), probe)
     d_ref[...] = (_dot(x_ref[...], y_ref[...], precision, trans_b=True) * W).astype(
         d_ref.dtype)
 
@@ -257,7 +256,7 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
     j = pl.program_id(0)
     cols = pl.ds(j * kb, kb)
     X, Y = x_ref[:, cols], y_ref[:, cols]
-    A = dd_ref[...].astype(f) * _scalar_decays(g_ref[...].astype(f), probe, near=True)
+    A = dd_ref[...].astype(f) * _scalar_decays(g_ref[...].astype(f), probe)
     dx_ref[:, cols] = _dot(A, Y, precision).astype(dx_ref.dtype)
     dy_ref[:, cols] = _dot(A, X, precision, trans_a=True).astype(dy_ref.dtype)
     t, u = _iota((C, C), 0), _iota((C, C), 1)
