@@ -51,7 +51,8 @@ chunk's pairwise decay sums S [C, C] are one scan over t of the masked per-token
 dots with the log decays' gradient formed in the kernel (a 0/1 dot over s, a masked sum
 over t; one program per 64 key columns, XLA adds their shares). On the H100 (kda's L shape,
 4 warps): 0.15 ms forward against XLA's 0.27, 0.59 forward+backward against 0.68; Gated
-DeltaNet 2.43 -> 2.20 ms forward, 7.60 -> 6.95 forward+backward (benchmarks/NOTES.md).
+DeltaNet 2.43 -> 2.21 ms forward, 7.60 -> 6.95 forward+backward in one device call
+(benchmarks/NOTES.md).
 
 The kernels run on the GPU through Triton and on the CPU in interpret mode; the TPU
 configuration keeps XLA's version. K is padded with zeros to a power of two >= 16 (zeros add
