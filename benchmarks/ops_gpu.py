@@ -150,20 +150,20 @@ def check(op, dtype, case, key, bound=None, K_=64, chunk=C, n=2):
     pairs += [(n, a, b) for n, a, b in zip(names, got[2], ref[2])]
     out = {}
     ok = True
-    for n, a, b in pairs:
+    for name, a, b in pairs:
         a = np.asarray(a.astype(jnp.float32) if hasattr(a, "astype") else a)
         finite = bool(np.all(np.isfinite(a)))
         err = rel(a, b)
-        tol = 1e-5 if dtype == jnp.float32 else TOL_BF16[n]
+        tol = 1e-5 if dtype == jnp.float32 else TOL_BF16[name]
         good = finite and err < tol
         ok &= good
-        out[n] = {"rel_rmse": err, "tol": tol, "finite": finite, "pass": good}
+        out[name] = {"rel_rmse": err, "tol": tol, "finite": finite, "pass": good}
     if bound is not None or K_ != 64 or chunk != C or n != 2:
         case = (f"{case} K={K_} C={chunk}" + ("" if bound is None else f" bound={bound:g}")
                 + ("" if n == 2 else f" n={n}"))
     RESULTS["checks"].append({"op": op, "dtype": jnp.dtype(dtype).name, "case": case,
                               "pass": ok, "errors": out})
-    worst = max(out, key=lambda n: out[n]["rel_rmse"] / out[n]["tol"])
+    worst = max(out, key=lambda m: out[m]["rel_rmse"] / out[m]["tol"])
     log(f"check {op:17s} {jnp.dtype(dtype).name:8s} {case:7s} {'PASS' if ok else 'FAIL'} "
         f"worst {worst} {out[worst]['rel_rmse']:.2e} (tol {out[worst]['tol']:.0e})")
 

@@ -7,11 +7,11 @@ scan, and XLA's phase 1 around the decayed-product kernels). Phase 1 (per-chunk 
 transitions and Qs, O0): its intra-chunk decayed products of per-channel decays (kda, gla,
 dplr, hdla) and of scalar ones (gated_delta_rule, gated_delta_product) run in the Pallas
 kernels of decayed.py where the configuration names their launch (`Config.products`,
-`Config.scalar_products`); for the delta family (one probed key per token, no plain keys:
-every op but gla and dplr) the rest runs in the kernels of factors.py (`Config.factors`);
-otherwise it is the XLA `chunk_factors` of chunked.py, differentiated by JAX and
-rematerialized in the backward pass but for the decayed products and the UT inverse, which
-it keeps (chunked.SAVED).
+`Config.scalar_products`); for rank-1 forms (at most one probed and one plain key per
+token: every op but DPLR of a higher rank) the rest runs in the kernels of factors.py
+(`Config.factors`); otherwise it is the XLA `chunk_factors` of chunked.py, differentiated
+by JAX and rematerialized in the backward pass but for the decayed products and the UT
+inverse, which it keeps (chunked.SAVED).
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ def _scan(layout, factors, h0, *, cfg):
 
 
 def _phase1(q, g, E, y, P, F, Vk, *, decayed, **kernel):
-    """Phase 1 of one chunk: the delta family's (one probed key per token, no plain keys) in
-    the kernels of factors.py, every other form in XLA (chunked.chunk_factors)."""
-    if E is not None and F is None and E.shape[1] == 1:
-        return factors.delta_factors(q, g, E, y, P, decayed=decayed, **kernel)
+    """Phase 1 of one chunk: rank-1 forms (at most one probed and one plain key per token:
+    the delta family, GLA, rank-1 DPLR) in the kernels of factors.py, higher ranks in XLA
+    (chunked.chunk_factors)."""
+    if all(x is None or x.shape[1] == 1 for x in (E, F)):
+        return factors.rank1_factors(q, g, E, y, P, F, Vk, decayed=decayed, **kernel)
     return chunked.checkpointed(chunked.chunk_factors, decayed=decayed)(q, g, E, y, P, F, Vk)
 
 

@@ -87,8 +87,8 @@ class Config:
     forward, the sequential backward and the parallel gradient kernel (its block_v unused);
     products: (forward, backward) launch of phase 1's decayed-product kernels (decayed.py,
     "loop" form only), or None to leave them to XLA (engine.py); scalar_products: likewise
-    for the products of scalar decays (one per token); factors: likewise for the rest of the
-    delta family's phase 1 (factors.py); max_k: the largest padded
+    for the products of scalar decays (one per token); factors: likewise for the rest of
+    phase 1 of rank-1 forms (factors.py); max_k: the largest padded
     key width the state pass takes (None: any), wider states use XLA's scan (engine.py).
     """
 
