@@ -1,6 +1,6 @@
-"""The Pallas kernels for the rest of phase 1 of rank-1 forms (pallas/factors.py).
+"""The Pallas kernels for the rest of phase 1 (pallas/factors.py).
 
-`factors.rank1_factors` (CPU interpret mode) against XLA's `chunked.chunk_factors` on one
+`factors.low_rank_factors` (CPU interpret mode) against XLA's `chunked.chunk_factors` on one
 chunk: the six factors and the cotangents of every input, for the delta family's form (probed
 keys), GLA's (plain keys) and rank-1 DPLR's (both), per-channel, per-token and no decay, K
 and V over one and several 64-column programs (padded), hard resets; float64 to rounding and
@@ -27,11 +27,12 @@ KERNELS = dict(interpret=True, precision=HIGHEST, exact=HIGHEST, launch=(Launch(
 PRODUCTS = functools.partial(decayed.decayed_products, **KERNELS)
 
 
-def chunk(rng, decay, C, K, V, strong=False, form="delta"):
-    """One chunk of a rank-1 form as float64 NumPy: q, g (None, [C] or [C, K]), E, y, P, F, Vk.
+def chunk(rng, decay, C, K, V, strong=False, form="delta", m=1, rk=1):
+    """One chunk of a form as float64 NumPy: q, g (None, [C] or [C, K]), E, y, P, F, Vk.
     "delta": E = beta k, y, P = k e^g (as the ops' forms build them: the probe reads the
-    decayed state), no plain keys; "plain" (GLA): F = k, Vk = v only; "both" (rank-1 DPLR):
-    E = a, y = 0, P = b and F = k, Vk = v."""
+    decayed state), no plain keys; "plain" (GLA): F = k, Vk = v only; "both" (DPLR): m probed
+    keys E = a with y None (zero values) and probes P = b, rk plain keys F = k with values Vk;
+    "both_y": the same with values y."""
     q = rng.standard_normal((C, K))
     k = rng.standard_normal((C, K)) / np.sqrt(K)
     beta = rng.uniform(0.0, 2.0, (C, 1))
@@ -44,9 +45,12 @@ def chunk(rng, decay, C, K, V, strong=False, form="delta"):
     if form == "plain":
         return q, g, None, None, None, k[:, None], y
     eg = 1.0 if g is None else np.exp(g if g.ndim == 2 else g[:, None])
-    if form == "both":
-        b = rng.standard_normal((C, K)) / np.sqrt(K)
-        return (q, g, (beta * b)[:, None], np.zeros_like(y), b[:, None], k[:, None], y)
+    if form in ("both", "both_y"):
+        b = rng.standard_normal((C, m, K)) / np.sqrt(K * m)
+        a = rng.uniform(0.0, 2.0, (C, m, 1)) * b
+        values = rng.standard_normal((C, m, V)) if form == "both_y" else None
+        return (q, g, a, values, b, rng.standard_normal((C, rk, K)) / np.sqrt(K),
+                rng.standard_normal((C, rk, V)))
     return q, g, (beta * k)[:, None], y, (k * eg)[:, None], None, None
 
 
@@ -67,7 +71,7 @@ def factors_and_pullback(fn, xs, cts):
 def run_both(xs, cts):
     ref = factors_and_pullback(chunked.chunk_factors, xs, cts)
     got = jax.jit(lambda xs, cts: factors_and_pullback(
-        functools.partial(factors.rank1_factors, decayed=PRODUCTS, **KERNELS), xs,
+        functools.partial(factors.low_rank_factors, decayed=PRODUCTS, **KERNELS), xs,
         cts))(xs, cts)
     return got, ref
 
@@ -78,8 +82,8 @@ def cotangents(rng, xs):
     q, _, E, y, _, F, Vk = xs
     C, K = q.shape
     V = (y if Vk is None else Vk).shape[-1]
-    rows = C * ((E is not None) + (F is not None))
-    shapes = [(K,), (rows, K), None if E is None else (C, K), (rows, V), (C, K), (C, V)]
+    ne, nf = (0 if x is None else C * x.shape[1] for x in (E, F))
+    shapes = [(K,), (ne + nf, K), None if E is None else (ne, K), (ne + nf, V), (C, K), (C, V)]
     return tuple(None if s is None else rng.standard_normal(s) for s in shapes)
 
 
@@ -95,7 +99,7 @@ def close(x, ref, tol, what):
         assert_close(x, ref, tol, what)
 
 
-@pytest.mark.parametrize("form", ["delta", "plain", "both"])
+@pytest.mark.parametrize("form", ["delta", "plain", "both", "both_y"])
 @pytest.mark.parametrize("decay", ["channel", "scalar", None])
 @pytest.mark.parametrize("C,K,V,strong", [(64, 32, 16, False), (32, 100, 80, False),
                                           (16, 24, 200, True)])
@@ -115,6 +119,36 @@ def test_matches_xla_in_float64(form, decay, C, K, V, strong, rng, x64):
     for name, u, v in zip(names, d_got, d_ref):
         assert u.shape == v.shape and bool(jnp.all(jnp.isfinite(u))), name
         close(u, v, 1e-12, f"d{name}")
+
+
+@pytest.mark.parametrize("form", ["both", "both_y"])
+@pytest.mark.parametrize("decay", ["channel", "scalar"])
+@pytest.mark.parametrize("C,m,rk", [(32, 2, 1), (32, 1, 2), (32, 2, 4), (16, 4, 2)])
+def test_ranks_match_xla_in_float64(form, decay, C, m, rk, rng, x64):
+    """DPLR of ranks 2 and 4 (m probed keys, rk plain keys per token; rows token-major): every
+    factor and input cotangent as chunk_factors, to rounding, hard resets, K = 100 padded."""
+    xs = cast(chunk(rng, decay, C, 100, 48, True, form, m, rk), jnp.float64)
+    assert factors.takes(xs[0], xs[2], xs[5])
+    (f_got, d_got), (f_ref, d_ref) = run_both(xs, cast(cotangents(rng, xs), jnp.float64))
+    for name, u, v in zip(NAMES, f_got, f_ref):
+        assert u.shape == v.shape, name
+        close(u, v, 1e-12, name)
+    names = [n for n, x in zip(("q", "g", "E", "y", "P", "F", "Vk"), xs) if x is not None]
+    assert len(d_got) == len(d_ref) == len(names)
+    for name, u, v in zip(names, d_got, d_ref):
+        assert u.shape == v.shape and bool(jnp.all(jnp.isfinite(u))), name
+        close(u, v, 1e-12, f"d{name}")
+
+
+def test_which_forms_the_kernels_take():
+    """1, 2 or 4 keys of each kind per token; beyond one, at most 128 rows per chunk."""
+    x = lambda C, r: jnp.zeros((C, r, 8))
+    q = lambda C: jnp.zeros((C, 8))
+    assert factors.takes(q(256), x(256, 1), x(256, 1))
+    assert factors.takes(q(64), x(64, 2), None) and factors.takes(q(32), None, x(32, 4))
+    assert not factors.takes(q(64), x(64, 4), x(64, 1))  # 256 probed rows
+    assert not factors.takes(q(32), x(32, 3), x(32, 1))  # 96 rows: not a power of two
+    assert not factors.takes(q(32), x(32, 1), x(32, 8))
 
 
 @pytest.mark.parametrize("form,decay", [("delta", "channel"), ("delta", "scalar"),
@@ -140,11 +174,12 @@ def test_float32_against_float64(form, decay, rng):
 @pytest.mark.parametrize("name,uses,ranks", [
     ("kda", True, {}), ("gated_delta_rule", True, {}), ("delta_rule", True, {}),
     ("hdla", True, {}), ("gated_delta_product", True, {}), ("gla", True, {}),
-    ("dplr", True, {}), ("dplr", False, dict(R=2)), ("dplr", False, dict(Rkv=2))])
+    ("dplr", True, {}), ("dplr", True, dict(R=2)), ("dplr", True, dict(Rkv=2)),
+    ("dplr", False, dict(R=3)), ("dplr", False, dict(R=4))])
 def test_which_ops_take_the_kernels(name, uses, ranks, rng):
-    """Rank-1 forms (the delta family, GLA, rank-1 DPLR) run the factors kernels once forward
-    and once backward, and not XLA's chunk_factors (whose saved products carry the name
-    chunked.SAVED); DPLR of a higher rank keeps XLA's chunk_factors."""
+    """Every op but DPLR of rank 3, or of rank 4 at chunk 64, runs the factors kernels once
+    forward and once backward, and not XLA's chunk_factors (whose saved products carry the
+    name chunked.SAVED)."""
     args = cast(make_inputs(name, rng, T=64, K=16, V=16, **ranks), jnp.float32)
     loss = lambda *a: jnp.sum(getattr(ops, name)(*a, backend="pallas")[0] ** 2)
     text = str(jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(args)))))(*args))

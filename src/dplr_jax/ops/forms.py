@@ -57,8 +57,7 @@ def kda(q, k, v, g, beta):
 
 
 def dplr(q, k, v, g, a, b):
-    y = jnp.zeros(a.shape[:-1] + v.shape[-1:], v.dtype)
-    return Form(q, g, a, y, b, k, v)
+    return Form(q, g, a, None, b, k, v)  # y None: the probed keys a carry zero values
 
 
 def _interleave(*steps):

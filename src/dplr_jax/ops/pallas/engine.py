@@ -40,11 +40,11 @@ def _scan(layout, factors, h0, *, cfg):
 
 
 def _phase1(q, g, E, y, P, F, Vk, *, decayed, **kernel):
-    """Phase 1 of one chunk: rank-1 forms (at most one probed and one plain key per token:
-    the delta family, GLA, rank-1 DPLR) in the kernels of factors.py, higher ranks in XLA
-    (chunked.chunk_factors)."""
-    if all(x is None or x.shape[1] == 1 for x in (E, F)):
-        return factors.rank1_factors(q, g, E, y, P, F, Vk, decayed=decayed, **kernel)
+    """Phase 1 of one chunk: in the kernels of factors.py where they take the form (one key
+    of each kind per token, or DPLR of rank 2 or 4 in chunks of at most 128 rows:
+    factors.takes), otherwise in XLA (chunked.chunk_factors)."""
+    if factors.takes(q, E, F):
+        return factors.low_rank_factors(q, g, E, y, P, F, Vk, decayed=decayed, **kernel)
     return chunked.checkpointed(chunked.chunk_factors, decayed=decayed)(q, g, E, y, P, F, Vk)
 
 

@@ -13,7 +13,8 @@ probe) (decayed.py or XLA):
     Qs = q e^I - QE W,  O0 = QE X0 + QF Vk,  Z = [E; F] e^S,  X = [X0; Vk],
     gamma = e^{sum of the chunk's g}
 
-(the terms of a part the form lacks drop out; without E, X is Vk itself). In XLA these are
+(the terms of a part the form lacks drop out; without E, X is Vk itself; DPLR's y is zero
+and absent). In XLA these are
 ~30 kernels over [C, K] float32 tensors per chunk, each written to HBM and read back, plus
 their transposes and the layout moves between them: at B=4, T=4096, H=16, K=V=128 on the
 H100 about 2 ms of kda's 4.5 ms forward and ~6 ms of its backward, and 1.1 ms of GLA's
@@ -50,7 +51,7 @@ partials; 2.6 GB: 0.87 ms, and XLA then reads the partials once more to add them
 MFLOP forward, ~30 backward (tf32 / 3-pass tf32: not the limit). Measured for kda there
 (bf16 inputs; benchmarks/NOTES.md): 0.68 ms forward, 2.14 backward. GLA's forward reads
 144 KB and writes 96 (0.98 GB: 0.33 ms), its backward reads 240 and writes 160 (1.6 GB:
-0.55 ms); rank-1 DPLR's forward reads 288 KB and writes 224 (2.1 GB: 0.70 ms). Not yet
+0.55 ms); rank-1 DPLR's forward reads 256 KB and writes 224 (2.0 GB: 0.66 ms). Not yet
 measured on a GPU (benchmarks/NOTES.md gives the prediction).
 """
 
@@ -82,21 +83,27 @@ class _Cfg(NamedTuple):
     bwd: Launch
 
 
-def _masks(C):
-    t, u = _iota((C, C), 0), _iota((C, C), 1)
-    return u <= t, u < t, u > t  # [t, u]: inclusive prefix, exclusive prefix, suffix
+def _masks(rows, C, per):
+    """[row, u] masks of rows of `per` per token (row // per is its token t) against the C
+    tokens u: inclusive prefix u <= t, exclusive prefix u < t, suffix u > t."""
+    t, u = _iota((rows, C), 0) // per, _iota((rows, C), 1)
+    return u <= t, u < t, u > t
 
 
-def _prefix_sums(g, decay, exact):
-    """(I, J, S): inclusive prefix, exclusive prefix and suffix sums over a chunk's tokens,
-    each a sum of the tokens it covers. Per channel g [C, k] -> [C, k] each (0/1 dots at
-    float32 accuracy), per token g a row [1, C] -> [C, 1] each; None without decay."""
-    if decay is None:
-        return None, None, None
-    masks = _masks(g.shape[0] if decay == "channel" else g.shape[1])
+def _pairs(shape, per_row, per_col, strict):
+    """[row, col] mask of the pairs of a C x C product of ranks (per_row, per_col) that may be
+    nonzero: key token <= query token (< if strict, the probes')."""
+    t, s = _iota(shape, 0) // per_row, _iota(shape, 1) // per_col
+    return s < t if strict else s <= t
+
+
+def _token_sums(mask, g, decay, exact):
+    """sum of g_u over the tokens u the mask [rows, C] keeps, per row: per channel g [C, k] ->
+    [rows, k] (a 0/1 dot at float32 accuracy), per token g a row [1, C] -> [rows, 1]; each a
+    sum of the tokens it covers."""
     if decay == "channel":
-        return tuple(_dot(m.astype(g.dtype), g, exact) for m in masks)
-    return tuple(jnp.sum(jnp.where(m, g, 0.0), axis=1, keepdims=True) for m in masks)
+        return _dot(mask.astype(g.dtype), g, exact)
+    return jnp.sum(jnp.where(mask, g, 0.0), axis=1, keepdims=True)
 
 
 def _scaled(x, e):
@@ -110,21 +117,54 @@ def _blocks(Kp, Vp):
     return bk, bv, Kp // bk, Kp // bk + Vp // bv
 
 
-def _decays(r, decay, ks, exact):
-    """The prefix sums of key columns ks (all of them per token) and the log of gamma there."""
+class _Form(NamedTuple):
+    """A chunk's shape in the kernel: C tokens, m probed and rk plain keys per token (0: the
+    form has none; rows token-major), and the rows of Z and X the probed and plain rows
+    take."""
+
+    C: int
+    m: int
+    rk: int
+
+    @staticmethod
+    def of(r):
+        C = r["q"].shape[0]
+        return _Form(C, r["e"].shape[0] // C if "e" in r else 0,
+                     r["f"].shape[0] // C if "f" in r else 0)
+
+    @property
+    def e_rows(self):
+        return pl.ds(0, self.C * self.m)
+
+    @property
+    def f_rows(self):
+        return pl.ds(self.C * self.m, self.C * self.rk)
+
+
+def _decays(r, fm, decay, ks, exact):
+    """For key columns ks (all of them per token): the exponents of q's rows (inclusive prefix
+    sums), of P's (exclusive), of E's and F's (suffix), and the log of gamma; Nones without
+    decay."""
     if decay is None:
-        return (None, None, None), None
+        return None, None, None, None, None
     g = r["g"][:, ks] if decay == "channel" else r["g"][...]
-    return _prefix_sums(g, decay, exact), jnp.sum(g, axis=0 if decay == "channel" else 1,
-                                                  keepdims=True)
+    incl = _token_sums(_masks(fm.C, fm.C, 1)[0], g, decay, exact)
+    excl = suffix_e = suffix_f = None
+    if fm.m:
+        _, before, after = _masks(fm.C * fm.m, fm.C, fm.m)
+        excl, suffix_e = (_token_sums(x, g, decay, exact) for x in (before, after))
+    if fm.rk:
+        suffix_f = _token_sums(_masks(fm.C * fm.rk, fm.C, fm.rk)[2], g, decay, exact)
+    total = jnp.sum(g, axis=0 if decay == "channel" else 1, keepdims=True)
+    return incl, excl, suffix_e, suffix_f, total
 
 
-def _parts(r):
-    """Which parts the form has (probed keys E, plain keys F) and the row offset of the plain
-    rows in Z and X (after the C probed ones)."""
-    C = r["q"].shape[0]
-    has_e, has_f = "e" in r, "f" in r
-    return has_e, has_f, pl.ds(0, C), pl.ds(C if has_e else 0, C)
+def _rhs(r, vs, Vk, precision):
+    """Value columns vs of y - PF Vk (y absent: zero; Vk None: no plain keys)."""
+    if Vk is None:
+        return r["y"][:, vs]
+    PFV = _dot(r["pf"][...], Vk, precision)
+    return -PFV if "y" not in r else r["y"][:, vs] - PFV
 
 
 # One program per (chunk, block of 64 key or value columns): the key columns of Z, W, Qs and
@@ -134,23 +174,23 @@ def _parts(r):
 # for kda on the H100, with columns looped inside one program 1.8 and 7.6 (8 warps).
 def _forward_kernel(*refs, names, decay, precision, exact):
     r = dict(zip(names, refs))
-    has_e, has_f, e_rows, f_rows = _parts(r)
+    fm = _Form.of(r)
     bk, bv, nk, _ = _blocks(r["q"].shape[1], r["o0"].shape[1])
     j = pl.program_id(0)
 
     @pl.when(j < nk)
     def _keys():
         ks = pl.ds(j * bk, bk)
-        (incl, excl, suffix), total = _decays(r, decay, ks, exact)
-        if has_e:  # W before q is loaded: fewer registers live across its dot
+        incl, excl, suffix_e, suffix_f, total = _decays(r, fm, decay, ks, exact)
+        if fm.m:  # W before q is loaded: fewer registers live across its dot
             W = _dot(r["ti"][...], _scaled(r["p"][:, ks], excl), precision)
             r["w"][:, ks] = W.astype(r["w"].dtype)
             Qs = _scaled(r["q"][:, ks], incl) - _dot(r["qe"][...], W, precision)
-            r["z"][e_rows, ks] = _scaled(r["e"][:, ks], suffix).astype(r["z"].dtype)
+            r["z"][fm.e_rows, ks] = _scaled(r["e"][:, ks], suffix_e).astype(r["z"].dtype)
         else:
             Qs = _scaled(r["q"][:, ks], incl)
-        if has_f:
-            r["z"][f_rows, ks] = _scaled(r["f"][:, ks], suffix).astype(r["z"].dtype)
+        if fm.rk:
+            r["z"][fm.f_rows, ks] = _scaled(r["f"][:, ks], suffix_f).astype(r["z"].dtype)
         r["qs"][:, ks] = Qs.astype(r["qs"].dtype)
         gam = jnp.ones((1, 1), r["gam"].dtype) if total is None else jnp.exp(total)
         r["gam"][:, ks] = jnp.broadcast_to(gam, (1, bk)).astype(r["gam"].dtype)
@@ -159,44 +199,44 @@ def _forward_kernel(*refs, names, decay, precision, exact):
     def _values():
         vs = pl.ds((j - nk) * bv, bv)
         O0 = 0.0
-        if has_f:
+        Vk = None
+        if fm.rk:
             Vk = r["vk"][:, vs]
             O0 = _dot(r["qf"][...], Vk, precision)
-        if has_e:
-            rhs = r["y"][:, vs]
-            if has_f:
-                rhs = rhs - _dot(r["pf"][...], Vk, precision)
-                r["x"][f_rows, vs] = Vk.astype(r["x"].dtype)
-            X0 = _dot(r["ti"][...], rhs, precision)
-            r["x"][e_rows, vs] = X0.astype(r["x"].dtype)
+            if fm.m:
+                r["x"][fm.f_rows, vs] = Vk.astype(r["x"].dtype)
+        if fm.m:
+            X0 = _dot(r["ti"][...], _rhs(r, vs, Vk, precision), precision)
+            r["x"][fm.e_rows, vs] = X0.astype(r["x"].dtype)
             O0 = O0 + _dot(r["qe"][...], X0, precision)
         r["o0"][:, vs] = O0.astype(r["o0"].dtype)
 
 
 def _backward_kernel(*refs, names, decay, precision, exact):
     r = dict(zip(names, refs))
-    has_e, has_f, e_rows, f_rows = _parts(r)
-    C = r["q"].shape[0]
+    fm = _Form.of(r)
+    C, m, rk = fm
     bk, bv, nk, _ = _blocks(r["q"].shape[1], r["do0"].shape[1])
     j = pl.program_id(0)
-    incl_mask, excl_mask, suffix_mask = _masks(C)
 
     def partial(name, d, mask, program):  # this program's rows of a C x C cotangent
-        r[name][pl.ds(program * C, C), :] = jnp.where(mask, d, 0.0).astype(r[name].dtype)
+        rows = mask.shape[0]
+        r[name][pl.ds(program * rows, rows), :] = jnp.where(mask, d, 0.0).astype(r[name].dtype)
 
     def probed_partials(dQE, dL):
-        partial("dqe", dQE, incl_mask, j)
-        partial("dl", -dL, excl_mask, j)
+        partial("dqe", dQE, _pairs(dQE.shape, 1, m, False), j)
+        partial("dl", -dL, _pairs(dL.shape, m, m, True), j)
 
     @pl.when(j < nk)
     def _keys():  # A = P e^J, W = Tinv A, Qs = q e^I - QE W, Z = [E; F] e^S, gamma = e^{sum g}
         ks = pl.ds(j * bk, bk)
-        (incl, excl, suffix), total = _decays(r, decay, ks, exact)
+        incl, excl, suffix_e, suffix_f, total = _decays(r, fm, decay, ks, exact)
         dQs = r["dqs"][:, ks]
         dq = _scaled(dQs, incl)
         r["dq"][:, ks] = dq.astype(r["dq"].dtype)
-        parts = [(incl_mask, dq * r["q"][:, ks])]  # the log decays' terms, by their sums
-        if has_e:
+        # The log decays' terms, each with the mask of the sums its exponent is made of.
+        parts = [(_masks(C, C, 1)[0], dq * r["q"][:, ks])]
+        if m:
             Tinv, P = r["ti"][...], r["p"][:, ks]
             W = _dot(Tinv, _scaled(P, excl), precision)
             dA = _dot(Tinv, r["dw"][:, ks] - _dot(r["qe"][...], dQs, precision, trans_a=True),
@@ -204,24 +244,25 @@ def _backward_kernel(*refs, names, decay, precision, exact):
             probed_partials(-_dot(dQs, W, precision, trans_b=True),
                             _dot(dA, W, precision, trans_b=True))
             dP = _scaled(dA, excl)
-            dE = _scaled(r["dz"][e_rows, ks], suffix)
+            dE = _scaled(r["dz"][fm.e_rows, ks], suffix_e)
             r["dp"][:, ks] = dP.astype(r["dp"].dtype)
             r["de"][:, ks] = dE.astype(r["de"].dtype)
-            parts += [(excl_mask, dP * P), (suffix_mask, dE * r["e"][:, ks])]
-        if has_f:
-            dF = _scaled(r["dz"][f_rows, ks], suffix)
+            _, before, after = _masks(C * m, C, m)
+            parts += [(before, dP * P), (after, dE * r["e"][:, ks])]
+        if rk:
+            dF = _scaled(r["dz"][fm.f_rows, ks], suffix_f)
             r["df"][:, ks] = dF.astype(r["df"].dtype)
-            parts.append((suffix_mask, dF * r["f"][:, ks]))
+            parts.append((_masks(C * rk, C, rk)[2], dF * r["f"][:, ks]))
         if decay is None:
             return
         # The log decays: through I, J, S and the total (d gamma gamma).
         dtotal = r["dgam"][:, ks] * jnp.exp(total)
         if decay == "channel":
-            dg = sum(_dot(m.astype(d.dtype), d, exact, trans_a=True) for m, d in parts)
+            dg = sum(_dot(mk.astype(d.dtype), d, exact, trans_a=True) for mk, d in parts)
             r["dg"][:, ks] = (dg + dtotal).astype(r["dg"].dtype)
-        else:  # this key block's share of the row [1, C]: [t, u] masks summed over t
-            dg = sum(jnp.sum(jnp.where(m, jnp.sum(d, axis=1, keepdims=True), 0.0), axis=0,
-                             keepdims=True) for m, d in parts)
+        else:  # this key block's share of the row [1, C]: [row, u] masks summed over rows
+            dg = sum(jnp.sum(jnp.where(mk, jnp.sum(d, axis=1, keepdims=True), 0.0), axis=0,
+                             keepdims=True) for mk, d in parts)
             r["dg"][pl.ds(j, 1), :] = (dg + jnp.sum(dtotal, axis=1, keepdims=True)).astype(
                 r["dg"].dtype)
 
@@ -229,27 +270,28 @@ def _backward_kernel(*refs, names, decay, precision, exact):
     def _values():  # X0 = Tinv (y - PF Vk), O0 = QE X0 + QF Vk
         vs = pl.ds((j - nk) * bv, bv)
         dO0 = r["do0"][:, vs]
-        if has_f:
+        Vk = None
+        if rk:
             Vk = r["vk"][:, vs]
             dVk = _dot(r["qf"][...], dO0, precision, trans_a=True)
-            partial("dqf", _dot(dO0, Vk, precision, trans_b=True), incl_mask, j - nk)
-        if has_e:
+            dQF = _dot(dO0, Vk, precision, trans_b=True)
+            partial("dqf", dQF, _pairs(dQF.shape, 1, rk, False), j - nk)
+        if m:
             Tinv = r["ti"][...]
-            rhs = r["y"][:, vs]
-            if has_f:
-                rhs = rhs - _dot(r["pf"][...], Vk, precision)
-            X0 = _dot(Tinv, rhs, precision)
-            drhs = _dot(Tinv, r["dx"][e_rows, vs]
+            X0 = _dot(Tinv, _rhs(r, vs, Vk, precision), precision)
+            drhs = _dot(Tinv, r["dx"][fm.e_rows, vs]
                         + _dot(r["qe"][...], dO0, precision, trans_a=True),
                         precision, trans_a=True)
-            r["dy"][:, vs] = drhs.astype(r["dy"].dtype)
+            if "dy" in r:
+                r["dy"][:, vs] = drhs.astype(r["dy"].dtype)
             probed_partials(_dot(dO0, X0, precision, trans_b=True),
                             _dot(drhs, X0, precision, trans_b=True))
-            if has_f:
-                dVk = dVk + r["dx"][f_rows, vs] - _dot(r["pf"][...], drhs, precision,
-                                                       trans_a=True)
-                partial("dpf", -_dot(drhs, Vk, precision, trans_b=True), excl_mask, j - nk)
-        if has_f:
+            if rk:
+                dVk = dVk + r["dx"][fm.f_rows, vs] - _dot(r["pf"][...], drhs, precision,
+                                                          trans_a=True)
+                dPF = -_dot(drhs, Vk, precision, trans_b=True)
+                partial("dpf", dPF, _pairs(dPF.shape, m, rk, True), j - nk)
+        if rk:
             r["dvk"][:, vs] = dVk.astype(r["dvk"].dtype)
 
 
@@ -291,22 +333,21 @@ def _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg):
 def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg):
     C, K = q.shape
     V = (y if Vk is None else Vk).shape[-1]
-    has_e, has_f = E is not None, F is not None
-    Tinv = unit_lower_inverse(L, block=SUB) if has_e else None
+    ne, nf = (0 if x is None else x.shape[0] for x in (E, F))  # probed and plain rows
+    Tinv = None if E is None else unit_lower_inverse(L, block=SUB * ne // C)
     res = (q, g, E, y, P, QE, Tinv, F, Vk, QF, PF)
     names, ins, Kp, Vp = _kernel_inputs(*res)
     f = lambda *s: jax.ShapeDtypeStruct(s, q.dtype)
-    n_rows = C * (has_e + has_f)
-    outs = {"gam": f(1, Kp), "z": f(n_rows, Kp), "w": f(C, Kp) if has_e else None,
-            "x": f(n_rows, Vp) if has_e else None, "qs": f(C, Kp), "o0": f(C, Vp)}
-    outs = {n: s for n, s in outs.items() if s is not None}
+    outs = {"gam": f(1, Kp), "z": f(ne + nf, Kp), "qs": f(C, Kp), "o0": f(C, Vp)}
+    if ne:
+        outs.update(w=f(ne, Kp), x=f(ne + nf, Vp))
     kernel = functools.partial(_forward_kernel, names=names + tuple(outs),
                                decay=_decay_mode(g), precision=cfg.precision, exact=cfg.exact)
     got = dict(zip(outs, _launch(kernel, ins, list(outs.values()), cfg.interpret, cfg.fwd,
                                  Kp, Vp, "dplr_factors_fwd")))
     # Without probed keys X is the plain values themselves (chunked.chunk_factors).
-    X = got["x"][:, :V] if has_e else Vk
-    W = got["w"][:, :K] if has_e else None
+    X = got["x"][:, :V] if ne else Vk
+    W = got["w"][:, :K] if ne else None
     out = (got["gam"][0, :K], got["z"][:, :K], W, X, got["qs"][:, :K], got["o0"][:, :V])
     return out, res
 
@@ -315,61 +356,89 @@ def _tail_bwd(cfg, res, cts):
     q, g, E, y, P, QE, Tinv, F, Vk, QF, PF = res
     C, K = q.shape
     V = (y if Vk is None else Vk).shape[-1]
-    has_e, has_f = E is not None, F is not None
+    ne, nf = (0 if x is None else x.shape[0] for x in (E, F))
     names, ins, Kp, Vp = _kernel_inputs(*res)
     dgam, dZ, dW, dX, dQs, dO0 = cts
     pk = lambda x: _pad_to(x, x.ndim - 1, Kp)
     pv = lambda x: _pad_to(x, 1, Vp)
-    cts = {"dgam": pk(dgam[None, :]), "dz": pk(dZ), "dw": pk(dW) if has_e else None,
-           "dx": pv(dX) if has_e else None, "dqs": pk(dQs), "do0": pv(dO0)}
+    cts = {"dgam": pk(dgam[None, :]), "dz": pk(dZ), "dw": pk(dW) if ne else None,
+           "dx": pv(dX) if ne else None, "dqs": pk(dQs), "do0": pv(dO0)}
     cts = {n: x for n, x in cts.items() if x is not None}
     f = lambda *s: jax.ShapeDtypeStruct(s, q.dtype)
     _, _, nk, n = _blocks(Kp, Vp)
     decay = _decay_mode(g)
+    # The C x C cotangents as [programs * rows, columns], one block of rows per program.
     outs = {"dq": f(C, Kp)}
-    if has_e:
-        outs.update(de=f(C, Kp), dp=f(C, Kp), dy=f(C, Vp), dl=f(n * C, C), dqe=f(n * C, C))
-    if has_f:
-        outs.update(df=f(C, Kp), dvk=f(C, Vp), dqf=f((n - nk) * C, C))
-        if has_e:
-            outs["dpf"] = f((n - nk) * C, C)
+    if ne:
+        outs.update(de=f(ne, Kp), dp=f(ne, Kp), dl=f(n * ne, ne), dqe=f(n * C, ne))
+        if y is not None:
+            outs["dy"] = f(ne, Vp)
+    if nf:
+        outs.update(df=f(nf, Kp), dvk=f(nf, Vp), dqf=f((n - nk) * C, nf))
+        if ne:
+            outs["dpf"] = f((n - nk) * ne, nf)
     if decay is not None:
         outs["dg"] = f(C, Kp) if decay == "channel" else f(nk, C)
     kernel = functools.partial(_backward_kernel, names=names + tuple(cts) + tuple(outs),
                                decay=decay, precision=cfg.precision, exact=cfg.exact)
     got = dict(zip(outs, _launch(kernel, ins + tuple(cts.values()), list(outs.values()),
                                  cfg.interpret, cfg.bwd, Kp, Vp, "dplr_factors_bwd")))
-    total = lambda name: got[name].reshape(-1, C, C).sum(axis=0) if name in got else None
+
+    def total(name, rows):
+        return None if name not in got else got[name].reshape(-1, rows,
+                                                              got[name].shape[1]).sum(axis=0)
+
     key = lambda name: got[name][:, :K] if name in got else None
     dg = None if decay is None else (got["dg"][:, :K] if decay == "channel"
                                      else jnp.sum(got["dg"], axis=0))
-    dy = got["dy"][:, :V] if has_e else None
+    dy = got["dy"][:, :V] if "dy" in got else None
     dVk = None
-    if has_f:  # plain values without probed keys are X itself: dX reaches them directly
-        dVk = got["dvk"][:, :V] + (0.0 if has_e else dX)
-    return (key("dq"), dg, key("de"), dy, key("dp"), total("dl"), total("dqe"), key("df"),
-            dVk, total("dqf"), total("dpf"))
+    if nf:  # plain values without probed keys are X itself: dX reaches them directly
+        dVk = got["dvk"][:, :V] + (0.0 if ne else dX)
+    return (key("dq"), dg, key("de"), dy, key("dp"), total("dl", ne), total("dqe", C),
+            key("df"), dVk, total("dqf", C), total("dpf", ne))
 
 
 _tail.defvjp(_tail_fwd, _tail_bwd)
 
+RANKS = (1, 2, 4)  # keys of each kind per token the kernels take (tile rows: powers of two)
+MAX_ROWS = 128  # probed or plain rows per chunk beyond one key per token
 
-def rank1_factors(q, g, E, y, P, F, Vk, *, decayed, interpret, precision, exact, launch):
-    """chunked.chunk_factors for one chunk of a rank-1 form (E, y, P [C, 1, ...] or None, F,
-    Vk [C, 1, ...] or None, not both None), with the intra-chunk products from `decayed` and
-    the rest in the kernels above. launch: (forward, backward) Launch."""
+
+def takes(q, E, F):
+    """Whether the kernels take a chunk's form: q [C, K], E and F [C, rank, K] or None. One key
+    per token at any chunk size (the delta family, GLA, rank-1 DPLR); 2 or 4 keys per token
+    (DPLR's ranks) up to MAX_ROWS rows (C x C x rank^2 float32 products and inverse on chip:
+    at C = 64 that is rank 2)."""
+    C = q.shape[0]
+    ranks = [x.shape[1] for x in (E, F) if x is not None]
+    return all(r in RANKS and (r == 1 or C * r <= MAX_ROWS) for r in ranks)
+
+
+def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, interpret, precision, exact, launch):
+    """chunked.chunk_factors for one chunk of a form the kernels take (`takes`): E, y, P
+    [C, m, ...] or None, F, Vk [C, rk, ...] or None, not both None; the intra-chunk products
+    from `decayed`, the rest in the kernels above. launch: (forward, backward) Launch."""
+    C = q.shape[0]
+    m, rk = (0 if x is None else x.shape[1] for x in (E, F))
+
     def products(q, g, E, P, F):
-        one = lambda X, Y, probe: (None if X is None or Y is None
-                                   else decayed(X[:, None], Y[:, None], g, probe)[:, 0, :, 0])
-        return one(P, E, True), one(q, E, False), one(q, F, False), one(P, F, True)
+        def one(X, Y, probe, a, b):  # [C * a, K] and [C * b, K] -> [C or C * a, C * b]
+            if X is None or Y is None:
+                return None
+            D = decayed(X.reshape(C, a, -1), Y.reshape(C, b, -1), g, probe)
+            return D.reshape(C * a, C * b)
+        return (one(P, E, True, m, m), one(q, E, False, 1, m), one(q, F, False, 1, rk),
+                one(P, F, True, m, rk))
 
     # Rematerialized in the backward pass, not saved: XLA's products (per-token or no decay)
     # would keep their C x C intermediates (2.9x the residual bytes of XLA's checkpointed
     # phase 1 for gated_delta_rule at T=512, K=V=64: tests/test_pallas_factors.py), and its
     # per-channel ones [C, 16, K] pairwise decays; the kernels' (decayed.py) keep only their
-    # inputs, which are saved anyway (as the [C, K] arrays the tail keeps: products of the
-    # [C, 1, K] ones would have XLA save both), and are not run again.
-    E, y, P, F, Vk = (None if x is None else x[:, 0] for x in (E, y, P, F, Vk))
+    # inputs, which are saved anyway (as the [C * rank, K] arrays the tail keeps: products
+    # of the [C, rank, K] ones would have XLA save both), and are not run again.
+    flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])
+    E, y, P, F, Vk = map(flat, (E, y, P, F, Vk))
     L, QE, QF, PF = jax.checkpoint(products, policy=jax.checkpoint_policies.nothing_saveable)(
         q, g, E, P, F)
     return _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, _Cfg(interpret, precision, exact, *launch))
