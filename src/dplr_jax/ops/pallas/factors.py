@@ -302,7 +302,6 @@ def _decay_mode(g):
 # Operand names in call order; a name whose array is None (the form lacks that part) is left
 # out, so the kernels see only what the form has.
 _IN = ("q", "g", "e", "p", "y", "qe", "ti", "f", "vk", "qf", "pf")
-_CTS = ("dgam", "dz", "dw", "dx", "dqs", "do0")
 
 
 def _kernel_inputs(q, g, E, y, P, QE, Tinv, F, Vk, QF, PF):
