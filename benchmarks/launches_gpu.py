@@ -9,7 +9,7 @@ For each op at B=4, T=4096, H=16, K=V=128, bf16 (the inputs of ops_gpu.py), time
 forward+backward of the GPU configuration with each variant swapped in. Prints a table and
 writes launches_gpu.json. A variant that does not compile (shared memory) prints its error
 and is recorded with it. The state pass lowers the stages where they would not fit
-(state_pass.state_pass), so its variants differ only where they fit.
+(state_pass.fit_launches), so its variants differ only where they fit.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ m = 2 probed and r = 1 plain rows per token), resets to several initial states, 
 form under the TPU interpreter.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +80,25 @@ def test_state_pass_matches_scan(case):
         assert (got is None) == (want is None), what
         if want is not None:
             assert_close(got, want, 1e-5, f"d{what}")
+
+
+@pytest.mark.parametrize("rows, probed, Kp, sixteen_bit, want", [
+    (64, 64, 128, True, (2, 2)),    # kda, gated_delta_rule: one row block of Z and of W
+    (64, 0, 64, True, (2, 2)),      # gla: no probed rows
+    (128, 64, 128, True, (1, 2)),   # rank-1 DPLR: two blocks of Z, one of W
+    (128, 128, 128, True, (1, 1)),  # chunk 128, or DPLR of rank 2
+    (64, 64, 256, True, (1, 1)),    # K = 256
+    (64, 64, 128, False, (1, 1)),   # the float32 path's 3-pass dots
+])
+def test_gpu_launch_stages_fit_shared_memory(rows, probed, Kp, sixteen_bit, want):
+    """The GPU launches' pipelining stages are lowered to 1 wherever Triton's 2 stages
+    overflowed (or were not shown to fit) the H100's shared memory: a compile failure there
+    would only show on a GPU. V blocks shrink to a narrow V."""
+    from dplr_jax.ops.pallas import PLATFORM_CONFIGS
+    from dplr_jax.ops.pallas.state_pass import fit_launches
+    gpu = PLATFORM_CONFIGS["gpu"]
+    assert (gpu.fwd.num_stages, gpu.bwd.num_stages) == (2, 2)
+    cfg = dataclasses.replace(gpu, precision=gpu.precision_16bit) if sixteen_bit else gpu
+    got = fit_launches(cfg, rows, probed, Kp, 128, rb=64)
+    assert (got.fwd.num_stages, got.bwd.num_stages) == want
+    assert fit_launches(cfg, rows, probed, Kp, 32, rb=64).fwd.block_v == 32

@@ -16,7 +16,7 @@ from dplr_jax.ops.pallas.state_pass import Config, Launch
 
 PLATFORM_CONFIGS = {
     "gpu": Config(form="loop", precision=jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-                  # 2 stages where they fit in shared memory (state_pass.state_pass)
+                  # 2 stages where they fit in shared memory (state_pass.fit_launches)
                   fwd=Launch(block_v=64, num_warps=8, num_stages=2),
                   bwd=Launch(block_v=64, num_warps=8, num_stages=2),
                   grads=Launch(num_warps=4, num_stages=2),

@@ -393,6 +393,25 @@ def _pad_to(x, axis, n):
     return jnp.pad(x, pad)
 
 
+def fit_launches(cfg, rows, probed_rows, Kp, Vp, rb):
+    """cfg with the sequential kernels' launches fitted to the shapes: V blocks of at most Vp,
+    and pipelining stages lowered to 1 where they would not fit in shared memory.
+
+    Triton's pipelined loads (num_stages > 1) keep that many chunks' tiles in shared memory:
+    with one rb-row block of the rows a kernel loads (all rows of Z forward, the probed rows
+    backward), K <= 128 and the 16-bit inputs' single-pass dots, 2 stages fit the H100's
+    227 KB; in the forward, two blocks (rank-1 DPLR: 245 KB), K = 256 (360 KB) or the float32
+    path's 3-pass dots do not, and the backward is held to the same limits (benchmarks/NOTES.md,
+    fourth and ninth sessions)."""
+    small = Kp <= 128 and cfg.precision == cfg.precision_16bit
+
+    def fit(launch, n):
+        return dataclasses.replace(launch, block_v=min(launch.block_v or Vp, Vp),
+                                   num_stages=launch.num_stages if small and n <= rb else 1)
+
+    return dataclasses.replace(cfg, fwd=fit(cfg.fwd, rows), bwd=fit(cfg.bwd, probed_rows))
+
+
 def state_pass(gamma, Z, W, X, Qs, O0, h0, src, cfg: Config):
     """The inter-chunk state pass on factored transitions; differentiable in (gamma, Z, W, X,
     Qs, O0, h0).
@@ -416,21 +435,7 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, cfg: Config):
     Z, W, Qs = (_pad_to(x, 4, Kp) for x in (Z, W, Qs))
     X, O0 = _pad_to(X, 4, Vp), _pad_to(O0, 4, Vp)
     h0 = _pad_to(_pad_to(h0.astype(jnp.float32), 3, Kp), 4, Vp)
-    # Triton's pipelined loads (num_stages > 1) keep that many chunks' tiles in shared memory:
-    # with one 64-row block of the rows each kernel loads (all of Z forward, the probed rows
-    # backward), K <= 128 and the 16-bit inputs' single-pass dots, 2 stages fit the H100's
-    # 227 KB; in the forward, two blocks (rank-1 DPLR: 245 KB), K = 256 (360 KB) or the
-    # float32 path's 3-pass dots do not, and the backward is held to the same limits
-    # (benchmarks/NOTES.md, fourth and ninth sessions).
-    small = Kp <= 128 and cfg.precision == cfg.precision_16bit
-
-    def fit(launch, rows):
-        stages = launch.num_stages if small and rows <= rb else 1
-        return dataclasses.replace(launch, block_v=min(launch.block_v or Vp, Vp),
-                                   num_stages=stages)
-
-    cfg = dataclasses.replace(cfg, fwd=fit(cfg.fwd, Z.shape[-2]),
-                              bwd=fit(cfg.bwd, 0 if W is None else W.shape[-2]))
+    cfg = fit_launches(cfg, Z.shape[-2], 0 if W is None else W.shape[-2], Kp, Vp, rb)
     flat = lambda x: None if x is None else x.reshape((B * H,) + x.shape[2:])
     o, S_in = _state_pass(cfg, H, rb, *(flat(x) for x in (gamma, Z, W, X, Qs, O0)), h0, src)
     o = o.reshape(B, H, NC, C, Vp)[..., :V]
