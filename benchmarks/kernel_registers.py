@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,20 +43,32 @@ from dplr_jax.ops.pallas import PLATFORM_CONFIGS, engine  # noqa: E402
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
 
 
-def kernel_irs(op):
-    """{kernel name: Triton IR text} of op's forward+backward (one entry per distinct name;
-    a repeated name, e.g. kda's two decayed products, gets a suffix)."""
+class Kernel(NamedTuple):
+    """One Pallas kernel as lowered: its Triton IR, the 3-D launch grid and the (shape, dtype)
+    of every operand in call order (inputs, then outputs)."""
+
+    ir: str
+    grid: tuple
+    operands: list
+
+
+def kernel_irs(op, B=1, T=256, H=2):
+    """{kernel name: Kernel} of op's forward+backward at K = V = 128 (one entry per distinct
+    name; a repeated name, e.g. kda's two decayed products, gets a suffix). The IR holds the
+    operands' strides, so it launches only on arrays of the shapes recorded with it."""
     lowering = pallas_call_registration.lowering
     original, irs = lowering.lower_jaxpr_to_triton_module, {}
 
-    def capture(jaxpr, *args, **kwargs):
-        result = original(jaxpr, *args, **kwargs)
+    def capture(jaxpr, grid_mapping, *args, **kwargs):
+        result = original(jaxpr, grid_mapping, *args, **kwargs)
         name = jaxpr.debug_info.func_name
         key = name if name not in irs else f"{name}#{sum(k.startswith(name) for k in irs) + 1}"
-        irs[key] = result.module.operation.get_asm()
+        operands = [(tuple(bm.array_aval.shape), str(bm.array_aval.dtype))
+                    for bm in grid_mapping.block_mappings]
+        irs[key] = Kernel(result.module.operation.get_asm(), tuple(result.grid), operands)
         return result
 
-    args = cast(make_inputs(op, np.random.default_rng(0), B=1, T=256, H=2, K=128, V=128),
+    args = cast(make_inputs(op, np.random.default_rng(0), B=B, T=T, H=H, K=128, V=128),
                 jnp.bfloat16)
     fn = engine.kernel(op, PLATFORM_CONFIGS["gpu"])
 
@@ -74,7 +87,8 @@ def kernel_irs(op):
     return irs
 
 
-def committed_warps(name):
+def launch_of(name):
+    """The committed Launch of kernel `name` (PLATFORM_CONFIGS["gpu"])."""
     cfg = PLATFORM_CONFIGS["gpu"]
     launches = {"dplr_decayed_fwd": cfg.products[0], "dplr_decayed_bwd": cfg.products[1],
                 "dplr_decayed_scalar_fwd": cfg.scalar_products[0],
@@ -82,7 +96,7 @@ def committed_warps(name):
                 "dplr_factors_fwd": cfg.factors[0], "dplr_factors_bwd": cfg.factors[1],
                 "dplr_state_pass_fwd": cfg.fwd, "dplr_state_pass_bwd": cfg.bwd,
                 "dplr_state_pass_grads": cfg.grads}
-    return launches[name.split("#")[0]].num_warps
+    return launches[name.split("#")[0]]
 
 
 def resident(regs, smem, warps):
@@ -141,12 +155,12 @@ def main():
           "warps/SM |")
     print("|---|---|---|---|---|---|---|---|")
     for op in a.ops:
-        for name, ir_text in kernel_irs(op).items():
+        for name, kernel in kernel_irs(op).items():
             for w in a.warps:
                 tag = f"{op}_{name.replace('#', '_')}_w{w}.ttgir"
                 path = a.ttgir and os.path.join(a.ttgir, tag)
-                s = compile_stats(ir_text, w, path)
-                mark = " (committed)" if w == committed_warps(name) else ""
+                s = compile_stats(kernel.ir, w, path)
+                mark = " (committed)" if w == launch_of(name).num_warps else ""
                 rows.append({"op": op, "kernel": name, "num_warps": w,
                              "committed": bool(mark), **s})
                 print(f"| {op} | {name} | {w}{mark} | {s['registers']} | "
