@@ -1,12 +1,13 @@
-"""The state-pass kernels alone (ops/pallas/state_pass.py) against a jnp scan over
-chunked.transition, on random factored transitions: outputs, entering states and every
-gradient (gamma, Z, W, X, Qs, O0, h0), float32 to 1e-5.
+"""The state-pass kernels alone (ops/pallas/state_pass.py) against a jnp scan over each chunk's
+factored transition, on random factored transitions: outputs, final states and every gradient
+(gamma, Z, W, X, Qs, O0, h0), float32 to 1e-5.
 
 The op tests reach the kernels only at C <= 64 and V <= 64; these cover what they do not:
 several V blocks (block_v < V, V padded from 160 to 256), chunks of 128 rows (two row blocks
 of Z and of Qs), no probed rows (GLA: W is None), probed and plain rows together (DPLR-like,
-m = 2 probed and r = 1 plain rows per token), resets to several initial states, and the TPU
-form under the TPU interpreter.
+m = 2 probed and r = 1 plain rows per token), resets to several initial states with final
+states leaving from several chunks of a row (in any order), and the TPU form under the TPU
+interpreter.
 """
 
 import dataclasses
@@ -18,12 +19,21 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from _ops_inputs import assert_close
-from dplr_jax.ops.chunked import transition
 from dplr_jax.ops.pallas.state_pass import Config, Launch, state_pass
 
 
-def scan_reference(gamma, Z, W, X, Qs, O0, h0, src):
-    """o [B, H, NC, C, V] and S_in [B, H, NC, K, V] by a plain scan per batch row."""
+def transition(gamma, Z, W, X, S):
+    """S_C from S_0 through one chunk's factors (chunked.chunk_factors), S [..., K, V]."""
+    U = X
+    if W is not None:
+        n = W.shape[-2]
+        U = jnp.concatenate([X[..., :n, :] - W @ S, X[..., n:, :]], axis=-2)
+    return gamma[..., None] * S + jnp.swapaxes(Z, -1, -2) @ U
+
+
+def scan_reference(gamma, Z, W, X, Qs, O0, h0, src, dst):
+    """o [B, H, NC, C, V] and the final states [B, Nb, H, K, V] by a plain scan per batch row:
+    finals[b, dst[b, c]] is the state leaving chunk c where dst[b, c] >= 0."""
     B, H, NC = Qs.shape[:3]
 
     def row(b):
@@ -32,13 +42,15 @@ def scan_reference(gamma, Z, W, X, Qs, O0, h0, src):
             S = jnp.where(i >= 0, h0[b, jnp.maximum(i, 0)], S)
             at = lambda x: None if x is None else x[b, :, c]
             o = jnp.einsum("hck,hkv->hcv", Qs[b, :, c], S) + O0[b, :, c]
-            return transition(at(gamma), at(Z), at(W), at(X), S), (o, S)
+            S = transition(at(gamma), at(Z), at(W), at(X), S)
+            return S, (o, S)
 
-        _, (o, S) = jax.lax.scan(body, jnp.zeros(h0.shape[2:], h0.dtype), jnp.arange(NC))
-        return jnp.moveaxis(o, 0, 1), jnp.moveaxis(S, 0, 1)
+        _, (o, S_out) = jax.lax.scan(body, jnp.zeros(h0.shape[2:], h0.dtype), jnp.arange(NC))
+        order = np.argsort(np.where(np.asarray(dst[b]) >= 0, np.asarray(dst[b]), NC + 1))
+        return jnp.moveaxis(o, 0, 1), S_out[order[:h0.shape[1]]]
 
-    o, S = zip(*[row(b) for b in range(B)])
-    return jnp.stack(o), jnp.stack(S)
+    o, finals = zip(*[row(b) for b in range(B)])
+    return jnp.stack(o), jnp.stack(finals)
 
 
 LOOP = Config(form="loop", interpret=True)
@@ -66,14 +78,18 @@ def test_state_pass_matches_scan(case):
     X = normal(B, H, NC, C * (m + r), V)
     Qs, O0 = normal(B, H, NC, C, K), normal(B, H, NC, C, V)
     h0 = normal(B, Nb, H, K, V)
-    src = jnp.asarray([[0, -1, 1], [1, 0, -1]], jnp.int32)[:, :NC]  # resets to both states
+    # Resets to both states; row 0 ends its sequences at chunks 1 and 2, row 1 at 0 and 2. At
+    # NC = 2, row 0 also exports the state leaving chunk 0, which chunk 1 goes on from (its
+    # gradient adds to the one flowing back from chunk 1).
+    src = jnp.asarray([[0, -1, 1], [1, 0, -1]], jnp.int32)[:, :NC]
+    dst = jnp.asarray([[-1, 1, 0], [0, -1, 1]] if NC == 3 else [[1, 0], [0, 1]], jnp.int32)
     args = (gamma, Z, W, X, Qs, O0, h0)
-    out, pull = jax.vjp(lambda *a: state_pass(*a, src, cfg), *args)
+    out, pull = jax.vjp(lambda *a: state_pass(*a, src, dst, cfg), *args)
     with jax.default_matmul_precision("highest"):
-        ref, pull_ref = jax.vjp(lambda *a: scan_reference(*a, src), *args)
+        ref, pull_ref = jax.vjp(lambda *a: scan_reference(*a, src, dst), *args)
         cts = (normal(*ref[0].shape), normal(*ref[1].shape))
         grads_ref = pull_ref(cts)
-    for got, want, what in zip(out, ref, ("o", "S_in")):
+    for got, want, what in zip(out, ref, ("o", "final states")):
         assert_close(got, want, 1e-5, what)
     names = ("gamma", "Z", "W", "X", "Qs", "O0", "h0")
     for got, want, what in zip(pull(cts), grads_ref, names):

@@ -250,15 +250,6 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
     return gamma, cat(Z), W, cat(X), Qs, O0
 
 
-def transition(gamma, Z, W, X, S):
-    """S_C from S_0 through one chunk's factors (chunk_factors), S [..., K, V]."""
-    U = X
-    if W is not None:
-        n = W.shape[-2]
-        U = jnp.concatenate([X[..., :n, :] - W @ S, X[..., n:, :]], axis=-2)
-    return gamma[..., None] * S + jnp.swapaxes(Z, -1, -2) @ U
-
-
 def chunk_summary(q, g, E, y, P, F, Vk, decayed=decayed_products):
     """One chunk of one head -> (M, Bc, Qs, O0): S_C = M S_0 + Bc and o = Qs S_0 + O0.
     M is [K, K], or [K] (diagonal) when there is no E. Arguments as chunk_factors."""
@@ -310,7 +301,7 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None,
     h0 [N, H, K, V]. Returns o [B, T, H, V] (unscaled) and final states [N, H, K, V].
 
     decayed(X, Y, g, probe) replaces phase 1's intra-chunk products (decayed_products), and
-    scan(layout, factors, h0) -> (o, S_in) phases 2+3 on the factored transitions
+    scan(layout, factors, h0) -> (o, final states) phases 2+3 on the factored transitions
     (chunk_factors; the Pallas state pass plugs in here), and factors(q, g, E, y, P, F, Vk,
     decayed=...) replaces the checkpointed chunk_factors of one chunk (the Pallas kernels of
     the delta family). Without scan, phase 1 multiplies the transitions out (chunk_summary)
@@ -319,17 +310,14 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None,
     B, T = q.shape[:2]
     layout = ChunkLayout.make(B, T, chunk_size, cu_seqlens)
     inputs = (q, g, E, y, P, F, Vk)
-    r, c = layout.final_row, layout.final_chunk
     if scan is None:
         M, Bc, Qs, O0 = _summaries(layout, checkpointed(chunk_summary, decayed=decayed),
                                    *inputs)
         o, S_in = _scan_outputs(layout, M, Bc, Qs, O0, h0)
+        r, c = layout.final_row, layout.final_chunk
         finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
     else:
         summary = (checkpointed(chunk_factors, decayed=decayed) if factors is None
                    else functools.partial(factors, decayed=decayed))
-        factors = _summaries(layout, summary, *inputs)
-        o, S_in = scan(layout, factors, h0)
-        gamma, Z, W, X = (None if f is None else f[r, :, c] for f in factors[:4])
-        finals = transition(gamma, Z, W, X, S_in[r, :, c])
+        o, finals = scan(layout, _summaries(layout, summary, *inputs), h0)
     return layout.from_chunks(jnp.moveaxis(o, 1, 3)), finals

@@ -28,15 +28,19 @@ from dplr_jax.ops.pallas.state_pass import Config, _pow2, state_pass
 
 
 def _scan(layout, factors, h0, *, cfg):
-    """Phases 2 and 3 in the state-pass kernel: (o, S_in) from phase 1's factored transitions
-    (chunked.chunk_factors)."""
-    B = factors[4].shape[0]
-    Nb = h0.shape[0] // B  # initial states a batch row can load: 1, or N packed sequences
+    """Phases 2 and 3 in the state-pass kernel: (o, final states) from phase 1's factored
+    transitions (chunked.chunk_factors) and the initial states h0 [N, H, K, V]."""
+    N = h0.shape[0]
+    B, NC = factors[4].shape[0], layout.NC
+    Nb = N // B  # states per batch row: 1, or the N packed sequences
     src = jnp.where(layout.reset[None, :], layout.init_idx % Nb, -1).astype(jnp.int32)
+    dst = jnp.full((B, NC), -1, jnp.int32).at[layout.final_row, layout.final_chunk].set(
+        jnp.arange(N, dtype=jnp.int32) % Nb)
     h0 = h0.reshape((B, Nb) + h0.shape[1:])
     # The kernels hold states in float32 (float64 inputs under x64 run them in float32 too).
-    return state_pass(*(None if x is None else x.astype(jnp.float32) for x in factors), h0, src,
-                      cfg)
+    o, finals = state_pass(*(None if x is None else x.astype(jnp.float32) for x in factors), h0,
+                           src, dst, cfg)
+    return o, finals.reshape((N,) + finals.shape[2:])
 
 
 def _phase1(q, g, E, y, P, F, Vk, *, decayed, **kernel):

@@ -9,8 +9,10 @@ it:
 gamma_c [K] (the decay across the chunk), Z_c [n, K] (keys decayed to the chunk end), W_c
 [ne, K] (the probes of Z's first ne rows; absent for GLA), X_c [n, V], Qs_c [C, K], O0_c
 [C, V]. At a chunk that starts a sequence (src_c >= 0) the state is reset to the initial
-state h0[src_c] instead. The forward kernel runs this recurrence with S in float32, parallel
-over (batch * heads, V blocks), and writes o and every S_c. The rows of Z, W and X, and the
+state h0[src_c] instead, and at a sequence's last chunk (dst_c >= 0) S_{c+1} is that
+sequence's final state. The forward kernel runs this recurrence with S in float32, parallel
+over (batch * heads, V blocks), and writes o, the final states and, for the backward, every
+S_c. The rows of Z, W and X, and the
 query rows of Qs and o, go through the dots in blocks of RB = min(C, 64) (one or two blocks
 for the delta family, more for rank-r ops), so the tiles on chip grow neither with the rank
 nor with the chunk.
@@ -28,13 +30,16 @@ or storing every (1/r)-th state and re-scanning segments; at these sizes one ext
 per chunk is the cheaper choice.
 
 The backward has a sequential half and a parallel half. With G_c the cotangent of S_{c+1} as
-produced by chunk c (zero past a sequence's last chunk: its successor resets, and the final
-state's cotangent reaches S_c through the caller's XLA `chunked.transition`, i.e. through
-dS_in), the sequential kernel runs the transposed recurrence from the last chunk down and
-writes every G_c (K*V*4 bytes per chunk, like S_in):
+produced by chunk c (at a sequence's last chunk the final state's cotangent dfin[dst_c]: its
+successor resets), the sequential kernel runs the transposed recurrence from the last chunk
+down and writes every G_c (K*V*4 bytes per chunk, like S_in):
 
-    dS_c = gamma_c * G_c - W_c^T (Z_c G_c)[:ne] + Qs_c^T do_c + dS_in_c,
+    dS_c = gamma_c * G_c - W_c^T (Z_c G_c)[:ne] + Qs_c^T do_c,
     G_{c-1} = 0 and dh0[src_c] += dS_c if chunk c resets, else G_{c-1} = dS_c.
+
+The final states come out of the kernel, not from S_in (its gather and the final transition
+in XLA): so the backward reads no dense cotangent of S_in, which was zero but at the final
+chunks (a 268 MB zero-filled array at the shape above, written and read per call).
 
 Then one program per chunk (all of V, so nothing is left to sum over V blocks) forms
 
@@ -126,11 +131,12 @@ def _dot(a, b, precision, trans_a=False, trans_b=False):
 
 
 # Operand names of the kernels, in call order ("w", "dw" only when the op has probed rows).
-_FWD_IN = ("src", "gam", "z", "w", "x", "qs", "o0", "h0")
-_BWD_IN = ("src", "gam", "z", "w", "qs", "do", "dsin")
+_FWD_IN = ("src", "dst", "gam", "z", "w", "x", "qs", "o0", "h0")
+_BWD_IN = ("src", "dst", "gam", "z", "w", "qs", "do", "dfin")
 _GRAD_IN = ("sin", "g", "z", "w", "x", "do")
 _GRAD_OUT = ("dgam", "dz", "dw", "dx", "dqs")
-_V_BLOCKED = ("x", "o0", "o", "sin", "do", "dsin", "g")
+_V_BLOCKED = ("x", "o0", "o", "sin", "do", "g")
+_STATES = ("h0", "dh0", "fin", "dfin")  # [B, Nb, H, K, V]: one state per sequence a row holds
 
 
 def _names(names, has_w):
@@ -149,11 +155,13 @@ def _query_blocks(C, rb):
     return [pl.ds(i, rb) for i in range(0, C, rb)]
 
 
-def _forward_chunk(c, src, S, r, *, rb, precision):
-    """One chunk of the forward recurrence: reset, save S_c, write o_c; returns S_{c+1}.
-    r: the kernel's refs by name."""
+def _forward_chunk(c, src, dst, S, r, *, rb, precision):
+    """One chunk of the forward recurrence: reset, save S_c (when "sin" is an output), write
+    o_c, and S_{c+1} as final state dst if dst >= 0; returns S_{c+1}. r: the kernel's refs by
+    name."""
     S = jnp.where(src >= 0, r["h0"][jnp.maximum(src, 0)].astype(jnp.float32), S)
-    r["sin"][c] = S
+    if "sin" in r:
+        r["sin"][c] = S
     for rows in _query_blocks(r["qs"].shape[-2], rb):
         r["o"][c, rows] = (_dot(r["qs"][c, rows], S, precision)
                            + r["o0"][c, rows]).astype(r["o"].dtype)
@@ -163,13 +171,20 @@ def _forward_chunk(c, src, S, r, *, rb, precision):
         if probed:
             U = U - _dot(r["w"][c, rows], S, precision)
         out = out + _dot(r["z"][c, rows], U, precision, trans_a=True)
+
+    @pl.when(dst >= 0)
+    def _():
+        r["fin"][jnp.maximum(dst, 0)] = out
+
     return out
 
 
-def _backward_chunk(c, src, G, r, *, rb, precision):
+def _backward_chunk(c, src, dst, G, r, *, rb, precision):
     """One chunk of the reverse recurrence: saves G_c; returns G_{c-1}."""
+    # A sequence's last chunk: its S_{c+1} is the final state (the next chunk resets).
+    G = jax.lax.cond(dst >= 0, lambda: G + r["dfin"][jnp.maximum(dst, 0)], lambda: G)
     r["g"][c] = G
-    dS = r["gam"][c] * G + r["dsin"][c]
+    dS = r["gam"][c] * G
     for rows in _query_blocks(r["qs"].shape[-2], rb):
         dS = dS + _dot(r["qs"][c, rows], r["do"][c, rows], precision, trans_a=True)
     for rows, _ in _row_blocks(r, rb, probed_only=True):
@@ -226,12 +241,23 @@ def _grads_kernel(*refs, names, rb, bv, precision):
 # ---- sequential kernels: "loop" form (Triton on GPU, interpret mode on the CPU) and "grid"
 # form (Mosaic on TPU: chunk axis last, state in VMEM scratch) ------------------------------
 
+def _clear(ref):
+    """Zeros a [Nb, K, BV] block of states (written or accumulated per sequence)."""
+    def body(n, carry):
+        ref[n] = jnp.zeros(ref.shape[1:], ref.dtype)
+        return carry
+
+    jax.lax.fori_loop(0, ref.shape[0], body, 0)
+
+
 def _loop_forward_kernel(*refs, names, rb, precision):
     r = dict(zip(names, refs))
-    NC, K, BV = r["sin"].shape
+    NC = r["src"].shape[0]
+    _, K, BV = r["fin"].shape
+    _clear(r["fin"])
 
     def body(c, S):
-        return _forward_chunk(c, r["src"][c], S, r, rb=rb, precision=precision)
+        return _forward_chunk(c, r["src"][c], r["dst"][c], S, r, rb=rb, precision=precision)
 
     jax.lax.fori_loop(0, NC, body, jnp.zeros((K, BV), jnp.float32))
 
@@ -239,16 +265,11 @@ def _loop_forward_kernel(*refs, names, rb, precision):
 def _loop_backward_kernel(*refs, names, rb, precision):
     r = dict(zip(names, refs))
     NC, K, BV = r["g"].shape
-
-    def clear(n, carry):
-        r["dh0"][n] = jnp.zeros((K, BV), r["dh0"].dtype)
-        return carry
-
-    jax.lax.fori_loop(0, r["dh0"].shape[0], clear, 0)
+    _clear(r["dh0"])
 
     def body(i, G):
         c = NC - 1 - i
-        return _backward_chunk(c, r["src"][c], G, r, rb=rb, precision=precision)
+        return _backward_chunk(c, r["src"][c], r["dst"][c], G, r, rb=rb, precision=precision)
 
     jax.lax.fori_loop(0, NC, body, jnp.zeros((K, BV), jnp.float32))
 
@@ -256,7 +277,13 @@ def _loop_backward_kernel(*refs, names, rb, precision):
 def _grid_forward_kernel(*refs, names, H, rb, precision):
     r, s_ref = dict(zip(names, refs)), refs[-1]
     b, c = _div(pl.program_id(0), H), pl.program_id(2)
-    s_ref[...] = _forward_chunk(0, r["src"][b, c], s_ref[...], r, rb=rb, precision=precision)
+
+    @pl.when(c == 0)
+    def _():
+        r["fin"][...] = jnp.zeros_like(r["fin"])
+
+    s_ref[...] = _forward_chunk(0, r["src"][b, c], r["dst"][b, c], s_ref[...], r, rb=rb,
+                                precision=precision)
 
 
 def _grid_backward_kernel(*refs, names, H, rb, precision):
@@ -269,8 +296,8 @@ def _grid_backward_kernel(*refs, names, H, rb, precision):
         r["dh0"][...] = jnp.zeros_like(r["dh0"])
         g_ref[...] = jnp.zeros_like(g_ref)
 
-    g_ref[...] = _backward_chunk(0, r["src"][b, NC - 1 - i], g_ref[...], r, rb=rb,
-                                 precision=precision)
+    g_ref[...] = _backward_chunk(0, r["src"][b, NC - 1 - i], r["dst"][b, NC - 1 - i],
+                                 g_ref[...], r, rb=rb, precision=precision)
 
 
 def _params(cfg, launch, semantics):
@@ -284,8 +311,9 @@ def _params(cfg, launch, semantics):
 
 def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
     """pallas_call of the forward (reverse=False) or backward sequential kernel over named
-    [BH, NC, a, b] inputs (and src [B, NC], h0 / dh0 [B, Nb, H, K, V]) and (name, shape)
-    float32 outputs, for a state of shape `state` = (K, V): grid (BH, V/BV) with the whole
+    [BH, NC, a, b] inputs (and src, dst [B, NC], the states h0, dh0, fin, dfin [B, Nb, H, K,
+    V]) and (name, shape) float32 outputs, for a state of shape `state` = (K, V): grid (BH,
+    V/BV) with the whole
     chunk axis per program ("loop"), or (BH, V/BV, NC) with one chunk per step, descending if
     reverse ("grid")."""
     BH, NC = ins["z"].shape[:2]
@@ -297,10 +325,10 @@ def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
     def spec(name, shape):
         vj = name in _V_BLOCKED
         bv = BV if vj else shape[-1]
-        if name == "src":
+        if name in ("src", "dst"):
             return (pl.BlockSpec(memory_space=pltpu.SMEM) if grid_form else
                     pl.BlockSpec((None, NC), lambda bh, j: (_div(bh, H), 0)))
-        if name in ("h0", "dh0"):
+        if name in _STATES:
             index = lambda bh, j, *i: (_div(bh, H), 0, _rem(bh, H), 0, j)
             return pl.BlockSpec((None, shape[1], None, shape[3], BV), index)
         if grid_form:
@@ -353,29 +381,35 @@ def _pick(names, **arrays):
     return {n: arrays[n] for n in _names(names, arrays.get("w") is not None)}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _state_pass(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src):
+def _forward(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src, dst, save):
+    """The forward kernel: o, the final states and, with save, every S_c (for the backward;
+    268 MB at B=4, T=4096, H=16, K=V=128, so a call without gradients does not write them)."""
     BH, NC, C, K = Qs.shape
     V = X.shape[-1]
-    ins = _pick(_FWD_IN, src=src, gam=gam, z=Z, w=W, x=X, qs=Qs, o0=O0, h0=h0)
-    return _sequential(cfg, cfg.fwd, ins, [("o", (BH, NC, C, V)), ("sin", (BH, NC, K, V))],
-                       (K, V), H, rb, reverse=False)
+    ins = _pick(_FWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, x=X, qs=Qs, o0=O0, h0=h0)
+    outs = [("o", (BH, NC, C, V)), ("fin", h0.shape)] + [("sin", (BH, NC, K, V))] * save
+    return _sequential(cfg, cfg.fwd, ins, outs, (K, V), H, rb, reverse=False)
 
 
-def _state_pass_fwd(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src):
-    o, S_in = _state_pass(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src)
-    return (o, S_in), (gam, Z, W, X, Qs, S_in, src, h0.shape)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _state_pass(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src, dst):
+    return tuple(_forward(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src, dst, save=False))
+
+
+def _state_pass_fwd(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src, dst):
+    o, fin, S_in = _forward(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src, dst, save=True)
+    return (o, fin), (gam, Z, W, X, Qs, S_in, src, dst, h0.shape)
 
 
 def _state_pass_bwd(cfg, H, rb, res, cts):
-    gam, Z, W, X, Qs, S_in, src, h0_shape = res
-    do, dS_in = cts
-    ins = _pick(_BWD_IN, src=src, gam=gam, z=Z, w=W, qs=Qs, do=do, dsin=dS_in)
+    gam, Z, W, X, Qs, S_in, src, dst, h0_shape = res
+    do, dfin = cts
+    ins = _pick(_BWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, qs=Qs, do=do, dfin=dfin)
     G, dh0 = _sequential(cfg, cfg.bwd, ins, [("g", S_in.shape), ("dh0", h0_shape)],
                          S_in.shape[-2:], H, rb, reverse=True)
     d = _grads(cfg, _pick(_GRAD_IN, sin=S_in, g=G, z=Z, w=W, x=X, do=do), rb)
     return (d["dgam"], d["dz"], d.get("dw"), d["dx"], d["dqs"], do.astype(jnp.float32), dh0,
-            None)
+            None, None)
 
 
 _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
@@ -412,7 +446,7 @@ def fit_launches(cfg, rows, probed_rows, Kp, Vp, rb):
     return dataclasses.replace(cfg, fwd=fit(cfg.fwd, rows), bwd=fit(cfg.bwd, probed_rows))
 
 
-def state_pass(gamma, Z, W, X, Qs, O0, h0, src, cfg: Config):
+def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config):
     """The inter-chunk state pass on factored transitions; differentiable in (gamma, Z, W, X,
     Qs, O0, h0).
 
@@ -420,9 +454,11 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, cfg: Config):
     Qs [B, H, NC, C, K], O0 [B, H, NC, C, V] (float32; chunked.chunk_factors per chunk; n and
     ne multiples of min(C, 64)); h0 [B, Nb, H, K, V] the initial states that batch row b can
     load; src [B, NC] int32: the index into h0[b] that chunk c resets to, or -1 (no reset;
-    chunk 0 of every row must reset). K and V are zero-padded to powers of two >= 16.
-    Returns o [B, H, NC, C, V] float32 and S_in [B, H, NC, K, V] float32 (state entering
-    each chunk).
+    chunk 0 of every row must reset); dst [B, NC] int32: the index into the final states of
+    row b that the state leaving chunk c is written to, or -1 (the engine names each
+    sequence's last chunk; an index no chunk names stays zero). K and V are zero-padded to
+    powers of two >= 16. Returns o [B, H, NC, C, V] and the final states [B, Nb, H, K, V],
+    float32.
     """
     B, H, NC, C, K = Qs.shape
     V = X.shape[-1]
@@ -437,7 +473,6 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, cfg: Config):
     h0 = _pad_to(_pad_to(h0.astype(jnp.float32), 3, Kp), 4, Vp)
     cfg = fit_launches(cfg, Z.shape[-2], 0 if W is None else W.shape[-2], Kp, Vp, rb)
     flat = lambda x: None if x is None else x.reshape((B * H,) + x.shape[2:])
-    o, S_in = _state_pass(cfg, H, rb, *(flat(x) for x in (gamma, Z, W, X, Qs, O0)), h0, src)
-    o = o.reshape(B, H, NC, C, Vp)[..., :V]
-    S_in = S_in.reshape(B, H, NC, Kp, Vp)[..., :K, :V]
-    return o, S_in
+    o, finals = _state_pass(cfg, H, rb, *(flat(x) for x in (gamma, Z, W, X, Qs, O0)), h0, src,
+                            dst)
+    return o.reshape(B, H, NC, C, Vp)[..., :V], finals[..., :K, :V]
