@@ -12,10 +12,9 @@ gamma_c [K] (the decay across the chunk), Z_c [n, K] (keys decayed to the chunk 
 state h0[src_c] instead, and at a sequence's last chunk (dst_c >= 0) S_{c+1} is that
 sequence's final state. The forward kernel runs this recurrence with S in float32, parallel
 over (batch * heads, V blocks), and writes o, the final states and, for the backward, every
-S_c. The rows of Z, W and X, and the
-query rows of Qs and o, go through the dots in blocks of RB = min(C, 64) (one or two blocks
-for the delta family, more for rank-r ops), so the tiles on chip grow neither with the rank
-nor with the chunk.
+S_c. The rows of Z, W and X, and the query rows of Qs and o, go through the dots in blocks of
+RB = min(C, 64) (one or two blocks for the delta family, more for rank-r ops), so the tiles
+on chip grow neither with the rank nor with the chunk.
 
 Why factors and not M = Diag(gamma) - Z_E^T W: at C=64, K=V=128 the factors Z, W, X are
 96 KB of float32 per chunk where M and Bc are 128 KB, and forming M, Bc was two batched
@@ -313,9 +312,8 @@ def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
     """pallas_call of the forward (reverse=False) or backward sequential kernel over named
     [BH, NC, a, b] inputs (and src, dst [B, NC], the states h0, dh0, fin, dfin [B, Nb, H, K,
     V]) and (name, shape) float32 outputs, for a state of shape `state` = (K, V): grid (BH,
-    V/BV) with the whole
-    chunk axis per program ("loop"), or (BH, V/BV, NC) with one chunk per step, descending if
-    reverse ("grid")."""
+    V/BV) with the whole chunk axis per program ("loop"), or (BH, V/BV, NC) with one chunk per
+    step, descending if reverse ("grid")."""
     BH, NC = ins["z"].shape[:2]
     K, V = state
     BV = launch.block_v
@@ -387,7 +385,9 @@ def _forward(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src, dst, save):
     BH, NC, C, K = Qs.shape
     V = X.shape[-1]
     ins = _pick(_FWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, x=X, qs=Qs, o0=O0, h0=h0)
-    outs = [("o", (BH, NC, C, V)), ("fin", h0.shape)] + [("sin", (BH, NC, K, V))] * save
+    outs = [("o", (BH, NC, C, V)), ("fin", h0.shape)]
+    if save:
+        outs.append(("sin", (BH, NC, K, V)))
     return _sequential(cfg, cfg.fwd, ins, outs, (K, V), H, rb, reverse=False)
 
 
