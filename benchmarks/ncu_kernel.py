@@ -8,8 +8,9 @@ segmentation fault here: benchmarks/NOTES.md, sixth and ninth sessions).
 
 Lowers the op's forward+backward for "cuda" at B=4, T=4096, H=16, K=V=128, bf16 (the shape of
 ops_gpu.py; on the CPU as kernel_registers.py does), keeps the named kernel's Triton IR, its
-grid and its operands' shapes, compiles the IR for the GPU at its committed launch (or
---warps / --stages) and launches it on random operands. Prints its median time
+grid and its operands' shapes, compiles the IR for the GPU at its configured launch (or
+--warps / --stages; for the state pass, state_pass.fit_launches may lower the stages of the
+configured one for a shape) and launches it on random operands. Prints its median time
 (triton.testing.do_bench): compare with the same kernel's time in profile_gpu.py, since the
 `triton` package here is not the Triton that XLA bundles. The values are random (log decays
 drawn <= 0), so only the timing and the profile mean anything. Without a GPU it stops after
