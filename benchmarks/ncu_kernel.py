@@ -69,7 +69,7 @@ def main():
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int32": torch.int32}
     operands = []
     for shape, dt in k.operands:
-        if dt == "int32":  # the state pass's reset sources: chunk 0 of each row resets to 0
+        if dt == "int32":  # the state pass's src and dst: chunk 0 of each row uses state 0
             x = torch.full(shape, -1, dtype=torch.int32, device="cuda")
             x[..., 0] = 0
         else:  # every operand <= 0: log decays stay decays (the timing ignores the values)

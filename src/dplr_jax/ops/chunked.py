@@ -8,9 +8,10 @@ Every op is lowered (see forms.py) to one engine recurrence per value head:
 D_t = Diag(exp g_t) (g: none, one scalar per token, or one per key channel). E are the
 "probed" keys, whose values x depend on the state through the probes P (the low-rank part
 of the transition, - sum_j E_tj P_tj^T, is DPLR's - A_t B_t^T); F are plain keys with known
-values V. DPLR is (E, y, P) = (a, 0, b) with F = k (y = 0 passed as None); the delta-rule family is (beta k, v, e^g k)
-with no F, so its values and low-rank part share one key and need one C x C inverse; GLA has
-no E at all. This is seed 004's eqs. 12-18, written with x instead of U.
+values V. DPLR is (E, y, P) = (a, 0, b) with F = k (y = 0 passed as None); the delta-rule
+family is (beta k, v, e^g k) with no F, so its values and low-rank part share one key and
+need one C x C inverse; GLA has no E at all. This is seed 004's eqs. 12-18, written with x
+instead of U.
 
 Inside a chunk with cumulative log decay G_t (G_0 = 0) and S_0 its initial state:
 
@@ -208,9 +209,10 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
     W' = [W; 0]: the probed rows (the first C*m of Z and X: E decayed to the chunk end, and
     their values X0) read the state through W; the plain rows (F decayed to the chunk end,
     and V) do not. q [C, K]; g None, [C] or [C, K]; E, P [C, m, K] and y [C, m, V] (or None;
-    y None with E: zero values, which needs F); F [C, r, K] and Vk [C, r, V] (or None). gamma [K]; Z [C*(m+r), K]; W [C*m, K] or None
-    (no E); X [C*(m+r), V]; Qs [C, K]; O0 [C, V]. The Pallas state pass takes this form (its
-    K x K transition matrix is never formed); chunk_summary multiplies it out.
+    y None with E: zero values, which needs F); F [C, r, K] and Vk [C, r, V] (or None).
+    gamma [K]; Z [C*(m+r), K]; W [C*m, K] or None (no E); X [C*(m+r), V]; Qs [C, K]; O0
+    [C, V]. The Pallas state pass takes this form (its K x K transition matrix is never
+    formed); chunk_summary multiplies it out.
     decayed: the function for the intra-chunk products (the Pallas backend passes its kernels).
     """
     C, K = q.shape

@@ -14,17 +14,16 @@ probe) (decayed.py or XLA):
     gamma = e^{sum of the chunk's g}
 
 (the terms of a part the form lacks drop out; without E, X is Vk itself; DPLR's y is zero
-and absent). In XLA these are
-~30 kernels over [C, K] float32 tensors per chunk, each written to HBM and read back, plus
-their transposes and the layout moves between them: at B=4, T=4096, H=16, K=V=128 on the
-H100 about 2 ms of kda's 4.5 ms forward and ~6 ms of its backward, and 1.1 ms of GLA's
-2.4 ms forward (benchmarks/NOTES.md). Here one program per (chunk, block of 64 key or value
-columns) reads its columns of the inputs and the C x C products once and writes its columns
-of the factors; the backward (custom_vjp) likewise reads the inputs and the factors'
-cotangents and writes the inputs' cotangents, with the C x C ones (sums over columns) per
-program for XLA to add. The UT inverse stays in XLA (forward substitution on 16-row blocks,
-then block merges: triangular.py); its cotangent needs no inverse of its own. With rhs =
-y - PF Vk:
+and absent). In XLA these are ~30 kernels over [C, K] float32 tensors per chunk, each
+written to HBM and read back, plus their transposes and the layout moves between them: at
+B=4, T=4096, H=16, K=V=128 on the H100 about 2 ms of kda's 4.5 ms forward and ~6 ms of its
+backward, and 1.1 ms of GLA's 2.4 ms forward (benchmarks/NOTES.md). Here one program per
+(chunk, block of 64 key or value columns) reads its columns of the inputs and the C x C
+products once and writes its columns of the factors; the backward (custom_vjp) likewise
+reads the inputs and the factors' cotangents and writes the inputs' cotangents, with the
+C x C ones (sums over columns) per program for XLA to add. The UT inverse stays in XLA
+(forward substitution on 16-row blocks, then block merges: triangular.py); its cotangent
+needs no inverse of its own. With rhs = y - PF Vk:
 
     dW' = dW - QE^T dQs,   dX' = dX0 + QE^T dO0,   dA = Tinv^T dW',   drhs = Tinv^T dX',
     dQE = dO0 X0^T - dQs W^T,   dL = -(Tinv^T dTinv) Tinv^T = -(dA W^T + drhs X0^T),
@@ -51,8 +50,9 @@ partials; 2.6 GB: 0.87 ms, and XLA then reads the partials once more to add them
 MFLOP forward, ~30 backward (tf32 / 3-pass tf32: not the limit). Measured for kda there
 (bf16 inputs; benchmarks/NOTES.md): 0.68 ms forward, 2.14 backward. GLA's forward reads
 144 KB and writes 96 (0.98 GB: 0.33 ms), its backward reads 240 and writes 160 (1.6 GB:
-0.55 ms); rank-1 DPLR's forward reads 256 KB and writes 224 (2.0 GB: 0.66 ms). Not yet
-measured on a GPU (benchmarks/NOTES.md gives the prediction).
+0.55 ms); rank-1 DPLR's forward reads 256 KB and writes 224 (2.0 GB: 0.66 ms). Measured
+(benchmarks/results/profile_h100_session9.json): GLA 0.40 ms forward, 0.72 backward; rank-1
+DPLR 0.86 forward, 3.44 backward (its backward spills, benchmarks/kernel_registers.py).
 """
 
 from __future__ import annotations
