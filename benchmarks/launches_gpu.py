@@ -1,9 +1,10 @@
 """Launch variants of the Pallas kernels, timed through whole ops: the phase-1 factors kernels
-(columns per program, warps; against XLA's phase 1) or the state pass (Triton pipelining
-stages of the sequential forward and backward kernels).
+(columns per program, warps; against XLA's phase 1), the state pass (Triton pipelining
+stages of the sequential forward and backward kernels) or the decayed products of per-channel
+decays (warps of the forward and backward kernels).
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=src python benchmarks/launches_gpu.py \
-        [--kernels factors state_pass] [--ops kda gated_delta_rule] [--out DIR]
+        [--kernels factors state_pass products] [--ops kda gated_delta_rule] [--out DIR]
 
 For each op at B=4, T=4096, H=16, K=V=128, bf16 (the inputs of ops_gpu.py), times forward and
 forward+backward of the GPU configuration with each variant swapped in. Prints a table and
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
 import ops_gpu as og  # noqa: E402
+from dplr_jax.ops import backends  # noqa: E402
 from dplr_jax.ops.pallas import PLATFORM_CONFIGS, engine, factors  # noqa: E402
 from dplr_jax.ops.pallas.state_pass import Launch  # noqa: E402
 
@@ -36,6 +38,9 @@ FACTORS = {"64 columns, 4 warps / 4 warps": (64, (4, 1), (4, 1)),
            "128 columns, 8 / 8": (128, (8, 1), (8, 1))}
 # state_pass: name -> (forward stages, backward stages)
 STATE_PASS = {"stages 1 / 1": (1, 1), "stages 2 / 1": (2, 1), "stages 2 / 2": (2, 2)}
+# products (per-channel decays): name -> (forward warps, backward warps)
+PRODUCTS = {"warps 2 / 4": (2, 4), "warps 4 / 4": (4, 4), "warps 2 / 8": (2, 8),
+            "warps 4 / 8": (4, 8)}
 
 
 def variants(kernels):
@@ -52,12 +57,16 @@ def variants(kernels):
             out["state pass " + name] = factors.BLOCK, dataclasses.replace(
                 gpu, fwd=dataclasses.replace(gpu.fwd, num_stages=f),
                 bwd=dataclasses.replace(gpu.bwd, num_stages=b))
+    if "products" in kernels:
+        for name, (f, b) in PRODUCTS.items():
+            out["products " + name] = factors.BLOCK, dataclasses.replace(
+                gpu, products=(Launch(None, f, 1), Launch(None, b, 1)))
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kernels", nargs="+", choices=("factors", "state_pass"),
+    ap.add_argument("--kernels", nargs="+", choices=("factors", "state_pass", "products"),
                     default=["factors"])
     ap.add_argument("--ops", nargs="+", default=["kda", "gated_delta_rule"])
     ap.add_argument("--T", type=int, default=4096)
@@ -69,13 +78,12 @@ def main():
     print("| op | variant | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
     for op in a.ops:
         args = og.inputs(op, og.B, a.T, og.H, og.K, og.V, key, jnp.bfloat16)
-        do = jax.random.normal(key, (og.B, a.T, og.H, og.V), jnp.float32)
+        do = jax.random.normal(key, (og.B, a.T, og.H, og.V), jnp.bfloat16)
         for name, (block, cfg) in variants(a.kernels).items():
             factors.BLOCK = block  # read when the kernels are traced
-            fn = engine.kernel(op, cfg)
-            fwd = lambda *x, fn=fn: fn(*x, scale=og.K ** -0.5, initial_state=None,
-                                       cu_seqlens=None, chunk_size=og.C)[0]
-            fwd_bwd = lambda do, *x, fwd=fwd: jax.vjp(fwd, *x)[1](do)
+            # the variant stands in for the GPU kernel, so the public op maps its inputs
+            backends.register(op, "gpu", engine.kernel(op, cfg))
+            fwd, fwd_bwd = og.jax_op_fns(op, "pallas")
             row = dict(op=op, variant=name)
             try:
                 row.update(fwd_ms=og.time_jax(fwd, args)[0],
@@ -89,6 +97,7 @@ def main():
             os.makedirs(a.out, exist_ok=True)
             with open(os.path.join(a.out, "launches_gpu.json"), "w") as f:
                 json.dump(res, f, indent=1)
+        backends.register(op, "gpu", engine.kernel(op, PLATFORM_CONFIGS["gpu"]))
 
 
 if __name__ == "__main__":
