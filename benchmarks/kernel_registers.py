@@ -3,7 +3,8 @@ measured without a GPU.
 
     pip install triton==3.6.0     # not a dependency of the project: this script only
     PYTHONPATH=src python benchmarks/kernel_registers.py [--ops kda gated_delta_rule] \
-        [--warps 1 2 4 8] [--out benchmarks/results/kernel_registers.json] [--ttgir DIR]
+        [--warps 1 2 4 8] [--out benchmarks/results/kernel_registers.json] [--ttgir DIR] \
+        [--sass DIR]
 
 Lowers each op's forward+backward for "cuda" on the CPU (abstract H100 mesh, as the lowering
 tests do, at K = V = 128, chunk 64, bf16) and keeps the Triton IR of every Pallas kernel (by
@@ -107,9 +108,35 @@ def resident(regs, smem, warps):
     return programs, programs * warps
 
 
-def compile_stats(ir_text, warps, ttgir_path=None):
+_SASS_LINE = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)")
+
+
+def loop_bodies(sass):
+    """The loops of nvdisasm's SASS (a backward branch to a label): per loop, its static
+    instruction count and opcode mix (opcodes without modifiers). A fori_loop of a kernel is
+    one such body per unrolled copy, so the count is the SASS one step executes per warp."""
+    ins, labels, loops = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ins)
+        m = _SASS_LINE.match(line)
+        if m:
+            ins.append((m.group(1).split(".")[0], m.group(2)))
+    for i, (op, rest) in enumerate(ins):
+        target = re.search(r"\.(L_x_\d+)", rest) if op == "BRA" else None
+        if target and labels.get(target.group(1), i + 1) < i:
+            body = [o for o, _ in ins[labels[target.group(1)]:i + 1]]
+            mix = sorted(((body.count(o), o) for o in set(body)), reverse=True)
+            loops.append({"instructions": len(body), "opcodes": {o: n for n, o in mix}})
+    return loops
+
+
+def compile_stats(ir_text, warps, ttgir_path=None, sass_path=None):
     """ptxas -v's numbers for one kernel at `warps`; ttgir_path: also write Triton's GPU IR
-    (the layouts, reductions and relayouts the kernel compiles to) there."""
+    (the layouts, reductions and relayouts the kernel compiles to) there; sass_path: also
+    write the SASS (nvdisasm, shipped in the triton wheel) there and add its loops' opcode
+    mix (loop_bodies)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -129,13 +156,24 @@ def compile_stats(ir_text, warps, ttgir_path=None):
                              "ptxas")
         log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
+        extra = {}
+        if sass_path:
+            cubin = os.path.join(d, "kernel.cubin")
+            with open(cubin, "wb") as f:
+                f.write(k.asm["cubin"])
+            sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c",
+                                   cubin], capture_output=True, text=True, check=True).stdout
+            with open(sass_path, "w") as f:
+                f.write(sass)
+            extra["loops"] = loop_bodies(sass)
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     st, ld = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
                                 log).groups())
     smem = int(k.metadata.shared)
     programs, resident_warps = resident(regs, smem, warps)
     return {"registers": regs, "spill_store_bytes": st, "spill_load_bytes": ld,
-            "shared_bytes": smem, "programs_per_sm": programs, "warps_per_sm": resident_warps}
+            "shared_bytes": smem, "programs_per_sm": programs, "warps_per_sm": resident_warps,
+            **extra}
 
 
 def main():
@@ -145,11 +183,15 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/kernel_registers.json")
     ap.add_argument("--ttgir", metavar="DIR",
                     help="also write each kernel's Triton GPU IR to DIR/<op>_<kernel>_w<warps>")
+    ap.add_argument("--sass", metavar="DIR",
+                    help="also write each kernel's SASS to DIR/<op>_<kernel>_w<warps>.sass and "
+                         "print its loops' instruction counts and opcode mix")
     a = ap.parse_args()
     import triton
 
-    if a.ttgir:
-        os.makedirs(a.ttgir, exist_ok=True)
+    for d in (a.ttgir, a.sass):
+        if d:
+            os.makedirs(d, exist_ok=True)
     rows = []
     print("| op | kernel | warps | registers | spill st/ld B | shared KB | programs/SM | "
           "warps/SM |")
@@ -157,9 +199,9 @@ def main():
     for op in a.ops:
         for name, kernel in kernel_irs(op).items():
             for w in a.warps:
-                tag = f"{op}_{name.replace('#', '_')}_w{w}.ttgir"
-                path = a.ttgir and os.path.join(a.ttgir, tag)
-                s = compile_stats(kernel.ir, w, path)
+                tag = f"{op}_{name.replace('#', '_')}_w{w}"
+                s = compile_stats(kernel.ir, w, a.ttgir and os.path.join(a.ttgir, tag + ".ttgir"),
+                                  a.sass and os.path.join(a.sass, tag + ".sass"))
                 mark = " (committed)" if w == launch_of(name).num_warps else ""
                 rows.append({"op": op, "kernel": name, "num_warps": w,
                              "committed": bool(mark), **s})
@@ -167,6 +209,10 @@ def main():
                       f"{s['spill_store_bytes']}/{s['spill_load_bytes']} | "
                       f"{s['shared_bytes'] / 1024:.0f} | {s['programs_per_sm']} | "
                       f"{s['warps_per_sm']} |", flush=True)
+                for loop in s.get("loops", []):
+                    mix = ", ".join(f"{o} {n}" for o, n in list(loop["opcodes"].items())[:8])
+                    print(f"| | loop of {loop['instructions']} SASS instructions: {mix} "
+                          "| | | | | | |")
     meta = {"jax": jax.__version__, "triton": triton.__version__, "target": "sm_90a",
             "command": "python " + " ".join(sys.argv)}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

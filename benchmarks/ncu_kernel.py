@@ -3,8 +3,13 @@ torch tensors, so that Nsight Compute can profile it (ncu ends JAX processes wit
 segmentation fault here: benchmarks/NOTES.md, sixth and ninth sessions).
 
     PYTHONPATH=src python benchmarks/ncu_kernel.py --op kda --kernel dplr_decayed_fwd
-    ncu --clock-control none -k regex:dplr_decayed_fwd -c 1 --set full -o OUT/dec \\
-        python benchmarks/ncu_kernel.py --op kda --kernel dplr_decayed_fwd --calls 1
+    JAX_PLATFORMS=cpu ncu --clock-control none -k regex:dplr_decayed_fwd -c 1 --set full \\
+        -o OUT/dec python benchmarks/ncu_kernel.py --op kda --kernel dplr_decayed_fwd --calls 1
+    ncu -i OUT/dec.ncu-rep --page details; ncu -i OUT/dec.ncu-rep --page source --csv \\
+        --print-source sass     # per-instruction counts and stall reasons
+
+JAX_PLATFORMS=cpu keeps JAX off the GPU, so the profiled process is torch and Triton alone
+(how the tenth session profiled the decayed products on the H100: benchmarks/NOTES.md).
 
 Lowers the op's forward+backward for "cuda" at B=4, T=4096, H=16, K=V=128, bf16 (the shape of
 ops_gpu.py; on the CPU as kernel_registers.py does), keeps the named kernel's Triton IR, its

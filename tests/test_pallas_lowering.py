@@ -63,3 +63,7 @@ def test_forward_and_backward_lower(target, case):
     assert ("dplr_decayed_scalar_fwd" in text and "dplr_decayed_scalar_bwd" in text) == scalar
     # ... and the factors kernels of rank-1 forms (every op here: make_inputs' dplr is rank 1)
     assert ("dplr_factors_fwd" in text and "dplr_factors_bwd" in text) == (target == "cuda")
+    # exp in the kernels is exp2 (state_pass._exp: one MUFU.EX2), never libdevice's expf, whose
+    # nine instructions per element cost kda's products 0.15 ms on the H100 (benchmarks/NOTES.md)
+    assert "__nv_expf" not in text
+    assert ("__nv_exp2f" in text) == (target == "cuda" and name != "delta_rule")  # decays

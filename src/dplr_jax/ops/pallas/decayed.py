@@ -40,10 +40,14 @@ the wrapper adds their dX, dY after dg. Nothing is saved but the inputs.
 Cost per chunk (C = 64, K = 128, float32): reads 3 C K values (96 KB), writes C^2 (16 KB);
 C 16 K exps on the diagonal blocks (131 K) and ~3 C K for the factors; off-diagonal dots
 n(n-1)/2 x 2 * 16^2 K = 0.4 MFLOP. At B=4, T=4096, H=16 (4096 chunks): 0.46 GB (0.15 ms
-at 3 TB/s) and 0.54 G exps (0.13 ms at 16 exp/clk/SM): measured 0.87 ms forward on the H100.
-What bounds it is not established: splitting the row steps over programs, splitting the key
-columns, fusing two products, running products instead of exps and fewer live registers were
-each slower or no faster (benchmarks/NOTES.md, sixth session).
+at 3 TB/s) and 0.54 G exps (0.13 ms at 16 exp/clk/SM). What bounds it is instruction issue
+at low occupancy (Nsight Compute, benchmarks/NOTES.md, tenth session): 255 registers per
+thread leave 2 warps per scheduler, and the row loop's [16, K] tile costs ~16 instructions
+per element and row in Triton 3.6's SASS (adds, selects, the reduction's shuffles; 24 while
+exp was libdevice's nine-instruction expf, before state_pass._exp). Measured on the H100: 0.72 and 0.77 ms for kda's two forward products
+(0.85 and 0.77 with libdevice's exp), 0.95 ms backward. Splitting the row steps over
+programs, splitting the key columns, fusing two products, running products instead of exps
+and fewer live registers were each slower or no faster (sixth session).
 
 Scalar decays (one per token: gated_delta_rule, gated_delta_product) need no sub-chunks: the
 chunk's pairwise decay sums S [C, C] are one scan over t of the masked per-token decays
@@ -70,7 +74,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from dplr_jax.ops import chunked
-from dplr_jax.ops.pallas.state_pass import Launch, _dot, _pad_to, _pow2
+from dplr_jax.ops.pallas.state_pass import LOG2E, Launch, _dot, _exp, _pad_to, _pow2
 
 SUB = chunked.SUB
 
@@ -110,42 +114,61 @@ def _bounded_block(probe, g, exact):
     mid = jnp.sum(jnp.where(_iota(g.shape, 0) == SUB // 2 - 1, incl, 0.0), axis=0,
                   keepdims=True)
     pre = incl - g if probe else incl
-    return jnp.exp(pre - mid), jnp.exp(mid - incl), pre, total - incl, total
+    return _exp(pre - mid), _exp(mid - incl), pre, total - incl, total
 
 
 def _block_rows(probe, base, y, x_ref, g_ref, step, init, near=True):
     """The row loop of sub-chunk rows [base, base + 16): step(t, e, keep, x_t, carry) per row
     with e[s, k] = exp(the pair's decay sum), keep[s] the row's valid columns (near=False:
     without the pair that has no decay, s = t, or s = t - 1 with probe) and x_t the row of
-    x_ref. Returns (carry, pre, suffix, total): the query-side prefix sums of the sub-chunk
+    x_ref. With near=True e is already 0 off keep (the running exponent holds -inf on the
+    rows s > t, so exp2 zeroes them: no [16, K] select per row), and a step may ignore keep.
+    Returns (carry, pre, suffix, total): the query-side prefix sums of the sub-chunk
     (inclusive, or exclusive with probe), its exclusive suffix sums and its total [1, K].
 
-    The rows of x and g a step reads are loaded one step ahead (the loop carries them), so
-    their latency overlaps the step before rather than opening each step."""
+    In the forward without probe the loop adds g_{t+1} after step t (the sums start at row
+    0's), so that a step's exp2 never waits on the add of its own row, as with probe; the
+    backward without probe adds row t's token first (on the H100 each order was slower in
+    the other kernel: benchmarks/NOTES.md, tenth session). The rows of x and g are loaded a
+    step ahead. The loop sums g log2(e), so that each e is one exp2 (state_pass._exp), and
+    returns the sums in base e."""
     s = _iota(y.shape, 0)
     s1 = _iota((SUB, 1), 0)
+    lead = int(near and not probe)  # step t is followed by token t + lead's add
+    late = not (probe or near)  # step t is preceded by token t's add
 
-    def rows(t):  # row t (clamped into the sub-chunk: the last step loads nothing new)
-        r = pl.ds(base + jnp.minimum(t, SUB - 1), 1)
-        return x_ref[r, :], g_ref[r, :].astype(y.dtype)
+    def reset(u):  # the rows the sums restart at when token u is added: s = u, 0 beyond
+        return jnp.where(s1 == u, 0.0, -jnp.inf) if near else 0.0
+
+    def add(d, p, g_u, u):
+        return jnp.where(s < u, d + g_u, reset(u)), p + g_u
+
+    def rows(t):  # x row t and g row t + lead (0 past the sub-chunk; clamped into it)
+        u = t + lead
+        g = g_ref[pl.ds(base + jnp.minimum(u, SUB - 1), 1), :].astype(y.dtype) * LOG2E
+        x = x_ref[pl.ds(base + jnp.minimum(t, SUB - 1), 1), :]
+        return x, jnp.where(u < SUB, g, 0.0) if lead else g
 
     def body(t, state):
-        d, p, pre, (x_t, g_t), carry = state
+        d, p, pre, (x_t, g_u), carry = state
         ahead = rows(t + 1)
-        if probe:  # decays over s < u <= t - 1: the previous row's sums; prefix excludes t
-            carry = step(t, jnp.exp(d), s1 < (t if near else t - 1), x_t, carry)
-            pre = jnp.where(s == t, p, pre)
-        p = p + g_t
-        d = jnp.where(s < t, d + g_t, 0.0)
-        if not probe:
-            carry = step(t, jnp.exp(d), s1 <= t if near else s1 < t, x_t, carry)
-            pre = jnp.where(s == t, p, pre)
+        if late:
+            d, p = add(d, p, g_u, t)
+        keep = s1 < t + lead if near else s1 < t - int(probe)
+        carry = step(t, jnp.exp2(d), keep, x_t, carry)
+        pre = jnp.where(s == t, p, pre)
+        if not late:
+            d, p = add(d, p, g_u, t + lead)
         return d, p, pre, ahead, carry
 
     zero = jnp.zeros_like(y)
-    d, p, pre, _, carry = jax.lax.fori_loop(
-        0, SUB, body, (zero, jnp.zeros((1, y.shape[1]), y.dtype), zero, rows(0), init))
-    return carry, pre, d, p
+    p0 = jnp.zeros((1, y.shape[1]), y.dtype)
+    d0 = jnp.full_like(y, -jnp.inf) if near else zero  # probe: row 0 sees no pair
+    if lead:  # row 0's sums: token 0 added
+        d0, p0 = add(d0, p0, g_ref[pl.ds(base, 1), :].astype(y.dtype) * LOG2E, 0)
+    d, p, pre, _, carry = jax.lax.fori_loop(0, SUB, body, (d0, p0, zero, rows(0), init))
+    ln2 = 1 / LOG2E
+    return carry, pre * ln2, d * ln2, p * ln2
 
 
 def _forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):
@@ -156,20 +179,20 @@ def _forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):
         rows = pl.ds(i * SUB, SUB)
         Y = y_ref[rows, :]
 
-        def step(t, e, keep, x_t, carry, i=i, Y=Y):
-            row = jnp.sum(jnp.where(keep, Y * e, 0.0) * x_t, axis=1)
+        def step(t, e, keep, x_t, carry, i=i, Y=Y):  # e is 0 off keep (near=True)
+            row = jnp.sum(Y * e * x_t, axis=1)
             d_ref[pl.ds(i * SUB + t, 1), rows] = row[None, :].astype(d_ref.dtype)
             return carry
 
         _, pre, suffix, total = _block_rows(probe, i * SUB, Y, x_ref, g_ref, step, 0)
-        Xq = x_ref[rows, :] * jnp.exp(pre)
+        Xq = x_ref[rows, :] * _exp(pre)
         for j in reversed(range(i)):  # between = totals of the sub-chunks j+1 .. i-1
             d_ij = _dot(Xq, keys[j], precision, trans_b=True)
             d_ref[rows, pl.ds(j * SUB, SUB)] = d_ij.astype(d_ref.dtype)
-            Xq = Xq * jnp.exp(totals[j])
+            Xq = Xq * _exp(totals[j])
         for j in range(i + 1, n):
             d_ref[rows, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), d_ref.dtype)
-        keys.append(Y * jnp.exp(suffix))
+        keys.append(Y * _exp(suffix))
         totals.append(total)
 
 
@@ -203,7 +226,7 @@ def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, pre
             zero = jnp.zeros_like(Y)
             (dX, dY), pre, suffix, total = _block_rows(probe, i * SUB, Y, x_ref, g_ref, step,
                                                        (zero, zero), near=False)
-        eq = jnp.exp(pre)
+        eq = _exp(pre)
         for j in reversed(range(i)):
             key = y_ref[pl.ds(j * SUB, SUB), :] * decays[j]
             ddt_ji = ddt_ref[pl.ds(j * SUB, SUB), rows]  # (dD_ij)^T: [s in j, t in i]
@@ -211,9 +234,9 @@ def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, pre
                 ddt_ji = jnp.where(_decayed_pairs(probe, boundary=True), ddt_ji, 0.0)
             dX = dX + _dot(ddt_ji, key, precision, trans_a=True) * eq
             dkeys[j] = dkeys[j] + _dot(ddt_ji, Xq * eq, precision) * decays[j]
-            eq = eq * jnp.exp(totals[j])
+            eq = eq * _exp(totals[j])
         dx_ref[rows, :] = dX.astype(dx_ref.dtype)
-        decays.append(jnp.exp(suffix))
+        decays.append(_exp(suffix))
         totals.append(total)
         dkeys.append(dY)
     for j in range(n):
@@ -233,7 +256,7 @@ def _scalar_decays(g_row, probe):
     p = 1 if probe else 0
     g_t = jnp.sum(jnp.where(s == t - p, g_row, 0.0), axis=1, keepdims=True)  # g[t - p]
     S = jnp.cumsum(jnp.where(t > s + p, g_t, 0.0), axis=0)
-    return jnp.where(t >= s + p, jnp.exp(S), 0.0)
+    return jnp.where(t >= s + p, _exp(S), 0.0)
 
 
 def _scalar_forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):

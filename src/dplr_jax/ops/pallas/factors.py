@@ -67,7 +67,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from dplr_jax.ops.chunked import SUB
 from dplr_jax.ops.pallas.decayed import _iota
-from dplr_jax.ops.pallas.state_pass import Launch, _dot, _pad_to, _pow2
+from dplr_jax.ops.pallas.state_pass import Launch, _dot, _exp, _pad_to, _pow2
 from dplr_jax.ops.triangular import unit_lower_inverse
 
 BLOCK = 64  # columns of K (and V) per program
@@ -107,7 +107,7 @@ def _token_sums(mask, g, decay, exact):
 
 
 def _scaled(x, e):
-    return x if e is None else x * jnp.exp(e)
+    return x if e is None else x * _exp(e)
 
 
 def _blocks(Kp, Vp):
@@ -192,7 +192,7 @@ def _forward_kernel(*refs, names, decay, precision, exact):
         if fm.rk:
             r["z"][fm.f_rows, ks] = _scaled(r["f"][:, ks], suffix_f).astype(r["z"].dtype)
         r["qs"][:, ks] = Qs.astype(r["qs"].dtype)
-        gam = jnp.ones((1, 1), r["gam"].dtype) if total is None else jnp.exp(total)
+        gam = jnp.ones((1, 1), r["gam"].dtype) if total is None else _exp(total)
         r["gam"][:, ks] = jnp.broadcast_to(gam, (1, bk)).astype(r["gam"].dtype)
 
     @pl.when(j >= nk)
@@ -256,7 +256,7 @@ def _backward_kernel(*refs, names, decay, precision, exact):
         if decay is None:
             return
         # The log decays: through I, J, S and the total (d gamma gamma).
-        dtotal = r["dgam"][:, ks] * jnp.exp(total)
+        dtotal = r["dgam"][:, ks] * _exp(total)
         if decay == "channel":
             dg = sum(_dot(mk.astype(d.dtype), d, exact, trans_a=True) for mk, d in parts)
             r["dg"][:, ks] = (dg + dtotal).astype(r["dg"].dtype)

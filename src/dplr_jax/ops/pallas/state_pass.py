@@ -118,6 +118,17 @@ def _rem(a, b):
     return jax.lax.rem(a, jnp.asarray(b, a.dtype))
 
 
+LOG2E = 1.4426950408889634  # exp(x) = 2^(x LOG2E)
+
+
+def _exp(x):
+    """exp in kernels, as 2^(x log2 e): JAX lowers exp of float32 for Triton to libdevice's
+    __nv_expf (nine instructions: range reduction, then MUFU.EX2 and a rescale), exp2 to one
+    MUFU.EX2 (flushing subnormal results to zero, which these decay factors <= 1 may); relative
+    error ~2 ulp. The row loops of decayed.py skip the multiply by working in base 2."""
+    return jnp.exp2(x * LOG2E)
+
+
 def _dot(a, b, precision, trans_a=False, trans_b=False):
     """2-D a @ b (a^T, b^T on request), accumulated in float32 (float64 for float64 inputs:
     exact in the CPU interpreter; Triton's dots compute float64 inputs in float32, which the
