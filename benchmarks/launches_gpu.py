@@ -43,23 +43,26 @@ PRODUCTS = {"warps 2 / 4": (2, 4), "warps 4 / 4": (4, 4), "warps 2 / 8": (2, 8),
             "warps 4 / 8": (4, 8)}
 
 
+BLOCK = factors.BLOCK  # the committed columns per factors program (the variants set their own)
+
+
 def variants(kernels):
     """name -> (factors.BLOCK, Config) for the families asked for."""
     gpu = PLATFORM_CONFIGS["gpu"]
     out = {}
     if "factors" in kernels:
-        out["XLA phase 1 (factors=None)"] = factors.BLOCK, dataclasses.replace(gpu, factors=None)
+        out["XLA phase 1 (factors=None)"] = BLOCK, dataclasses.replace(gpu, factors=None)
         for name, (block, f, b) in FACTORS.items():
             out[name] = block, dataclasses.replace(gpu, factors=(Launch(None, *f),
                                                                   Launch(None, *b)))
     if "state_pass" in kernels:
         for name, (f, b) in STATE_PASS.items():
-            out["state pass " + name] = factors.BLOCK, dataclasses.replace(
+            out["state pass " + name] = BLOCK, dataclasses.replace(
                 gpu, fwd=dataclasses.replace(gpu.fwd, num_stages=f),
                 bwd=dataclasses.replace(gpu.bwd, num_stages=b))
     if "products" in kernels:
         for name, (f, b) in PRODUCTS.items():
-            out["products " + name] = factors.BLOCK, dataclasses.replace(
+            out["products " + name] = BLOCK, dataclasses.replace(
                 gpu, products=(Launch(None, f, 1), Launch(None, b, 1)))
     return out
 
@@ -97,6 +100,7 @@ def main():
             os.makedirs(a.out, exist_ok=True)
             with open(os.path.join(a.out, "launches_gpu.json"), "w") as f:
                 json.dump(res, f, indent=1)
+        factors.BLOCK = BLOCK
         backends.register(op, "gpu", engine.kernel(op, PLATFORM_CONFIGS["gpu"]))
 
 

@@ -44,10 +44,11 @@ at 3 TB/s) and 0.54 G exps (0.13 ms at 16 exp/clk/SM). What bounds it is instruc
 at low occupancy (Nsight Compute, benchmarks/NOTES.md, tenth session): 255 registers per
 thread leave 2 warps per scheduler, and the row loop's [16, K] tile costs ~16 instructions
 per element and row in Triton 3.6's SASS (adds, selects, the reduction's shuffles; 24 while
-exp was libdevice's nine-instruction expf, before state_pass._exp). Measured on the H100: 0.72 and 0.77 ms for kda's two forward products
-(0.85 and 0.77 with libdevice's exp), 0.95 ms backward. Splitting the row steps over
-programs, splitting the key columns, fusing two products, running products instead of exps
-and fewer live registers were each slower or no faster (sixth session).
+exp was libdevice's nine-instruction expf, before state_pass._exp). Measured on the H100:
+0.72 and 0.77 ms for kda's two forward products (0.85 and 0.77 with libdevice's exp), 0.95
+ms backward. Splitting the row steps over programs, splitting the key columns, fusing two
+products, running products instead of exps, fewer live registers (sixth session) and
+loading x and g rows broadcast to the tile (tenth) were each slower or no faster.
 
 Scalar decays (one per token: gated_delta_rule, gated_delta_product) need no sub-chunks: the
 chunk's pairwise decay sums S [C, C] are one scan over t of the masked per-token decays
