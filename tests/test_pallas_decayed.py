@@ -1,8 +1,8 @@
 """The Pallas kernels for phase 1's decayed products of per-channel decays (pallas/decayed.py).
 
 The kernels (CPU interpret mode) against XLA's `chunked.decayed_products` on one chunk: values
-and every cotangent (X, Y and the log decays, whose gradient the wrapper forms from two
-reverse sums), probe and plain, chunks of 1, 2 and 4 sub-chunks, several probes / keys per
+and every cotangent (X, Y and the log decays, whose gradient the kernel forms from sums over
+its sub-chunks), probe and plain, chunks of 1, 2 and 4 sub-chunks, several probes / keys per
 token, K padded, hard resets, per-channel and scalar decays; float32 against float64;
 backend="pallas" through them against the float64 reference at chunk 64 with hard resets;
 which ops use them.

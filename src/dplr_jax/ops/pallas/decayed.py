@@ -32,10 +32,17 @@ rows plus the dots with dD_ij) and dY (accumulated per key sub-chunk over the qu
 sub-chunks after it, kept on chip until the end). The log-decay gradient needs no exponent:
 with R = X * dX and Q = Y * dY per channel, the pairs (t, s) whose decay contains g_u are those
 with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s (probe: minus R_u as well),
-formed by the wrapper (chunked.masked_sums). The kernel leaves out the pairs whose decay is
-empty (s = t; probe: s = t - 1): they cancel in dg, but their float32 rounding would not
-(with every g at -5, dg was off by 5e-5 to 1.4e-4 relative, benchmarks/decayed_dg_cpu.py);
-the wrapper adds their dX, dY after dg. Nothing is saved but the inputs.
+formed in the kernel after the loops, per sub-chunk from the last: the sum over its rows
+t >= u (its total less a cumulative sum: Triton has no reverse one) plus the totals of the
+sub-chunks after it. R goes to dg's rows as each sub-chunk's dX is done and comes back after a
+barrier. R and Q leave out the pairs whose decay is empty (s = t; probe: s = t - 1): they
+cancel in dg, but their float32 rounding would not (with every g at -5, dg was off by 5e-5 to
+1.4e-4 relative, benchmarks/decayed_dg_cpu.py); the wrapper adds their dX, dY. Until the
+eleventh session XLA formed dg from dX and dY; in the kernel it costs each backward product
+0.95 -> 1.17 ms and saves 0.85 ms of XLA's layout moves and 0/1 dots, kda 10.89 -> 10.48 ms
+forward+backward on the H100 (benchmarks/NOTES.md: holding R in registers and forming the
+pairs without decay by dots in the kernel made it 1.75-2.1 ms).
+Nothing is saved but the inputs.
 
 Cost per chunk (C = 64, K = 128, float32): reads 3 C K values (96 KB), writes C^2 (16 KB);
 C 16 K exps on the diagonal blocks (131 K) and ~3 C K for the factors; off-diagonal dots
@@ -45,7 +52,7 @@ at low occupancy (Nsight Compute, benchmarks/NOTES.md, tenth session): 255 regis
 thread leave 2 warps per scheduler, and the row loop's [16, K] tile costs ~16 instructions
 per element and row in Triton 3.6's SASS (adds, selects, the reduction's shuffles; 24 while
 exp was libdevice's nine-instruction expf, before state_pass._exp). Measured on the H100:
-0.72 and 0.77 ms for kda's two forward products (0.85 and 0.77 with libdevice's exp), 0.95
+0.72 and 0.77 ms for kda's two forward products (0.85 and 0.77 with libdevice's exp), 1.17
 ms backward. Splitting the row steps over programs, splitting the key columns, fusing two
 products, running products instead of exps, fewer live registers (sixth session) and
 loading x and g rows broadcast to the tile (tenth) were each slower or no faster.
@@ -197,8 +204,8 @@ def _forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):
         totals.append(total)
 
 
-def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, precision, exact,
-                     bounded):
+def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, dg_ref, *, probe, precision,
+                     exact, bounded, sync):
     C = x_ref.shape[0]
     n = C // SUB
     r16 = _iota((SUB, 1), 0)
@@ -231,17 +238,31 @@ def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, *, probe, pre
         for j in reversed(range(i)):
             key = y_ref[pl.ds(j * SUB, SUB), :] * decays[j]
             ddt_ji = ddt_ref[pl.ds(j * SUB, SUB), rows]  # (dD_ij)^T: [s in j, t in i]
-            if probe and j == i - 1:  # (first row of i, last of j): no decay, the wrapper's
+            if probe and j == i - 1:  # (first row of i, last of j): no decay, added below
                 ddt_ji = jnp.where(_decayed_pairs(probe, boundary=True), ddt_ji, 0.0)
             dX = dX + _dot(ddt_ji, key, precision, trans_a=True) * eq
             dkeys[j] = dkeys[j] + _dot(ddt_ji, Xq * eq, precision) * decays[j]
             eq = eq * _exp(totals[j])
+        dg_ref[rows, :] = (Xq * dX).astype(dg_ref.dtype)  # R, read back below
         dx_ref[rows, :] = dX.astype(dx_ref.dtype)
         decays.append(_exp(suffix))
         totals.append(total)
         dkeys.append(dY)
-    for j in range(n):
-        dy_ref[pl.ds(j * SUB, SUB), :] = dkeys[j].astype(dy_ref.dtype)
+    # The log decays: dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s (probe: - R_u as well), by
+    # sub-chunks from the last: the sum over the sub-chunk's rows t >= u, as its total less the
+    # rows before u, plus the sub-chunks after it.
+    if sync:  # the R rows come back to other threads than wrote them
+        pl_triton.debug_barrier()
+    later = 0.0
+    for j in reversed(range(n)):
+        rows = pl.ds(j * SUB, SUB)
+        dy_ref[rows, :] = dkeys[j].astype(dy_ref.dtype)
+        R = dg_ref[rows, :]
+        rq = R - y_ref[rows, :] * dkeys[j]
+        total = jnp.sum(rq, axis=0, keepdims=True)
+        dg = (later + total) - (jnp.cumsum(rq, axis=0) - rq)
+        dg_ref[rows, :] = (dg - R if probe else dg).astype(dg_ref.dtype)
+        later = later + total
 
 
 def _acc(ref):
@@ -341,20 +362,16 @@ def _products_bwd(probe, cfg, res, dD):
                            cfg.interpret, cfg.bwd, "dplr_decayed_scalar_bwd", grid=(n,))
         return dX[:, :K], dY[:, :K], dg.sum(axis=0)
     kernel = functools.partial(_backward_kernel, probe=probe, precision=cfg.precision,
-                               exact=cfg.exact, bounded=cfg.bounded)
-    dX, dY = _call(kernel, (Xp, Yp, gp, dD.T.astype(X.dtype)), outs, cfg.interpret, cfg.bwd,
-                   "dplr_decayed_bwd")
-    dX, dY = dX[:, :K], dY[:, :K]  # without the pairs that have no decay (see below)
-    R = X * dX
-    dg = chunked.masked_sums(R - Y * dY, 0, jnp.less_equal)  # sum over u >= t
-    # The pairs (t, t - p) without decay depend on no g: added here, after dg, since inside
-    # dX and dY their rounding would enter dg as a difference of large terms (5e-5 relative
-    # in float32 when every log decay is -5, against 1e-6 without them).
+                               exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret)
+    dX, dY, dg = _call(kernel, (Xp, Yp, gp, dD.T.astype(X.dtype)),
+                       outs + [jax.ShapeDtypeStruct(gp.shape, g.dtype)], cfg.interpret, cfg.bwd,
+                       "dplr_decayed_bwd")
+    # The pairs (t, t - p) without decay depend on no g: added here, after dg (see above).
     p = 1 if probe else 0
     d = jnp.pad(jnp.diagonal(dD, offset=-p), (p, 0)).astype(X.dtype)[:, None]  # dD[t, t-p]
-    dX = dX + d * jnp.pad(Y, ((p, 0), (0, 0)))[:Y.shape[0]]
-    dY = dY + jnp.pad((d * X)[p:], ((0, p), (0, 0)))
-    return dX, dY, (dg - R if probe else dg).astype(g.dtype)
+    dX = dX[:, :K] + d * jnp.pad(Y, ((p, 0), (0, 0)))[:Y.shape[0]]
+    dY = dY[:, :K] + jnp.pad((d * X)[p:], ((0, p), (0, 0)))
+    return dX, dY, dg[:, :K]
 
 
 _products.defvjp(_products_fwd, _products_bwd)
