@@ -95,6 +95,7 @@ def launch_of(name):
                 "dplr_decayed_scalar_fwd": cfg.scalar_products[0],
                 "dplr_decayed_scalar_bwd": cfg.scalar_products[1],
                 "dplr_factors_fwd": cfg.factors[0], "dplr_factors_bwd": cfg.factors[1],
+                "dplr_ut_inverse": cfg.factors[0],
                 "dplr_state_pass_fwd": cfg.fwd, "dplr_state_pass_bwd": cfg.bwd,
                 "dplr_state_pass_grads": cfg.grads}
     return launches[name.split("#")[0]]

@@ -21,6 +21,7 @@ from dplr_jax import ops
 from dplr_jax.ops import chunked
 from dplr_jax.ops.pallas import PLATFORM_CONFIGS, decayed, engine, factors
 from dplr_jax.ops.pallas.state_pass import Launch
+from dplr_jax.ops.triangular import unit_lower_inverse
 
 HIGHEST = jax.lax.Precision.HIGHEST
 KERNELS = dict(interpret=True, precision=HIGHEST, exact=HIGHEST, launch=(Launch(), Launch()))
@@ -201,3 +202,27 @@ def test_residuals_no_larger_than_xla_phase1(name, rng):
                                             cu_seqlens=None, chunk_size=64)[0])
         sizes.append(sum(a.size * a.dtype.itemsize for a, _ in saved_residuals(loss, *args)))
     assert sizes[0] <= 1.1 * sizes[1], sizes
+
+
+@pytest.mark.parametrize("n", [16, 32, 64, 128])
+def test_ut_inverse_kernel(n, rng, x64):
+    """The UT inverse kernel (forward substitution on 16-row blocks, block merges) against
+    NumPy's inverse in float64, and in float32 against triangular.py's XLA version where the
+    powers of N are large (repeated keys with beta near 1; triangular.py says why the matmul
+    product of powers is not used)."""
+    cfg = factors._Cfg(True, HIGHEST, HIGHEST, Launch(), Launch())
+    inverse = jax.jit(jax.vmap(lambda x: factors._inverse(x, cfg)))
+    N = np.tril(0.3 * rng.standard_normal((3, n, n)), -1)
+    got = np.asarray(inverse(jnp.asarray(N)))
+    ref = np.linalg.inv(np.eye(n) + N)
+    assert np.all(np.triu(got, 1) == 0)
+    assert_close(got, ref, 1e-12, "Tinv")
+    k = np.repeat(rng.standard_normal((n // 4, 8)), 4, axis=0)  # each key four times
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    hard = np.tril(0.99 * k @ k.T, -1)[None]
+    ref = np.linalg.inv(np.eye(n) + hard)
+    got32 = np.asarray(inverse(jnp.asarray(hard, jnp.float32)))
+    xla32 = np.asarray(unit_lower_inverse(jnp.asarray(hard, jnp.float32)))
+    assert np.abs(np.linalg.matrix_power(hard[0], n // 4)).max() > 10
+    assert_close(got32, ref, 1e-5, "Tinv float32")
+    assert np.sqrt(np.mean((got32 - ref) ** 2)) <= 2 * np.sqrt(np.mean((xla32 - ref) ** 2)) + 1e-12

@@ -21,9 +21,11 @@ backward, and 1.1 ms of GLA's 2.4 ms forward (benchmarks/NOTES.md). Here one pro
 (chunk, block of 64 key or value columns) reads its columns of the inputs and the C x C
 products once and writes its columns of the factors; the backward (custom_vjp) likewise
 reads the inputs and the factors' cotangents and writes the inputs' cotangents, with the
-C x C ones (sums over columns) per program for XLA to add. The UT inverse stays in XLA
-(forward substitution on 16-row blocks, then block merges: triangular.py); its cotangent
-needs no inverse of its own. With rhs = y - PF Vk:
+C x C ones (sums over columns) per program for XLA to add. The UT inverse runs before them in
+a kernel of its own, one program per chunk (_inverse_kernel: triangular.py's forward
+substitution on 16-row blocks, then block merges; XLA's version of it took 0.27 ms of kda's
+forward at the benchmark shape on the H100, the kernel 0.09); its cotangent needs no inverse
+of its own. With rhs = y - PF Vk:
 
     dW' = dW - QE^T dQs,   dX' = dX0 + QE^T dO0,   dA = Tinv^T dW',   drhs = Tinv^T dX',
     dQE = dO0 X0^T - dQs W^T,   dL = -(Tinv^T dTinv) Tinv^T = -(dA W^T + drhs X0^T),
@@ -68,7 +70,6 @@ from jax.experimental.pallas import triton as pl_triton
 from dplr_jax.ops.chunked import SUB
 from dplr_jax.ops.pallas.decayed import _iota
 from dplr_jax.ops.pallas.state_pass import Launch, _dot, _exp, _pad_to, _pow2
-from dplr_jax.ops.triangular import unit_lower_inverse
 
 BLOCK = 64  # columns of K (and V) per program
 
@@ -324,6 +325,53 @@ def _launch(kernel, args, outs, interpret, launch, Kp, Vp, name):
                           interpret=interpret, compiler_params=params, name=name)(*args)
 
 
+INVERSE_WARPS = 2  # [16, 16] tiles: 944 SASS instructions per warp at 2 warps, 3216 at 4
+
+
+def _inverse_kernel(n_ref, t_ref, *, precision, sync):
+    """(I + N)^-1 of one chunk's strictly lower-triangular N [n, n], n = 16 * 2^j, as
+    triangular.unit_lower_inverse computes it: forward substitution on the 16-row diagonal
+    blocks, then pairwise merges [[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]. Each
+    level's blocks go to t_ref and come back for the next after a barrier (sync: on the GPU,
+    where they return to other threads than wrote them)."""
+    n = n_ref.shape[0]
+    r, c = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
+    e = _iota((1, SUB), 1)
+    for b in range(n // SUB):
+        rows = pl.ds(b * SUB, SUB)
+        Nt = n_ref[rows, rows].T  # [j, i] = N[i, j]
+
+        def row(i, X, Nt=Nt):  # X[i] = e_i - N[i] X: N[i, j] = 0 for j >= i, unfinished rows
+            n_i = jnp.sum(jnp.where(c == i, Nt, 0.0), axis=1, keepdims=True)  # [j, 1]
+            x_i = jnp.where(e == i, 1.0, 0.0) - jnp.sum(n_i * X, axis=0, keepdims=True)
+            return jnp.where(r == i, x_i, X)
+
+        X = jax.lax.fori_loop(1, SUB, row, jnp.where(r == c, 1.0, 0.0).astype(Nt.dtype))
+        t_ref[rows, rows] = X.astype(t_ref.dtype)
+    s = SUB
+    while s < n:
+        if sync:
+            pl_triton.debug_barrier()
+        for a in range(0, n, 2 * s):
+            first, second = pl.ds(a, s), pl.ds(a + s, s)
+            lower = _dot(_dot(t_ref[second, second], n_ref[second, first], precision),
+                         t_ref[first, first], precision)
+            t_ref[second, first] = (-lower).astype(t_ref.dtype)
+            t_ref[first, second] = jnp.zeros((s, s), t_ref.dtype)  # the upper blocks
+        s *= 2
+
+
+def _inverse(L, cfg):
+    """(I + L)^-1 for one chunk's L [n, n] (strictly lower triangular) in _inverse_kernel."""
+    params = None if cfg.interpret else pl_triton.CompilerParams(num_warps=INVERSE_WARPS,
+                                                                   num_stages=1)
+    kernel = functools.partial(_inverse_kernel, precision=cfg.precision,
+                               sync=not cfg.interpret)
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(L.shape, L.dtype),
+                          interpret=cfg.interpret, compiler_params=params,
+                          name="dplr_ut_inverse")(L)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
 def _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg):
     return _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg)[0]
@@ -333,7 +381,7 @@ def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg):
     C, K = q.shape
     V = (y if Vk is None else Vk).shape[-1]
     ne, nf = (0 if x is None else x.shape[0] for x in (E, F))  # probed and plain rows
-    Tinv = None if E is None else unit_lower_inverse(L, block=SUB * ne // C)
+    Tinv = None if E is None else _inverse(L, cfg)
     res = (q, g, E, y, P, QE, Tinv, F, Vk, QF, PF)
     names, ins, Kp, Vp = _kernel_inputs(*res)
     f = lambda *s: jax.ShapeDtypeStruct(s, q.dtype)
