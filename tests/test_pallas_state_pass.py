@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from _ops_inputs import assert_close
@@ -118,3 +119,25 @@ def test_gpu_launch_stages_fit_shared_memory(rows, probed, Kp, sixteen_bit, want
     got = fit_launches(cfg, rows, probed, Kp, 128, rb=64)
     assert (got.fwd.num_stages, got.bwd.num_stages) == want
     assert fit_launches(cfg, rows, probed, Kp, 32, rb=64).fwd.block_v == 32
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+def test_mask_dot_two_pass_split(trans_a, rng):
+    """state_pass._mask_dot with the GPU's three-pass preset takes two tf32 passes over x = hi +
+    lo: its 0/1 sums agree with float64 to float32 rounding, over magnitudes from 1e-3 to 1e3.
+    In interpret mode the passes run in float32, so this checks the split loses nothing; the
+    tf32 rounding itself is checked on the GPU (ops_gpu.py's float32 checks, 1e-5)."""
+    from dplr_jax.ops.pallas.state_pass import _mask_dot
+    x = (rng.standard_normal((32, 16)) * 10.0 ** rng.uniform(-3, 3, (32, 16))).astype(np.float32)
+    mask = np.tril(np.ones((32, 32), bool))
+    x3 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+    def kernel(m_ref, x_ref, o_ref):
+        o_ref[...] = _mask_dot(m_ref[...] != 0, x_ref[...], x3, trans_a)
+
+    got = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((32, 16), jnp.float32),
+                         interpret=True)(jnp.asarray(mask, jnp.int32), jnp.asarray(x))
+    ref = (mask.T if trans_a else mask).astype(np.float64) @ x.astype(np.float64)
+    assert_close(got, ref, 1e-6, "mask dot")
+    text = str(jax.make_jaxpr(lambda m, x: _mask_dot(m, x, x3, trans_a))(mask, x))
+    assert text.count("dot_general") == 2 and "bitcast_convert_type" in text

@@ -82,7 +82,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from dplr_jax.ops import chunked
-from dplr_jax.ops.pallas.state_pass import LOG2E, Launch, _dot, _exp, _pad_to, _pow2
+from dplr_jax.ops.pallas.state_pass import LOG2E, Launch, _dot, _exp, _mask_dot, _pad_to, _pow2
 
 SUB = chunked.SUB
 
@@ -117,7 +117,7 @@ def _bounded_block(probe, g, exact):
     e^{Pq - m} and e^{m - P} (chunked.bounded_factors: P the prefix sums, by a 0/1 dot at
     float32 precision, m its middle row), and the query-side prefix sums, exclusive suffix
     sums and total that _block_rows yields, here as differences of sums of <= 16 tokens."""
-    incl = _dot((_iota((SUB, SUB), 1) <= _iota((SUB, SUB), 0)).astype(g.dtype), g, exact)
+    incl = _mask_dot(_iota((SUB, SUB), 1) <= _iota((SUB, SUB), 0), g, exact)
     total = jnp.sum(g, axis=0, keepdims=True)
     mid = jnp.sum(jnp.where(_iota(g.shape, 0) == SUB // 2 - 1, incl, 0.0), axis=0,
                   keepdims=True)

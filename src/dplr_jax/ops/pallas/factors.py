@@ -69,7 +69,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from dplr_jax.ops.chunked import SUB
 from dplr_jax.ops.pallas.decayed import _iota
-from dplr_jax.ops.pallas.state_pass import Launch, _dot, _exp, _pad_to, _pow2
+from dplr_jax.ops.pallas.state_pass import Launch, _dot, _exp, _mask_dot, _pad_to, _pow2
 
 BLOCK = 64  # columns of K (and V) per program
 
@@ -103,7 +103,7 @@ def _token_sums(mask, g, decay, exact):
     [rows, k] (a 0/1 dot at float32 accuracy), per token g a row [1, C] -> [rows, 1]; each a
     sum of the tokens it covers."""
     if decay == "channel":
-        return _dot(mask.astype(g.dtype), g, exact)
+        return _mask_dot(mask, g, exact)
     return jnp.sum(jnp.where(mask, g, 0.0), axis=1, keepdims=True)
 
 
@@ -259,7 +259,7 @@ def _backward_kernel(*refs, names, decay, precision, exact):
         # The log decays: through I, J, S and the total (d gamma gamma).
         dtotal = r["dgam"][:, ks] * _exp(total)
         if decay == "channel":
-            dg = sum(_dot(mk.astype(d.dtype), d, exact, trans_a=True) for mk, d in parts)
+            dg = sum(_mask_dot(mk, d, exact, trans_a=True) for mk, d in parts)
             r["dg"][:, ks] = (dg + dtotal).astype(r["dg"].dtype)
         else:  # this key block's share of the row [1, C]: [row, u] masks summed over rows
             dg = sum(jnp.sum(jnp.where(mk, jnp.sum(d, axis=1, keepdims=True), 0.0), axis=0,

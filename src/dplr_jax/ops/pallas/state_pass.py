@@ -140,6 +140,22 @@ def _dot(a, b, precision, trans_a=False, trans_b=False):
                                preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
 
 
+def _mask_dot(mask, x, exact, trans_a=False):
+    """mask @ x (mask^T @ x with trans_a) for a bool mask, at float32 accuracy: the sums of log
+    decays and of their gradients. With the GPU's `exact`, the three-pass TF32_TF32_F32_X3,
+    two passes suffice, since the 0/1 factor is exact in tf32: x = hi + lo with hi its top 10
+    mantissa bits (exact in tf32: mask @ hi is exact but for the float32 accumulation) and lo
+    rounded to tf32 (2^-21 of x), as the preset's passes round them; its third pass, with the
+    mask's low part, is zero. Other precisions: one dot at `exact`."""
+    m = mask.astype(x.dtype)
+    if exact != jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3 or x.dtype != jnp.float32:
+        return _dot(m, x, exact, trans_a)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFE000)
+    hi = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    tf32 = jax.lax.Precision.HIGH
+    return _dot(m, hi, tf32, trans_a) + _dot(m, x - hi, tf32, trans_a)
+
+
 # Operand names of the kernels, in call order ("w", "dw" only when the op has probed rows).
 _FWD_IN = ("src", "dst", "gam", "z", "w", "x", "qs", "o0", "h0")
 _BWD_IN = ("src", "dst", "gam", "z", "w", "qs", "do", "dfin")
