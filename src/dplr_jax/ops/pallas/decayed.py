@@ -238,7 +238,7 @@ def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, dg_ref, *, pr
         for j in reversed(range(i)):
             key = y_ref[pl.ds(j * SUB, SUB), :] * decays[j]
             ddt_ji = ddt_ref[pl.ds(j * SUB, SUB), rows]  # (dD_ij)^T: [s in j, t in i]
-            if probe and j == i - 1:  # (first row of i, last of j): no decay, added below
+            if probe and j == i - 1:  # (first row of i, last of j): no decay, the wrapper's
                 ddt_ji = jnp.where(_decayed_pairs(probe, boundary=True), ddt_ji, 0.0)
             dX = dX + _dot(ddt_ji, key, precision, trans_a=True) * eq
             dkeys[j] = dkeys[j] + _dot(ddt_ji, Xq * eq, precision) * decays[j]
