@@ -363,15 +363,16 @@ def _products_bwd(probe, cfg, res, dD):
         return dX[:, :K], dY[:, :K], dg.sum(axis=0)
     kernel = functools.partial(_backward_kernel, probe=probe, precision=cfg.precision,
                                exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret)
+    # dg's rows hold R first (the kernel reads it back): X's dtype, cast to g's at the end.
     dX, dY, dg = _call(kernel, (Xp, Yp, gp, dD.T.astype(X.dtype)),
-                       outs + [jax.ShapeDtypeStruct(gp.shape, g.dtype)], cfg.interpret, cfg.bwd,
+                       outs + [jax.ShapeDtypeStruct(gp.shape, X.dtype)], cfg.interpret, cfg.bwd,
                        "dplr_decayed_bwd")
     # The pairs (t, t - p) without decay depend on no g: added here, after dg (see above).
     p = 1 if probe else 0
     d = jnp.pad(jnp.diagonal(dD, offset=-p), (p, 0)).astype(X.dtype)[:, None]  # dD[t, t-p]
     dX = dX[:, :K] + d * jnp.pad(Y, ((p, 0), (0, 0)))[:Y.shape[0]]
     dY = dY[:, :K] + jnp.pad((d * X)[p:], ((0, p), (0, 0)))
-    return dX, dY, dg[:, :K]
+    return dX, dY, dg[:, :K].astype(g.dtype)
 
 
 _products.defvjp(_products_fwd, _products_bwd)
