@@ -39,7 +39,7 @@ from jax.sharding import AbstractMesh
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from _ops_inputs import cast, make_inputs  # noqa: E402
-from dplr_jax.ops.pallas import PLATFORM_CONFIGS, engine, factors  # noqa: E402
+from dplr_jax.ops.pallas import PLATFORM_CONFIGS, decayed, engine, factors  # noqa: E402
 from dplr_jax.ops.pallas.state_pass import Launch  # noqa: E402
 
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
@@ -97,6 +97,8 @@ def launch_of(name):
                 "dplr_decayed_scalar_bwd": cfg.scalar_products[1],
                 "dplr_factors_fwd": cfg.factors[0], "dplr_factors_bwd": cfg.factors[1],
                 "dplr_ut_inverse": Launch(num_warps=factors.INVERSE_WARPS, num_stages=1),
+                "dplr_decayed_diag": Launch(num_warps=decayed.DIAGONAL_WARPS, num_stages=1),
+                "dplr_decayed_diag_bwd": Launch(num_warps=decayed.DIAGONAL_WARPS, num_stages=1),
                 "dplr_state_pass_fwd": cfg.fwd, "dplr_state_pass_bwd": cfg.bwd,
                 "dplr_state_pass_grads": cfg.grads}
     return launches[name.split("#")[0]]

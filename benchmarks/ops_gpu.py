@@ -303,7 +303,8 @@ def _products_setup(T):
 
 def bench_products(T):
     """Phase 1's decayed products of per-channel decays alone (kda's L, _products_setup): the
-    Pallas kernels (decayed.py) at several warp counts vs XLA's chunked.decayed_products,
+    Pallas kernels (decayed.py) at several warp counts of the per-chunk kernels (forward /
+    backward) and rows per program of the diagonal kernels vs XLA's chunked.decayed_products,
     forward and forward+backward; plus a check of one against the other on the GPU, plain
     and with hard resets, and the bounded path against the exact kernel."""
     X, Y, g, xla, pallas = _products_setup(T)
@@ -319,12 +320,16 @@ def bench_products(T):
                                   "case": "strong" if strong else "plain",
                                   "errors_vs_xla_highest": errs, "finite": finite})
         log(f"products kernel vs xla ({'strong' if strong else 'plain'}): finite {finite} {errs}")
-    for wf, wb in ((1, 2), (2, 2), (2, 4), (4, 8)):
+    committed = decayed.DIAGONAL_ROWS
+    variants = [(committed, wf, wb) for wf, wb in ((1, 4), (2, 4), (2, 8), (4, 4))]
+    variants += [(rows, 2, 4) for rows in (1, 4, 8) if rows != committed]
+    for rows, wf, wb in variants:  # rows: the diagonal kernels' rows per program
+        decayed.DIAGONAL_ROWS = rows
         fwd, fb = pallas(wf, wb)
-        guarded("products pallas", lambda: record(f"products pallas w{wf}/{wb}", T, "fwd",
-                                                  *time_jax(fwd, (X, Y, g))))
-        guarded("products pallas", lambda: record(f"products pallas w{wf}/{wb}", T, "fwd+bwd",
-                                                  *time_jax(fb, (X, Y, g))))
+        name = f"products pallas rows{rows} w{wf}/{wb}"
+        guarded("products pallas", lambda: record(name, T, "fwd", *time_jax(fwd, (X, Y, g))))
+        guarded("products pallas", lambda: record(name, T, "fwd+bwd", *time_jax(fb, (X, Y, g))))
+    decayed.DIAGONAL_ROWS = committed
     guarded("products xla", lambda: record("products xla", T, "fwd", *time_jax(xla[0], (X, Y, g))))
     guarded("products xla", lambda: record("products xla", T, "fwd+bwd",
                                            *time_jax(xla[1], (X, Y, g))))

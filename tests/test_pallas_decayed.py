@@ -3,7 +3,8 @@
 The kernels (CPU interpret mode) against XLA's `chunked.decayed_products` on one chunk: values
 and every cotangent (X, Y and the log decays, whose gradient the kernel forms from sums over
 its sub-chunks), probe and plain, chunks of 1, 2 and 4 sub-chunks, several probes / keys per
-token, K padded, hard resets, per-channel and scalar decays; float32 against float64;
+token, K padded, hard resets, per-channel and scalar decays, the diagonal kernels at every
+row group; float32 against float64;
 backend="pallas" through them against the float64 reference at chunk 64 with hard resets;
 which ops use them.
 """
@@ -56,6 +57,22 @@ def test_matches_xla_in_float64(probe, C, a, b, K, strong, rng, x64):
     for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
         assert u.shape == v.shape and u.dtype == jnp.float64
         assert_close(u, v, 1e-12, name)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8])
+def test_diagonal_kernels_at_fewer_rows_per_program(rows, rng, x64, monkeypatch):
+    """The diagonal kernels at the GPU's row groups (the interpreter runs whole sub-chunks):
+    a group's first and last rows, the sub-chunk's last row (the key factors) and, with
+    rows = 1 and probe, a program with no key at all; hard resets."""
+    monkeypatch.setattr(decayed, "INTERPRET_ROWS", rows)
+    xs = cast(chunk(rng, C=32, K=24, strong=True), jnp.float64)
+    ct = jnp.asarray(rng.standard_normal((32, 1, 32, 1)))
+    for probe in (False, True):
+        ref = value_and_pullback(lambda *x: chunked.decayed_products(*x, probe), xs, ct)
+        got = jax.jit(lambda ct, *x: value_and_pullback(
+            lambda *y: KERNEL(*y, probe), x, ct))(ct, *xs)
+        for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
+            assert_close(u, v, 1e-12, f"{name} probe={probe}")
 
 
 @pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])

@@ -9,53 +9,51 @@ or with probe=True the decay sum over s < u <= t - 1 and only s < t. No exponent
 difference of cumulative sums (chunked.py says why). In XLA that costs [16, 16, K] pairwise
 tensors for the diagonal 16 x 16 blocks and [n-1, C, K] decayed key factors for the
 off-diagonal ones, all written to HBM and read back, in the forward and again in the
-backward. Here one program per chunk keeps them on chip. Sub-chunks i = 0..n-1 (16 tokens):
+backward. Sub-chunks i = 0..n-1 (16 tokens); two kernels each way:
 
-- the diagonal block by rows t with a running [16, K] exponent d[s] = sum_{s<u<=t} g_u (one
-  add of g_t per row, one exp and one reduction over K per row); the same loop yields the
-  sub-chunk's prefix sums (the query side), its suffix sums (d after the last row) and its
-  total, each a sum of the tokens it covers;
-- the blocks (i, j < i) as one [16, K] x [K, 16] dot of the query side X_i e^{prefix_i},
-  times e^{(whole sub-chunks between j and i)}, against the key side Y_j e^{suffix_j}: every
-  factor <= 1, and the exponents add up exactly to the pair's decay sum.
+- the diagonal blocks (_diagonal_kernel), a few query rows of one sub-chunk per program (2
+  on the GPU): the keys s of the sub-chunk run down from the rows' last, each row carrying
+  its exponent d = sum_{s<u<=t} g_u (one add of g_{s+1} per key, one exp2 and one reduction
+  over K per key). The rows' exponents after the sub-chunk's first key give the query side
+  X_i e^{prefix_i}; the program holding the sub-chunk's last row writes the key side
+  Y_j e^{suffix_j} from that row's exponents on the way: each a sum of the tokens it covers;
+- the rest of D per chunk (_forward_kernel): the blocks (i, j < i) as one [16, K] x [K, 16]
+  dot of the query side, times e^{(whole sub-chunks between j and i)}, against the key side:
+  every factor <= 1, and the exponents add up exactly to the pair's decay sum.
+
+Backward (custom_vjp): _diagonal_backward_kernel, by the same row groups, runs the keys down
+for its rows' dX (as queries) and the queries up for their dY (as keys), and writes the
+factors e^{prefix}, e^{suffix} its loops end with; _backward_kernel, per chunk, adds the
+off-diagonal blocks' dX and dY by dots and forms the log decays' gradient. That needs no
+exponent: with R = X * dX and Q = Y * dY per channel, the pairs (t, s) whose decay contains
+g_u are those with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s (probe: minus
+R_u as well), per sub-chunk from the last: the sum over its rows t >= u (its total less a
+cumulative sum: Triton has no reverse one) plus the totals of the sub-chunks after it. R goes
+to dg's rows as each sub-chunk's dX is done and comes back after a barrier. R and Q leave out
+the pairs whose decay is empty (s = t; probe: s = t - 1): they cancel in dg, but their
+float32 rounding would not (with every g at -5, dg was off by 5e-5 to 1.4e-4 relative,
+benchmarks/decayed_dg_cpu.py); the wrapper adds their dX, dY. Nothing is saved but the
+inputs.
 
 With the ops' log_decay_lower_bound (every g >= L >= -5, `bounded`), the backward's diagonal
-blocks need no row loop: the sub-chunk's prefix sums P (one 0/1 dot at float32 precision)
-give factors X e^{Pq - m} and Y e^{m - P} around the middle row m, at most e^{8|L|} each,
-and dX, dY of the block are two [16, 16] x [16, K] dots (the off-diagonal blocks are
-unchanged; their suffix sums and totals are then differences of sums of <= 16 tokens). The
-forward keeps its row loop even then: on the H100 every bounded forward tried was slower
-than it (benchmarks/NOTES.md).
+blocks are dots in _backward_kernel, with no diagonal kernel: the sub-chunk's prefix sums P
+(one 0/1 dot at float32 precision) give factors X e^{Pq - m} and Y e^{m - P} around the
+middle row m, at most e^{8|L|} each, and dX, dY of the block are two [16, 16] x [16, K]
+dots (the off-diagonal blocks are unchanged; their suffix sums and totals are then
+differences of sums of <= 16 tokens). The forward is the same with or without the bound.
 
-Backward (custom_vjp; one program per chunk): the same loops give dX (row-block i: diagonal
-rows plus the dots with dD_ij) and dY (accumulated per key sub-chunk over the query
-sub-chunks after it, kept on chip until the end). The log-decay gradient needs no exponent:
-with R = X * dX and Q = Y * dY per channel, the pairs (t, s) whose decay contains g_u are those
-with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s (probe: minus R_u as well),
-formed in the kernel after the loops, per sub-chunk from the last: the sum over its rows
-t >= u (its total less a cumulative sum: Triton has no reverse one) plus the totals of the
-sub-chunks after it. R goes to dg's rows as each sub-chunk's dX is done and comes back after a
-barrier. R and Q leave out the pairs whose decay is empty (s = t; probe: s = t - 1): they
-cancel in dg, but their float32 rounding would not (with every g at -5, dg was off by 5e-5 to
-1.4e-4 relative, benchmarks/decayed_dg_cpu.py); the wrapper adds their dX, dY. Until the
-eleventh session XLA formed dg from dX and dY; in the kernel it costs each backward product
-0.95 -> 1.17 ms and saves 0.85 ms of XLA's layout moves and 0/1 dots, kda 10.89 -> 10.48 ms
-forward+backward on the H100 (benchmarks/NOTES.md: holding R in registers and forming the
-pairs without decay by dots in the kernel made it 1.75-2.1 ms).
-Nothing is saved but the inputs.
-
-Cost per chunk (C = 64, K = 128, float32): reads 3 C K values (96 KB), writes C^2 (16 KB);
-C 16 K exps on the diagonal blocks (131 K) and ~3 C K for the factors; off-diagonal dots
-n(n-1)/2 x 2 * 16^2 K = 0.4 MFLOP. At B=4, T=4096, H=16 (4096 chunks): 0.46 GB (0.15 ms
-at 3 TB/s) and 0.54 G exps (0.13 ms at 16 exp/clk/SM). What bounds it is instruction issue
-at low occupancy (Nsight Compute, benchmarks/NOTES.md, tenth session): 255 registers per
-thread leave 2 warps per scheduler, and the row loop's [16, K] tile costs ~16 instructions
-per element and row in Triton 3.6's SASS (adds, selects, the reduction's shuffles; 24 while
-exp was libdevice's nine-instruction expf, before state_pass._exp). Measured on the H100:
-0.72 and 0.77 ms for kda's two forward products (0.85 and 0.77 with libdevice's exp), 1.17
-ms backward. Splitting the row steps over programs, splitting the key columns, fusing two
-products, running products instead of exps, fewer live registers (sixth session) and
-loading x and g rows broadcast to the tile (tenth) were each slower or no faster.
+Cost per chunk (C = 64, K = 128, float32). Forward: the diagonal kernel reads X, Y, g (96
+KB, its programs' rows again from L2) and writes 2 C K factors and C x 16 (68 KB); the
+other reads those and g and writes C^2 (16 KB); C 8.5 K exps on average on the diagonal
+blocks, off-diagonal dots n(n-1)/2 x 2 * 16^2 K = 0.4 MFLOP. At B=4, T=4096, H=16 (4096
+chunks) ~1 GB in all (0.33 ms at 3 TB/s). Backward: the diagonal kernel reads 128 KB and
+writes 128 (dX, dY and the two factors), the other reads 240 and writes 96: 2.4 GB, 0.8 ms
+at 3 TB/s, so the split pays for its parallel loops in bytes. The row-group loops are
+instruction-bound (at 4 rows ~170 SASS instructions per key step for [4, 128] float32
+tiles in one warp, 60-64 registers, 32 programs per SM). Measured on the H100 for kda's two products
+(benchmarks/NOTES.md, twelfth session): forward 0.25 + 0.15 ms each, backward 0.36 + 0.69,
+where one program per chunk with 16-row loops took 0.72-0.77 forward and 1.17 backward (255
+registers, 2 warps per scheduler: latency-bound at low occupancy, tenth session).
 
 Scalar decays (one per token: gated_delta_rule, gated_delta_product) need no sub-chunks: the
 chunk's pairwise decay sums S [C, C] are one scan over t of the masked per-token decays
@@ -82,7 +80,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from dplr_jax.ops import chunked
-from dplr_jax.ops.pallas.state_pass import LOG2E, Launch, _dot, _exp, _mask_dot, _pad_to, _pow2
+from dplr_jax.ops.pallas.state_pass import (LOG2E, Launch, _dot, _exp, _mask_dot, _pad_to, _pow2,
+                                           _rem)
 
 SUB = chunked.SUB
 
@@ -115,8 +114,9 @@ def _decayed_pairs(probe, boundary=False):
 def _bounded_block(probe, g, exact):
     """Under the bound (g [16, K] >= MIN_BOUND): the diagonal block's query and key factors
     e^{Pq - m} and e^{m - P} (chunked.bounded_factors: P the prefix sums, by a 0/1 dot at
-    float32 precision, m its middle row), and the query-side prefix sums, exclusive suffix
-    sums and total that _block_rows yields, here as differences of sums of <= 16 tokens."""
+    float32 precision, m its middle row), and the sub-chunk's query-side prefix sums,
+    exclusive suffix sums and total, which _diagonal_backward_kernel's loops yield as sums
+    of the tokens each covers, here as differences of sums of <= 16 tokens."""
     incl = _mask_dot(_iota((SUB, SUB), 1) <= _iota((SUB, SUB), 0), g, exact)
     total = jnp.sum(g, axis=0, keepdims=True)
     mid = jnp.sum(jnp.where(_iota(g.shape, 0) == SUB // 2 - 1, incl, 0.0), axis=0,
@@ -125,127 +125,188 @@ def _bounded_block(probe, g, exact):
     return _exp(pre - mid), _exp(mid - incl), pre, total - incl, total
 
 
-def _block_rows(probe, base, y, x_ref, g_ref, step, init, near=True):
-    """The row loop of sub-chunk rows [base, base + 16): step(t, e, keep, x_t, carry) per row
-    with e[s, k] = exp(the pair's decay sum), keep[s] the row's valid columns (near=False:
-    without the pair that has no decay, s = t, or s = t - 1 with probe) and x_t the row of
-    x_ref. With near=True e is already 0 off keep (the running exponent holds -inf on the
-    rows s > t, so exp2 zeroes them: no [16, K] select per row), and a step may ignore keep.
-    Returns (carry, pre, suffix, total): the query-side prefix sums of the sub-chunk
-    (inclusive, or exclusive with probe), its exclusive suffix sums and its total [1, K].
+def _diagonal_kernel(x_ref, y_ref, g_ref, d_ref, xq_ref, key_ref, *, probe, rows):
+    """A chunk's diagonal 16 x 16 blocks of D, and the factors of its off-diagonal ones:
+    `rows` query rows t0 .. t0 + rows - 1 of one sub-chunk per program. d_ref [C, 16] gets,
+    in row t, D[t, s] for the keys s of t's sub-chunk up to t (probe: t - 1; the entries
+    past them are left unwritten); xq_ref row t the query side X_t e^{prefix_t}, prefix_t
+    the sum of g over the sub-chunk's tokens up to t (probe: t - 1); key_ref row s the key
+    side Y_s e^{suffix_s}, suffix_s the sum over the tokens after s in its sub-chunk.
 
-    In the forward without probe the loop adds g_{t+1} after step t (the sums start at row
-    0's), so that a step's exp2 never waits on the add of its own row, as with probe; the
-    backward without probe adds row t's token first (on the H100 each order was slower in
-    the other kernel: benchmarks/NOTES.md, tenth session). The rows of x and g are loaded a
-    step ahead. The loop sums g log2(e), so that each e is one exp2 (state_pass._exp), and
-    returns the sums in base e."""
-    s = _iota(y.shape, 0)
-    s1 = _iota((SUB, 1), 0)
-    lead = int(near and not probe)  # step t is followed by token t + lead's add
-    late = not (probe or near)  # step t is preceded by token t's add
-
-    def reset(u):  # the rows the sums restart at when token u is added: s = u, 0 beyond
-        return jnp.where(s1 == u, 0.0, -jnp.inf) if near else 0.0
-
-    def add(d, p, g_u, u):
-        return jnp.where(s < u, d + g_u, reset(u)), p + g_u
-
-    def rows(t):  # x row t and g row t + lead (0 past the sub-chunk; clamped into it)
-        u = t + lead
-        g = g_ref[pl.ds(base + jnp.minimum(u, SUB - 1), 1), :].astype(y.dtype) * LOG2E
-        x = x_ref[pl.ds(base + jnp.minimum(t, SUB - 1), 1), :]
-        return x, jnp.where(u < SUB, g, 0.0) if lead else g
-
-    def body(t, state):
-        d, p, pre, (x_t, g_u), carry = state
-        ahead = rows(t + 1)
-        if late:
-            d, p = add(d, p, g_u, t)
-        keep = s1 < t + lead if near else s1 < t - int(probe)
-        carry = step(t, jnp.exp2(d), keep, x_t, carry)
-        pre = jnp.where(s == t, p, pre)
-        if not late:
-            d, p = add(d, p, g_u, t + lead)
-        return d, p, pre, ahead, carry
-
-    zero = jnp.zeros_like(y)
-    p0 = jnp.zeros((1, y.shape[1]), y.dtype)
-    d0 = jnp.full_like(y, -jnp.inf) if near else zero  # probe: row 0 sees no pair
-    if lead:  # row 0's sums: token 0 added
-        d0, p0 = add(d0, p0, g_ref[pl.ds(base, 1), :].astype(y.dtype) * LOG2E, 0)
-    d, p, pre, _, carry = jax.lax.fori_loop(0, SUB, body, (d0, p0, zero, rows(0), init))
-    ln2 = 1 / LOG2E
-    return carry, pre * ln2, d * ln2, p * ln2
-
-
-def _forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):
+    The keys run from the group's last down to the sub-chunk's first, each row carrying its
+    exponent sum_{s < u <= t} g_u (one add of g_{s+1} per key; -inf until the row's own last
+    key, where it starts at 0), so each step is one [rows, K] exp2 and one reduction over K.
+    After the last key (the sub-chunk's first) a row's exponent plus that token's g is its
+    prefix; the group that holds the sub-chunk's last row takes the suffixes from that
+    row's exponents on the way (probe: plus the last token's g, which its rows never add).
+    Every exponent is a sum of the tokens it covers, in base 2 (state_pass._exp)."""
+    p = 1 if probe else 0
     C = x_ref.shape[0]
+    t0 = pl.program_id(0) * rows
+    base = t0 - _rem(t0, SUB)  # the sub-chunk's first row
+    end = base + SUB - 1
+    X = x_ref[pl.ds(t0, rows), :]
+    f = X.dtype
+    r = _iota((rows, 1), 0)
+    last = t0 - p + r  # each row's last key
+    top = t0 + rows - 1 - p  # the group's last key
+    tail = (t0 + rows == base + SUB) & (end < C - 1)  # keys wanted: not the chunk's last
+    g_end = g_ref[pl.ds(end, 1), :].astype(f) * LOG2E if probe else 0.0
+
+    def step(k, d):
+        s = top - k
+        g = g_ref[pl.ds(jnp.minimum(s + 1, C - 1), 1), :].astype(f) * LOG2E
+        d = jnp.where(last > s, d + g, jnp.where(last == s, 0.0, -jnp.inf))
+        y = y_ref[pl.ds(s, 1), :]
+        row = jnp.sum(X * y * jnp.exp2(d), axis=1, keepdims=True)
+        d_ref[pl.ds(t0, rows), pl.ds(s - base, 1)] = row.astype(d_ref.dtype)
+
+        @pl.when(tail)
+        def _key():  # the sub-chunk's last row's exponent: the suffix (probe: less g_end)
+            d_end = jnp.sum(jnp.where(r == rows - 1, d, 0.0), axis=0, keepdims=True)
+            key_ref[pl.ds(s, 1), :] = (y * jnp.exp2(d_end + g_end)).astype(key_ref.dtype)
+
+        return d
+
+    d = jax.lax.fori_loop(0, top - base + 1, step, jnp.full(X.shape, -jnp.inf, f))
+    if probe:  # the sub-chunk's last key, which no row reaches: no suffix
+
+        @pl.when(tail)
+        def _last_key():
+            key_ref[pl.ds(end, 1), :] = y_ref[pl.ds(end, 1), :].astype(key_ref.dtype)
+
+    @pl.when(base > 0)  # the first sub-chunk's rows have no earlier keys
+    def _query():
+        g0 = g_ref[pl.ds(base, 1), :].astype(f) * LOG2E
+        pre = jnp.where(last >= base, d + g0, 0.0)
+        xq_ref[pl.ds(t0, rows), :] = (X * jnp.exp2(pre)).astype(xq_ref.dtype)
+
+
+def _forward_kernel(g_ref, diag_ref, xq_ref, key_ref, d_ref, *, probe, precision):
+    """The whole [C, C] D of one chunk from _diagonal_kernel's outputs: its diagonal blocks,
+    and the blocks (i, j < i) as one [16, K] x [K, 16] dot of the query side X_i e^{prefix_i},
+    times e^{(whole sub-chunks between j and i)}, against the key side Y_j e^{suffix_j};
+    every factor <= 1, and the exponents add up exactly to the pair's decay sum."""
+    C = d_ref.shape[0]
     n = C // SUB
-    keys, totals = [], []  # per earlier sub-chunk j: Y_j e^{suffix_j} [16, K], total [1, K]
+    t, u = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
+    totals = []  # per earlier sub-chunk j: the sum of its log decays [1, K]
     for i in range(n):
         rows = pl.ds(i * SUB, SUB)
-        Y = y_ref[rows, :]
-
-        def step(t, e, keep, x_t, carry, i=i, Y=Y):  # e is 0 off keep (near=True)
-            row = jnp.sum(Y * e * x_t, axis=1)
-            d_ref[pl.ds(i * SUB + t, 1), rows] = row[None, :].astype(d_ref.dtype)
-            return carry
-
-        _, pre, suffix, total = _block_rows(probe, i * SUB, Y, x_ref, g_ref, step, 0)
-        Xq = x_ref[rows, :] * _exp(pre)
-        for j in reversed(range(i)):  # between = totals of the sub-chunks j+1 .. i-1
-            d_ij = _dot(Xq, keys[j], precision, trans_b=True)
-            d_ref[rows, pl.ds(j * SUB, SUB)] = d_ij.astype(d_ref.dtype)
-            Xq = Xq * _exp(totals[j])
+        d_ref[rows, rows] = jnp.where(u <= t - int(probe), diag_ref[rows, :], 0.0).astype(
+            d_ref.dtype)
         for j in range(i + 1, n):
             d_ref[rows, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), d_ref.dtype)
-        keys.append(Y * _exp(suffix))
-        totals.append(total)
+        if i:
+            Xq = xq_ref[rows, :]
+            for j in reversed(range(i)):  # between = totals of the sub-chunks j+1 .. i-1
+                d_ij = _dot(Xq, key_ref[pl.ds(j * SUB, SUB), :], precision, trans_b=True)
+                d_ref[rows, pl.ds(j * SUB, SUB)] = d_ij.astype(d_ref.dtype)
+                if j:
+                    Xq = Xq * _exp(totals[j])
+        if i < n - 1:
+            totals.append(jnp.sum(g_ref[rows, :].astype(xq_ref.dtype), axis=0, keepdims=True))
 
 
-def _backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, dg_ref, *, probe, precision,
-                     exact, bounded, sync):
+def _diagonal_backward_kernel(x_ref, y_ref, g_ref, dd_ref, ddt_ref, dx_ref, dy_ref, eq_ref,
+                              ek_ref, *, probe, rows):
+    """The diagonal blocks' part of the backward, `rows` rows t0 .. t0 + rows - 1 of one
+    sub-chunk per program, as _diagonal_kernel runs the forward: dx_ref gets the rows'
+    dX = sum_s dD[t, s] e^{decay(s, t)} Y_s over the keys s of their sub-chunk, and dy_ref
+    their dY = sum_t dD[t, s] e^{decay(s, t)} X_t over its queries, both without the pairs
+    whose decay is empty (s = t; probe s = t - 1: the wrapper's); eq_ref and ek_ref the
+    factors e^{prefix} and e^{suffix} of the off-diagonal blocks (_diagonal_kernel's
+    exponents), for _backward_kernel. The queries' loop runs the keys down from the group's
+    last, as the forward does; the keys' loop runs the queries up to the sub-chunk's last,
+    each key row carrying sum_{s < u <= t} g_u (probe: t - 1), which after the last query is
+    the row's suffix (probe: less the last token's g)."""
+    p = 1 if probe else 0
+    C = x_ref.shape[0]
+    t0 = pl.program_id(0) * rows
+    base = t0 - _rem(t0, SUB)
+    end = base + SUB - 1
+    f = x_ref.dtype
+    here = pl.ds(t0, rows)
+    shape = (rows, x_ref.shape[1])
+    r = t0 + _iota((rows, 1), 0)  # the group's rows
+    last = r - p  # each row's last key as a query
+    top = t0 + rows - 1 - p
+    log2 = lambda u: g_ref[pl.ds(u, 1), :].astype(f) * LOG2E
+
+    def queries(k, carry):  # key s = top - k, for the group's rows as queries
+        d, acc = carry
+        s = top - k
+        d = jnp.where(last > s, d + log2(jnp.minimum(s + 1, C - 1)),
+                      jnp.where(last == s, 0.0, -jnp.inf))
+        w = jnp.where(last > s, dd_ref[here, pl.ds(s, 1)].astype(f), 0.0)
+        return d, acc + w * jnp.exp2(d) * y_ref[pl.ds(s, 1), :]
+
+    def keys(k, carry):  # query t = t0 + p + k (its last key v = t - p), for the rows as keys
+        d, acc = carry
+        t = t0 + p + k
+        v = t - p
+        d = jnp.where(r < v, d + log2(v), jnp.where(r == v, 0.0, -jnp.inf))
+        w = jnp.where(r < v, ddt_ref[here, pl.ds(t, 1)].astype(f), 0.0)
+        return d, acc + w * jnp.exp2(d) * x_ref[pl.ds(t, 1), :]
+
+    init = (jnp.full(shape, -jnp.inf, f), jnp.zeros(shape, f))
+    d, dX = jax.lax.fori_loop(0, top - base + 1, queries, init)
+    dx_ref[here, :] = dX.astype(dx_ref.dtype)
+
+    @pl.when(base > 0)  # the first sub-chunk's rows have no earlier keys
+    def _query_factors():
+        eq_ref[here, :] = jnp.exp2(jnp.where(last >= base, d + log2(base), 0.0)).astype(
+            eq_ref.dtype)
+
+    d, dY = jax.lax.fori_loop(0, end - t0 - p + 1, keys, init)
+    dy_ref[here, :] = dY.astype(dy_ref.dtype)
+
+    @pl.when(end < C - 1)  # the last sub-chunk's keys have no later queries
+    def _key_factors():
+        suffix = jnp.where(r <= end - p, d + log2(end) if probe else d, 0.0)
+        ek_ref[here, :] = jnp.exp2(suffix).astype(ek_ref.dtype)
+
+
+def _backward_kernel(*refs, probe, precision, exact, bounded, sync):
+    """dX, dY and dg of one chunk: the diagonal blocks' dX, dY and the off-diagonal factors
+    from _diagonal_backward_kernel (bounded: computed here, _bounded_block), the blocks
+    (i, j < i) by dots, dg after them (see the module docstring)."""
+    if bounded:
+        x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, dg_ref = refs
+    else:
+        x_ref, y_ref, g_ref, ddt_ref, dxd_ref, dyd_ref, eq_ref, ek_ref, dx_ref, dy_ref, dg_ref = refs
     C = x_ref.shape[0]
     n = C // SUB
-    r16 = _iota((SUB, 1), 0)
-    c16 = _iota((SUB, SUB), 1)
     decays, totals, dkeys = [], [], []  # per key sub-chunk j: e^{suffix_j}, total, dY_j so far
     for i in range(n):
         rows = pl.ds(i * SUB, SUB)
-        Y = y_ref[rows, :]
         Xq = x_ref[rows, :]
-        ddt = ddt_ref[rows, rows]  # (dD_ii)^T: [s, t]
+        g = g_ref[rows, :].astype(Xq.dtype)
         if bounded:
-            eq, ek, pre, suffix, total = _bounded_block(probe, g_ref[rows, :], exact)
-            ddt = jnp.where(_decayed_pairs(probe), ddt, 0.0)
+            Y = y_ref[rows, :]
+            eq, ek, pre, suffix, total = _bounded_block(probe, g, exact)
+            ddt = jnp.where(_decayed_pairs(probe), ddt_ref[rows, rows], 0.0)
             dX = _dot(ddt, Y * ek, precision, trans_a=True) * eq
             dY = _dot(ddt, Xq * eq, precision) * ek
+            eq, decay = _exp(pre), _exp(suffix)
         else:
-            def step(t, e, keep, x_t, carry, Y=Y, ddt=ddt):
-                dX, dY = carry
-                w = jnp.where(keep, jnp.sum(jnp.where(c16 == t, ddt, 0.0), axis=1,
-                                            keepdims=True), 0.0)
-                we = w * e
-                dx_t = jnp.sum(we * Y, axis=0, keepdims=True)
-                dX = jnp.where(r16 == t, dx_t, dX)
-                return dX, dY + we * x_t
-
-            zero = jnp.zeros_like(Y)
-            (dX, dY), pre, suffix, total = _block_rows(probe, i * SUB, Y, x_ref, g_ref, step,
-                                                       (zero, zero), near=False)
-        eq = _exp(pre)
+            dX, dY = dxd_ref[rows, :], dyd_ref[rows, :]
+            eq = eq_ref[rows, :] if i else None
+            decay = None  # ek_ref's rows, loaded where used
+            total = jnp.sum(g, axis=0, keepdims=True)
         for j in reversed(range(i)):
-            key = y_ref[pl.ds(j * SUB, SUB), :] * decays[j]
+            ek = decays[j] if bounded else ek_ref[pl.ds(j * SUB, SUB), :]  # (reloaded: spills)
+            key = y_ref[pl.ds(j * SUB, SUB), :] * ek
             ddt_ji = ddt_ref[pl.ds(j * SUB, SUB), rows]  # (dD_ij)^T: [s in j, t in i]
             if probe and j == i - 1:  # (first row of i, last of j): no decay, the wrapper's
                 ddt_ji = jnp.where(_decayed_pairs(probe, boundary=True), ddt_ji, 0.0)
             dX = dX + _dot(ddt_ji, key, precision, trans_a=True) * eq
-            dkeys[j] = dkeys[j] + _dot(ddt_ji, Xq * eq, precision) * decays[j]
-            eq = eq * _exp(totals[j])
+            dkeys[j] = dkeys[j] + _dot(ddt_ji, Xq * eq, precision) * ek
+            if j:
+                eq = eq * _exp(totals[j])
         dg_ref[rows, :] = (Xq * dX).astype(dg_ref.dtype)  # R, read back below
         dx_ref[rows, :] = dX.astype(dx_ref.dtype)
-        decays.append(_exp(suffix))
+        decays.append(decay)
         totals.append(total)
         dkeys.append(dY)
     # The log decays: dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s (probe: - R_u as well), by
@@ -314,6 +375,9 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
 
 
 _SCALAR_BLOCK = 64  # key columns per program of the scalar backward
+# Rows per program of the diagonal kernels: on the GPU 2 (H100, benchmarks/NOTES.md), in the
+# CPU interpreter a whole sub-chunk (fewer, larger steps).
+DIAGONAL_ROWS, DIAGONAL_WARPS, INTERPRET_ROWS = 2, 1, SUB
 
 
 def _call(kernel, args, outs, interpret, launch, name, grid=()):
@@ -338,10 +402,20 @@ def _products(X, Y, g, probe, cfg):
     C = X.shape[0]
     out = jax.ShapeDtypeStruct((C, C), X.dtype)
     scalar = g.ndim == 1
-    kernel = functools.partial(_scalar_forward_kernel if scalar else _forward_kernel,
-                               probe=probe, precision=cfg.precision)
-    return _call(kernel, _kernel_inputs(X, Y, g), [out], cfg.interpret, cfg.fwd,
-                 "dplr_decayed_scalar_fwd" if scalar else "dplr_decayed_fwd")[0]
+    args = _kernel_inputs(X, Y, g)
+    if scalar:
+        kernel = functools.partial(_scalar_forward_kernel, probe=probe, precision=cfg.precision)
+        return _call(kernel, args, [out], cfg.interpret, cfg.fwd, "dplr_decayed_scalar_fwd")[0]
+    rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
+    f = lambda *shape: jax.ShapeDtypeStruct(shape, X.dtype)
+    Kp = args[0].shape[1]
+    parts = _call(functools.partial(_diagonal_kernel, probe=probe, rows=rows), args,
+                  [f(C, SUB), f(C, Kp), f(C, Kp)], cfg.interpret,
+                  Launch(num_warps=DIAGONAL_WARPS, num_stages=1), "dplr_decayed_diag",
+                  grid=(C // rows,))
+    kernel = functools.partial(_forward_kernel, probe=probe, precision=cfg.precision)
+    return _call(kernel, (args[2],) + tuple(parts), [out], cfg.interpret, cfg.fwd,
+                 "dplr_decayed_fwd")[0]
 
 
 def _products_fwd(X, Y, g, probe, cfg):
@@ -361,12 +435,19 @@ def _products_bwd(probe, cfg, res, dD):
                            outs + [jax.ShapeDtypeStruct((n, gp.shape[1]), g.dtype)],
                            cfg.interpret, cfg.bwd, "dplr_decayed_scalar_bwd", grid=(n,))
         return dX[:, :K], dY[:, :K], dg.sum(axis=0)
+    ddt = dD.T.astype(X.dtype)
+    args = (Xp, Yp, gp, ddt)
+    if not cfg.bounded:  # the diagonal blocks and the off-diagonal factors first
+        rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
+        args += _call(functools.partial(_diagonal_backward_kernel, probe=probe, rows=rows),
+                      (Xp, Yp, gp, dD.astype(X.dtype), ddt), [outs[0]] * 4, cfg.interpret,
+                      Launch(num_warps=DIAGONAL_WARPS, num_stages=1), "dplr_decayed_diag_bwd",
+                      grid=(X.shape[0] // rows,))
     kernel = functools.partial(_backward_kernel, probe=probe, precision=cfg.precision,
                                exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret)
     # dg's rows hold R first (the kernel reads it back): X's dtype, cast to g's at the end.
-    dX, dY, dg = _call(kernel, (Xp, Yp, gp, dD.T.astype(X.dtype)),
-                       outs + [jax.ShapeDtypeStruct(gp.shape, X.dtype)], cfg.interpret, cfg.bwd,
-                       "dplr_decayed_bwd")
+    dX, dY, dg = _call(kernel, args, outs + [jax.ShapeDtypeStruct(gp.shape, X.dtype)],
+                       cfg.interpret, cfg.bwd, "dplr_decayed_bwd")
     # The pairs (t, t - p) without decay depend on no g: added here, after dg (see above).
     p = 1 if probe else 0
     d = jnp.pad(jnp.diagonal(dD, offset=-p), (p, 0)).astype(X.dtype)[:, None]  # dD[t, t-p]

@@ -125,7 +125,7 @@ def _exp(x):
     """exp in kernels, as 2^(x log2 e): JAX lowers exp of float32 for Triton to libdevice's
     __nv_expf (nine instructions: range reduction, then MUFU.EX2 and a rescale), exp2 to one
     MUFU.EX2 (flushing subnormal results to zero, which these decay factors <= 1 may); relative
-    error ~2 ulp. The row loops of decayed.py skip the multiply by working in base 2."""
+    error ~2 ulp. The diagonal kernels of decayed.py skip the multiply by working in base 2."""
     return jnp.exp2(x * LOG2E)
 
 
