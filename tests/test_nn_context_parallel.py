@@ -24,7 +24,7 @@ def test_sequence_sharded_model_matches_unsharded(rng):
     def loss(model, tokens):
         return jnp.mean(model(tokens) ** 2)
 
-    want, want_g = nnx.value_and_grad(loss)(plain, tokens)
+    want, want_g = nnx.jit(nnx.value_and_grad(loss))(plain, tokens)   # no mesh: unsharded
     # The model (like the training loop) uses Auto mesh axes: sharding by propagation.
     mesh = parallel.make_mesh(data=2, seq=4, axis_types=(jax.sharding.AxisType.Auto,) * 2)
     with jax.set_mesh(mesh):

@@ -69,12 +69,20 @@ def factors_and_pullback(fn, xs, cts):
     return out, pull(cts)
 
 
-def run_both(xs, cts):
-    ref = factors_and_pullback(chunked.chunk_factors, xs, cts)
-    got = jax.jit(lambda xs, cts: factors_and_pullback(
+def run_kernels(xs, cts):
+    """The kernels' factors and input cotangents (jitted; CPU interpret mode)."""
+    return jax.jit(lambda xs, cts: factors_and_pullback(
         functools.partial(factors.low_rank_factors, decayed=PRODUCTS, **KERNELS), xs,
         cts))(xs, cts)
-    return got, ref
+
+
+def run_xla(xs, cts):
+    """XLA's chunk_factors: the factors and input cotangents the kernels must reproduce."""
+    return factors_and_pullback(chunked.chunk_factors, xs, cts)
+
+
+def run_both(xs, cts):
+    return run_kernels(xs, cts), run_xla(xs, cts)
 
 
 def cotangents(rng, xs):
@@ -156,9 +164,9 @@ def test_float32_against_float64(form, decay, rng):
     xs = chunk(rng, decay, 64, 64, 64, strong=True, form=form)
     cts = cotangents(rng, xs)
     with jax.enable_x64(True):
-        _, (f_ref, d_ref) = run_both(cast(xs, jnp.float64), cast(cts, jnp.float64))
+        f_ref, d_ref = run_xla(cast(xs, jnp.float64), cast(cts, jnp.float64))
         f_ref, d_ref = jax.tree.map(np.asarray, (f_ref, d_ref))
-    (f_got, d_got), _ = run_both(cast(xs, jnp.float32), cast(cts, jnp.float32))
+    f_got, d_got = run_kernels(cast(xs, jnp.float32), cast(cts, jnp.float32))
     names = NAMES + tuple(f"d{n}" for n, x in zip(("q", "g", "E", "y", "P", "F", "Vk"), xs)
                           if x is not None)
     pairs = [(n, u, v) for n, u, v in zip(names, tuple(f_got) + tuple(d_got),

@@ -85,6 +85,7 @@ def _free_port():
 def test_two_processes_match_single_device(rng, tmp_path):
     import jax
     from _ops_inputs import assert_close
+    from conftest import xla_flags
 
     from dplr_jax import ops
 
@@ -92,7 +93,7 @@ def test_two_processes_match_single_device(rng, tmp_path):
     problem, out = tmp_path / "problem.npz", tmp_path / "out.npz"
     np.savez(problem, **{f"arg{i}": a for i, a in enumerate(args)}, h0=h0, do=do, dS=dS)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+               XLA_FLAGS=xla_flags(LOCAL_DEVICES),
                JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
                JAX_NUM_PROCESSES=str(N_PROCESSES))
     logs = [tmp_path / f"process{i}.log" for i in range(N_PROCESSES)]

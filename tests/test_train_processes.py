@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+from conftest import xla_flags
 
 from dplr_jax.train.config import apply_overrides, default_config
 from dplr_jax.train.loop import train
@@ -22,8 +23,7 @@ SMALL = ["model.mixer=attention", "model.d_model=32", "model.n_layers=1", "model
 
 
 def env(devices, **extra):
-    e = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    e = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
     for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         e.pop(var, None)
     e.update(extra)
@@ -37,8 +37,9 @@ def leaves_equal(a, b):
 
 
 def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
-    overrides = SMALL + ["seq_len=128", "batch_size=32", "steps=300", "checkpoint_interval=25",
-                         "eval_interval=300", "log_interval=5", "mesh=1,1,1"]
+    # 200 steps, checkpoints every 25: the kill at checkpoint 50 leaves 150 steps to resume
+    overrides = SMALL + ["seq_len=64", "batch_size=16", "steps=200", "checkpoint_interval=25",
+                         "eval_interval=200", "log_interval=5", "mesh=1,1,1"]
     killed_dir, reference_dir = tmp_path / "killed", tmp_path / "reference"
     # the killed process gets this process's 8 CPU devices: the same XLA flags, the same code
     proc = subprocess.Popen(CLI + overrides + [f"output_dir={killed_dir}"], env=env(8),
@@ -52,12 +53,12 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     done = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-    assert 50 <= done < 300
+    assert 50 <= done < 200
 
     cfg = apply_overrides(default_config(), overrides + [f"output_dir={killed_dir}"])
     resumed = train(cfg, progress=False, resume="require")
     reference = train(cfg.replace(output_dir=str(reference_dir)), progress=False)
-    assert resumed.step == reference.step == 300
+    assert resumed.step == reference.step == 200
     leaves_equal(resumed.params, reference.params)
     leaves_equal(resumed.opt_state, reference.opt_state)
     losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]  # noqa
