@@ -208,8 +208,8 @@ def _forward_kernel(g_ref, diag_ref, xq_ref, key_ref, d_ref, *, probe, precision
             totals.append(jnp.sum(g_ref[rows, :].astype(xq_ref.dtype), axis=0, keepdims=True))
 
 
-def _diagonal_backward_kernel(x_ref, y_ref, g_ref, dd_ref, ddt_ref, dx_ref, dy_ref, eq_ref,
-                              ek_ref, *, probe, rows):
+def _diagonal_backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, eq_ref, ek_ref, *,
+                              probe, rows):
     """The diagonal blocks' part of the backward, `rows` rows t0 .. t0 + rows - 1 of one
     sub-chunk per program, as _diagonal_kernel runs the forward: dx_ref gets the rows'
     dX = sum_s dD[t, s] e^{decay(s, t)} Y_s over the keys s of their sub-chunk, and dy_ref
@@ -238,7 +238,7 @@ def _diagonal_backward_kernel(x_ref, y_ref, g_ref, dd_ref, ddt_ref, dx_ref, dy_r
         s = top - k
         d = jnp.where(last > s, d + log2(jnp.minimum(s + 1, C - 1)),
                       jnp.where(last == s, 0.0, -jnp.inf))
-        w = jnp.where(last > s, dd_ref[here, pl.ds(s, 1)].astype(f), 0.0)
+        w = jnp.where(last > s, ddt_ref[s, here][:, None].astype(f), 0.0)  # dD[rows, s]
         return d, acc + w * jnp.exp2(d) * y_ref[pl.ds(s, 1), :]
 
     def keys(k, carry):  # query t = t0 + p + k (its last key v = t - p), for the rows as keys
@@ -440,7 +440,7 @@ def _products_bwd(probe, cfg, res, dD):
     if not cfg.bounded:  # the diagonal blocks and the off-diagonal factors first
         rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
         args += _call(functools.partial(_diagonal_backward_kernel, probe=probe, rows=rows),
-                      (Xp, Yp, gp, dD.astype(X.dtype), ddt), [outs[0]] * 4, cfg.interpret,
+                      (Xp, Yp, gp, ddt), [outs[0]] * 4, cfg.interpret,
                       Launch(num_warps=DIAGONAL_WARPS, num_stages=1), "dplr_decayed_diag_bwd",
                       grid=(X.shape[0] // rows,))
     kernel = functools.partial(_backward_kernel, probe=probe, precision=cfg.precision,
