@@ -46,14 +46,15 @@ Cost per chunk (C = 64, K = 128, float32). Forward: the diagonal kernel reads X,
 KB, its programs' rows again from L2) and writes 2 C K factors and C x 16 (68 KB); the
 other reads those and g and writes C^2 (16 KB); C 8.5 K exps on average on the diagonal
 blocks, off-diagonal dots n(n-1)/2 x 2 * 16^2 K = 0.4 MFLOP. At B=4, T=4096, H=16 (4096
-chunks) ~1 GB in all (0.33 ms at 3 TB/s). Backward: the diagonal kernel reads 128 KB and
+chunks) ~1 GB in all (0.33 ms at 3 TB/s). Backward: the diagonal kernel reads 112 KB and
 writes 128 (dX, dY and the two factors), the other reads 240 and writes 96: 2.4 GB, 0.8 ms
 at 3 TB/s, so the split pays for its parallel loops in bytes. The row-group loops are
 instruction-bound (at 4 rows ~170 SASS instructions per key step for [4, 128] float32
-tiles in one warp, 60-64 registers, 32 programs per SM). Measured on the H100 for kda's two products
-(benchmarks/NOTES.md, twelfth session): forward 0.25 + 0.15 ms each, backward 0.36 + 0.69,
-where one program per chunk with 16-row loops took 0.72-0.77 forward and 1.17 backward (255
-registers, 2 warps per scheduler: latency-bound at low occupancy, tenth session).
+tiles in one warp, 60-64 registers, 32 programs per SM). Measured on the H100 for kda's two
+products (benchmarks/NOTES.md, twelfth session): forward 0.25 + 0.15 ms each, backward
+0.36 + 0.69, where one program per chunk with 16-row loops took 0.72-0.77 forward and 1.17
+backward (255 registers, 2 warps per scheduler: latency-bound at low occupancy, tenth
+session). The backward's diagonal kernel runs at its bytes' time.
 
 Scalar decays (one per token: gated_delta_rule, gated_delta_product) need no sub-chunks: the
 chunk's pairwise decay sums S [C, C] are one scan over t of the masked per-token decays
@@ -274,7 +275,8 @@ def _backward_kernel(*refs, probe, precision, exact, bounded, sync):
     if bounded:
         x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, dg_ref = refs
     else:
-        x_ref, y_ref, g_ref, ddt_ref, dxd_ref, dyd_ref, eq_ref, ek_ref, dx_ref, dy_ref, dg_ref = refs
+        (x_ref, y_ref, g_ref, ddt_ref, dxd_ref, dyd_ref, eq_ref, ek_ref, dx_ref, dy_ref,
+         dg_ref) = refs
     C = x_ref.shape[0]
     n = C // SUB
     decays, totals, dkeys = [], [], []  # per key sub-chunk j: e^{suffix_j}, total, dY_j so far
