@@ -1,5 +1,5 @@
 """Pallas kernels for phase 1's decayed products with per-channel log decays (kda, gla, dplr,
-hdla) and with scalar ones: the whole [C, C] intra-chunk matrix of one chunk per program.
+hdla) and with scalar ones: the [C, C] intra-chunk matrix of every chunk.
 
 chunked.decayed_products needs, per chunk of C tokens and one head,
 
@@ -48,13 +48,13 @@ other reads those and g and writes C^2 (16 KB); C 8.5 K exps on average on the d
 blocks, off-diagonal dots n(n-1)/2 x 2 * 16^2 K = 0.4 MFLOP. At B=4, T=4096, H=16 (4096
 chunks) ~1 GB in all (0.33 ms at 3 TB/s). Backward: the diagonal kernel reads 112 KB and
 writes 128 (dX, dY and the two factors), the other reads 240 and writes 96: 2.4 GB, 0.8 ms
-at 3 TB/s, so the split pays for its parallel loops in bytes. The row-group loops are
-instruction-bound (at 4 rows ~170 SASS instructions per key step for [4, 128] float32
-tiles in one warp, 60-64 registers, 32 programs per SM). Measured on the H100 for kda's two
-products (benchmarks/NOTES.md, twelfth session): forward 0.25 + 0.15 ms each, backward
-0.36 + 0.69, where one program per chunk with 16-row loops took 0.72-0.77 forward and 1.17
-backward (255 registers, 2 warps per scheduler: latency-bound at low occupancy, tenth
-session). The backward's diagonal kernel runs at its bytes' time.
+at 3 TB/s, so the split pays for its parallel loops in bytes. The forward's row-group loop
+is instruction-bound (at 4 rows ~170 SASS instructions per key step for [4, 128] float32
+tiles in one warp; 49-64 registers, 32 programs per SM); the backward's diagonal kernel runs
+at its bytes' time. Measured on the H100 for kda's two products (benchmarks/NOTES.md,
+twelfth session): forward 0.25 + 0.15 ms each, backward 0.36 + 0.69, where one program per
+chunk with 16-row loops took 0.72-0.77 forward and 1.17 backward (255 registers, 2 warps
+per scheduler: latency-bound at low occupancy, tenth session).
 
 Scalar decays (one per token: gated_delta_rule, gated_delta_product) need no sub-chunks: the
 chunk's pairwise decay sums S [C, C] are one scan over t of the masked per-token decays
