@@ -126,6 +126,31 @@ def _bounded_block(probe, g, exact):
     return _exp(pre - mid), _exp(mid - incl), pre, total - incl, total
 
 
+def _row_group(rows):
+    """This program's rows of a diagonal kernel: (t0, base, end), its first row and its
+    sub-chunk's first and last rows."""
+    t0 = pl.program_id(0) * rows
+    base = t0 - _rem(t0, SUB)
+    return t0, base, base + SUB - 1
+
+
+def _log2_decay(g_ref, u, dtype):
+    """Row u of the log decays, in base 2 ([1, K]: the diagonal kernels' exponents are)."""
+    return g_ref[pl.ds(u, 1), :].astype(dtype) * LOG2E
+
+
+def _advance(d, on, start, g):
+    """Running exponents of a row group at its next pair: plus g where the rows' pairs are
+    under way, 0 where they start, -inf before (exp2 gives 0 there)."""
+    return jnp.where(on, d + g, jnp.where(start, 0.0, -jnp.inf))
+
+
+def _prefix(d, last, base, g_base):
+    """The rows' prefix exponents from their running ones after the sub-chunk's first key:
+    plus that token's g; 0 for a row with no key in the sub-chunk (probe, its first row)."""
+    return jnp.where(last >= base, d + g_base, 0.0)
+
+
 def _diagonal_kernel(x_ref, y_ref, g_ref, d_ref, xq_ref, key_ref, *, probe, rows):
     """A chunk's diagonal 16 x 16 blocks of D, and the factors of its off-diagonal ones:
     `rows` query rows t0 .. t0 + rows - 1 of one sub-chunk per program. d_ref [C, 16] gets,
@@ -143,21 +168,18 @@ def _diagonal_kernel(x_ref, y_ref, g_ref, d_ref, xq_ref, key_ref, *, probe, rows
     Every exponent is a sum of the tokens it covers, in base 2 (state_pass._exp)."""
     p = 1 if probe else 0
     C = x_ref.shape[0]
-    t0 = pl.program_id(0) * rows
-    base = t0 - _rem(t0, SUB)  # the sub-chunk's first row
-    end = base + SUB - 1
+    t0, base, end = _row_group(rows)
     X = x_ref[pl.ds(t0, rows), :]
     f = X.dtype
     r = _iota((rows, 1), 0)
     last = t0 - p + r  # each row's last key
     top = t0 + rows - 1 - p  # the group's last key
     tail = (t0 + rows == base + SUB) & (end < C - 1)  # keys wanted: not the chunk's last
-    g_end = g_ref[pl.ds(end, 1), :].astype(f) * LOG2E if probe else 0.0
+    g_end = _log2_decay(g_ref, end, f) if probe else 0.0
 
     def step(k, d):
         s = top - k
-        g = g_ref[pl.ds(jnp.minimum(s + 1, C - 1), 1), :].astype(f) * LOG2E
-        d = jnp.where(last > s, d + g, jnp.where(last == s, 0.0, -jnp.inf))
+        d = _advance(d, last > s, last == s, _log2_decay(g_ref, jnp.minimum(s + 1, C - 1), f))
         y = y_ref[pl.ds(s, 1), :]
         row = jnp.sum(X * y * jnp.exp2(d), axis=1, keepdims=True)
         d_ref[pl.ds(t0, rows), pl.ds(s - base, 1)] = row.astype(d_ref.dtype)
@@ -178,8 +200,7 @@ def _diagonal_kernel(x_ref, y_ref, g_ref, d_ref, xq_ref, key_ref, *, probe, rows
 
     @pl.when(base > 0)  # the first sub-chunk's rows have no earlier keys
     def _query():
-        g0 = g_ref[pl.ds(base, 1), :].astype(f) * LOG2E
-        pre = jnp.where(last >= base, d + g0, 0.0)
+        pre = _prefix(d, last, base, _log2_decay(g_ref, base, f))
         xq_ref[pl.ds(t0, rows), :] = (X * jnp.exp2(pre)).astype(xq_ref.dtype)
 
 
@@ -223,22 +244,19 @@ def _diagonal_backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, eq_r
     the row's suffix (probe: less the last token's g)."""
     p = 1 if probe else 0
     C = x_ref.shape[0]
-    t0 = pl.program_id(0) * rows
-    base = t0 - _rem(t0, SUB)
-    end = base + SUB - 1
+    t0, base, end = _row_group(rows)
     f = x_ref.dtype
     here = pl.ds(t0, rows)
     shape = (rows, x_ref.shape[1])
     r = t0 + _iota((rows, 1), 0)  # the group's rows
     last = r - p  # each row's last key as a query
     top = t0 + rows - 1 - p
-    log2 = lambda u: g_ref[pl.ds(u, 1), :].astype(f) * LOG2E
+    log2 = functools.partial(_log2_decay, g_ref, dtype=f)
 
     def queries(k, carry):  # key s = top - k, for the group's rows as queries
         d, acc = carry
         s = top - k
-        d = jnp.where(last > s, d + log2(jnp.minimum(s + 1, C - 1)),
-                      jnp.where(last == s, 0.0, -jnp.inf))
+        d = _advance(d, last > s, last == s, log2(jnp.minimum(s + 1, C - 1)))
         w = jnp.where(last > s, ddt_ref[s, here][:, None].astype(f), 0.0)  # dD[rows, s]
         return d, acc + w * jnp.exp2(d) * y_ref[pl.ds(s, 1), :]
 
@@ -246,7 +264,7 @@ def _diagonal_backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, eq_r
         d, acc = carry
         t = t0 + p + k
         v = t - p
-        d = jnp.where(r < v, d + log2(v), jnp.where(r == v, 0.0, -jnp.inf))
+        d = _advance(d, r < v, r == v, log2(v))
         w = jnp.where(r < v, ddt_ref[here, pl.ds(t, 1)].astype(f), 0.0)
         return d, acc + w * jnp.exp2(d) * x_ref[pl.ds(t, 1), :]
 
@@ -256,8 +274,7 @@ def _diagonal_backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, eq_r
 
     @pl.when(base > 0)  # the first sub-chunk's rows have no earlier keys
     def _query_factors():
-        eq_ref[here, :] = jnp.exp2(jnp.where(last >= base, d + log2(base), 0.0)).astype(
-            eq_ref.dtype)
+        eq_ref[here, :] = jnp.exp2(_prefix(d, last, base, log2(base))).astype(eq_ref.dtype)
 
     d, dY = jax.lax.fori_loop(0, end - t0 - p + 1, keys, init)
     dy_ref[here, :] = dY.astype(dy_ref.dtype)
