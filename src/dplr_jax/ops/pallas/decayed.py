@@ -49,9 +49,10 @@ blocks, off-diagonal dots n(n-1)/2 x 2 * 16^2 K = 0.4 MFLOP. At B=4, T=4096, H=1
 chunks) ~1 GB in all (0.33 ms at 3 TB/s). Backward: the diagonal kernel reads 112 KB and
 writes 128 (dX, dY and the two factors), the other reads 240 and writes 96: 2.4 GB, 0.8 ms
 at 3 TB/s, so the split pays for its parallel loops in bytes. The forward's row-group loop
-is instruction-bound (at 4 rows ~170 SASS instructions per key step for [4, 128] float32
-tiles in one warp; 49-64 registers, 32 programs per SM); the backward's diagonal kernel runs
-at its bytes' time. Measured on the H100 for kda's two products (benchmarks/NOTES.md,
+is instruction-bound (113-121 SASS instructions per key step for the [2, 128] float32 tiles
+of one warp, the backward's loops 63-75: `kernel_registers.py --ops kda --warps 1 --sass
+DIR`; 49-56 registers, 32 programs per SM); the backward's diagonal kernel runs at its
+bytes' time. Measured on the H100 for kda's two products (benchmarks/NOTES.md,
 twelfth session): forward 0.25 + 0.15 ms each, backward 0.36 + 0.69, where one program per
 chunk with 16-row loops took 0.72-0.77 forward and 1.17 backward (255 registers, 2 warps
 per scheduler: latency-bound at low occupancy, tenth session).
