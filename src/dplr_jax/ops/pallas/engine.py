@@ -27,9 +27,9 @@ from dplr_jax.ops.pallas import decayed, factors
 from dplr_jax.ops.pallas.state_pass import Config, _pow2, state_pass
 
 
-def _scan(layout, factors, h0, *, cfg):
-    """Phases 2 and 3 in the state-pass kernel: (o, final states) from phase 1's factored
-    transitions (chunked.chunk_factors) and the initial states h0 [N, H, K, V]."""
+def _scan(layout, factors, h0, *, cfg, o_dtype):
+    """Phases 2 and 3 in the state-pass kernel: (o in o_dtype, final states) from phase 1's
+    factored transitions (chunked.chunk_factors) and the initial states h0 [N, H, K, V]."""
     N = h0.shape[0]
     B, NC = factors[4].shape[0], layout.NC
     Nb = N // B  # states per batch row: 1, or the N packed sequences
@@ -39,7 +39,7 @@ def _scan(layout, factors, h0, *, cfg):
     h0 = h0.reshape((B, Nb) + h0.shape[1:])
     # The kernels hold states in float32 (float64 inputs under x64 run them in float32 too).
     o, finals = state_pass(*(None if x is None else x.astype(jnp.float32) for x in factors), h0,
-                           src, dst, cfg)
+                           src, dst, cfg, o_dtype)
     return o, finals.reshape((N,) + finals.shape[2:])
 
 
@@ -66,7 +66,9 @@ def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config,
     if cfg.factors is not None and cfg.form == "loop":
         phase1 = functools.partial(_phase1, interpret=cfg.interpret, precision=cfg.precision,
                                    exact=exact, launch=cfg.factors)
-    scan = functools.partial(_scan, cfg=cfg)
+    # o leaves the state pass in the op's output dtype: 16-bit outputs are rounded there once.
+    o_dtype = inputs[0].dtype if sixteen_bit else jnp.float32
+    scan = functools.partial(_scan, cfg=cfg, o_dtype=o_dtype)
     if cfg.max_k is not None and _pow2(inputs[0].shape[-1]) > cfg.max_k:
         scan = None  # the state is too wide for the kernel: XLA's scan (chunked.py)
     return run_chunked(name, inputs, scale=scale, initial_state=initial_state,

@@ -212,7 +212,8 @@ def _backward_chunk(c, src, dst, G, r, *, rb, precision):
     r["g"][c] = G
     dS = r["gam"][c] * G
     for rows in _query_blocks(r["qs"].shape[-2], rb):
-        dS = dS + _dot(r["qs"][c, rows], r["do"][c, rows], precision, trans_a=True)
+        do = r["do"][c, rows].astype(jnp.float32)  # in o's dtype
+        dS = dS + _dot(r["qs"][c, rows], do, precision, trans_a=True)
     for rows, _ in _row_blocks(r, rb, probed_only=True):
         dU = _dot(r["z"][c, rows], G, precision)
         dS = dS - _dot(r["w"][c, rows], dU, precision, trans_a=True)
@@ -242,7 +243,8 @@ def _grads_kernel(*refs, names, rb, bv, precision):
     for rows in _query_blocks(r["dqs"].shape[-2], rb):
         dqs = 0.0
         for col in cols:
-            dqs = dqs + _dot(r["do"][rows, col], load("sin", col), precision, trans_b=True)
+            do = r["do"][rows, col].astype(jnp.float32)  # in o's dtype
+            dqs = dqs + _dot(do, load("sin", col), precision, trans_b=True)
         r["dqs"][rows] = dqs
     for rows, probed in _row_blocks(r, rb):
         Zb = r["z"][rows]
@@ -338,7 +340,7 @@ def _params(cfg, launch, semantics):
 def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
     """pallas_call of the forward (reverse=False) or backward sequential kernel over named
     [BH, NC, a, b] inputs (and src, dst [B, NC], the states h0, dh0, fin, dfin [B, Nb, H, K,
-    V]) and (name, shape) float32 outputs, for a state of shape `state` = (K, V): grid (BH,
+    V]) and (name, shape, dtype) outputs, for a state of shape `state` = (K, V): grid (BH,
     V/BV) with the whole chunk axis per program ("loop"), or (BH, V/BV, NC) with one chunk per
     step, descending if reverse ("grid")."""
     BH, NC = ins["z"].shape[:2]
@@ -361,7 +363,7 @@ def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
                                 lambda bh, j, i: (bh, at(i), 0, j if vj else 0))
         return pl.BlockSpec((None, NC, shape[2], bv), lambda bh, j: (bh, 0, 0, j if vj else 0))
 
-    names = tuple(ins) + tuple(n for n, _ in outs)
+    names = tuple(ins) + tuple(n for n, *_ in outs)
     if grid_form:
         kernel = _grid_backward_kernel if reverse else _grid_forward_kernel
         kernel = functools.partial(kernel, names=names, H=H, rb=rb, precision=cfg.precision)
@@ -371,9 +373,9 @@ def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
         kernel = functools.partial(kernel, names=names, rb=rb, precision=cfg.precision)
         grid, scratch = (BH, V // BV), ()
     return pl.pallas_call(
-        kernel, out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32) for _, shape in outs],
+        kernel, out_shape=[jax.ShapeDtypeStruct(shape, dtype) for _, shape, dtype in outs],
         grid=grid, in_specs=[spec(n, x.shape) for n, x in ins.items()],
-        out_specs=[spec(n, shape) for n, shape in outs], scratch_shapes=scratch,
+        out_specs=[spec(n, shape) for n, shape, _ in outs], scratch_shapes=scratch,
         interpret=cfg.interpret,
         compiler_params=_params(cfg, launch, ("parallel", "parallel", "arbitrary")),
         name="dplr_state_pass_" + ("bwd" if reverse else "fwd"))(*ins.values())
@@ -406,33 +408,35 @@ def _pick(names, **arrays):
     return {n: arrays[n] for n in _names(names, arrays.get("w") is not None)}
 
 
-def _forward(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src, dst, save):
-    """The forward kernel: o, the final states and, with save, every S_c (for the backward;
-    268 MB at B=4, T=4096, H=16, K=V=128, so a call without gradients does not write them)."""
+def _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, h0, src, dst, save):
+    """The forward kernel: o (in o_dtype), the final states and, with save, every S_c (for the
+    backward; 268 MB at B=4, T=4096, H=16, K=V=128, so a call without gradients does not write
+    them)."""
     BH, NC, C, K = Qs.shape
     V = X.shape[-1]
     ins = _pick(_FWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, x=X, qs=Qs, o0=O0, h0=h0)
-    outs = [("o", (BH, NC, C, V)), ("fin", h0.shape)]
+    outs = [("o", (BH, NC, C, V), o_dtype), ("fin", h0.shape, jnp.float32)]
     if save:
-        outs.append(("sin", (BH, NC, K, V)))
+        outs.append(("sin", (BH, NC, K, V), jnp.float32))
     return _sequential(cfg, cfg.fwd, ins, outs, (K, V), H, rb, reverse=False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _state_pass(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src, dst):
-    return tuple(_forward(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src, dst, save=False))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _state_pass(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, h0, src, dst):
+    return tuple(_forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, h0, src, dst, save=False))
 
 
-def _state_pass_fwd(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src, dst):
-    o, fin, S_in = _forward(cfg, H, rb, gam, Z, W, X, Qs, O0, h0, src, dst, save=True)
+def _state_pass_fwd(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, h0, src, dst):
+    o, fin, S_in = _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, h0, src, dst, save=True)
     return (o, fin), (gam, Z, W, X, Qs, S_in, src, dst, h0.shape)
 
 
-def _state_pass_bwd(cfg, H, rb, res, cts):
+def _state_pass_bwd(cfg, H, rb, o_dtype, res, cts):
     gam, Z, W, X, Qs, S_in, src, dst, h0_shape = res
     do, dfin = cts
     ins = _pick(_BWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, qs=Qs, do=do, dfin=dfin)
-    G, dh0 = _sequential(cfg, cfg.bwd, ins, [("g", S_in.shape), ("dh0", h0_shape)],
+    G, dh0 = _sequential(cfg, cfg.bwd, ins, [("g", S_in.shape, jnp.float32),
+                                             ("dh0", h0_shape, jnp.float32)],
                          S_in.shape[-2:], H, rb, reverse=True)
     d = _grads(cfg, _pick(_GRAD_IN, sin=S_in, g=G, z=Z, w=W, x=X, do=do), rb)
     return (d["dgam"], d["dz"], d.get("dw"), d["dx"], d["dqs"], do.astype(jnp.float32), dh0,
@@ -473,7 +477,7 @@ def fit_launches(cfg, rows, probed_rows, Kp, Vp, rb):
     return dataclasses.replace(cfg, fwd=fit(cfg.fwd, rows), bwd=fit(cfg.bwd, probed_rows))
 
 
-def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config):
+def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config, o_dtype=jnp.float32):
     """The inter-chunk state pass on factored transitions; differentiable in (gamma, Z, W, X,
     Qs, O0, h0).
 
@@ -484,8 +488,10 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config):
     chunk 0 of every row must reset); dst [B, NC] int32: the index into the final states of
     row b that the state leaving chunk c is written to, or -1 (the engine names each
     sequence's last chunk; an index no chunk names stays zero). K and V are zero-padded to
-    powers of two >= 16. Returns o [B, H, NC, C, V] and the final states [B, Nb, H, K, V],
-    float32.
+    powers of two >= 16. Returns o [B, H, NC, C, V] in o_dtype (the caller's output dtype:
+    o rounded once, by the kernel, and half the bytes of float32 for 16-bit outputs, written
+    here and read by the layout move after; its cotangent arrives in the same dtype) and the
+    final states [B, Nb, H, K, V], float32.
     """
     B, H, NC, C, K = Qs.shape
     V = X.shape[-1]
@@ -500,6 +506,6 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config):
     h0 = _pad_to(_pad_to(h0.astype(jnp.float32), 3, Kp), 4, Vp)
     cfg = fit_launches(cfg, Z.shape[-2], 0 if W is None else W.shape[-2], Kp, Vp, rb)
     flat = lambda x: None if x is None else x.reshape((B * H,) + x.shape[2:])
-    o, finals = _state_pass(cfg, H, rb, *(flat(x) for x in (gamma, Z, W, X, Qs, O0)), h0, src,
-                            dst)
+    o, finals = _state_pass(cfg, H, rb, jnp.dtype(o_dtype),
+                            *(flat(x) for x in (gamma, Z, W, X, Qs, O0)), h0, src, dst)
     return o.reshape(B, H, NC, C, Vp)[..., :V], finals[..., :K, :V]
