@@ -1,10 +1,11 @@
 """Launch variants of the Pallas kernels, timed through whole ops: the phase-1 factors kernels
 (columns per program, warps; against XLA's phase 1), the state pass (Triton pipelining
-stages of the sequential forward and backward kernels) or the decayed products of per-channel
-decays (warps of the forward and backward kernels).
+stages of the sequential forward and backward kernels), its parallel gradient kernel (value
+columns per pass, warps, stages) or the decayed products of per-channel decays (warps of the
+forward and backward kernels).
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=src python benchmarks/launches_gpu.py \
-        [--kernels factors state_pass products] [--ops kda gated_delta_rule] [--out DIR]
+        [--kernels factors state_pass grads products] [--ops kda gated_delta_rule] [--out DIR]
 
 For each op at B=4, T=4096, H=16, K=V=128, bf16 (the inputs of ops_gpu.py), times forward and
 forward+backward of the GPU configuration with each variant swapped in. Prints a table and
@@ -36,8 +37,15 @@ FACTORS = {"64 columns, 4 warps / 4 warps": (64, (4, 1), (4, 1)),
            "64 columns, 8 / 8": (64, (8, 1), (8, 1)), "64 columns, 2 / 2": (64, (2, 1), (2, 1)),
            "32 columns, 4 / 4": (32, (4, 1), (4, 1)), "32 columns, 2 / 2": (32, (2, 1), (2, 1)),
            "128 columns, 8 / 8": (128, (8, 1), (8, 1))}
-# state_pass: name -> (forward stages, backward stages)
-STATE_PASS = {"stages 1 / 1": (1, 1), "stages 2 / 1": (2, 1), "stages 2 / 2": (2, 2)}
+# state_pass: name -> (forward stages, backward stages, value columns per program)
+STATE_PASS = {"stages 1 / 1": (1, 1, 64), "stages 2 / 1": (2, 1, 64),
+              "stages 2 / 2": (2, 2, 64), "stages 2 / 2, 32 columns": (2, 2, 32),
+              "stages 3 / 3, 32 columns": (3, 3, 32)}
+# grads: name -> (value columns per pass, warps, stages)
+GRADS = {"grads 64 columns, 4 warps, 2 stages": (64, 4, 2), "grads 64, 8, 2": (64, 8, 2),
+         "grads 64, 4, 1": (64, 4, 1), "grads 64, 4, 3": (64, 4, 3), "grads 32, 4, 2": (32, 4, 2),
+         "grads 32, 2, 2": (32, 2, 2), "grads 128, 4, 2": (128, 4, 2),
+         "grads 128, 8, 2": (128, 8, 2)}
 # products (per-channel decays): name -> (forward warps, backward warps)
 PRODUCTS = {"warps 2 / 4": (2, 4), "warps 4 / 4": (4, 4), "warps 2 / 8": (2, 8),
             "warps 4 / 8": (4, 8)}
@@ -56,10 +64,13 @@ def variants(kernels):
             out[name] = block, dataclasses.replace(gpu, factors=(Launch(None, *f),
                                                                   Launch(None, *b)))
     if "state_pass" in kernels:
-        for name, (f, b) in STATE_PASS.items():
+        for name, (f, b, bv) in STATE_PASS.items():
             out["state pass " + name] = BLOCK, dataclasses.replace(
-                gpu, fwd=dataclasses.replace(gpu.fwd, num_stages=f),
-                bwd=dataclasses.replace(gpu.bwd, num_stages=b))
+                gpu, fwd=dataclasses.replace(gpu.fwd, num_stages=f, block_v=bv),
+                bwd=dataclasses.replace(gpu.bwd, num_stages=b, block_v=bv))
+    if "grads" in kernels:
+        for name, launch in GRADS.items():
+            out[name] = BLOCK, dataclasses.replace(gpu, grads=Launch(*launch))
     if "products" in kernels:
         for name, (f, b) in PRODUCTS.items():
             out["products " + name] = BLOCK, dataclasses.replace(
@@ -69,7 +80,7 @@ def variants(kernels):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kernels", nargs="+", choices=("factors", "state_pass", "products"),
+    ap.add_argument("--kernels", nargs="+", choices=("factors", "state_pass", "grads", "products"),
                     default=["factors"])
     ap.add_argument("--ops", nargs="+", default=["kda", "gated_delta_rule"])
     ap.add_argument("--T", type=int, default=4096)

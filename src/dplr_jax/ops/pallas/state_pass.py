@@ -88,7 +88,8 @@ class Config:
     lax.Precision or a lax.DotAlgorithmPreset: on the GPU TF32_TF32_F32_X3, three tf32 passes,
     because Triton's IEEE float32 dot is ~200x slower); precision_16bit: for bf16/fp16 inputs
     (HIGH: tf32 on the GPU, bf16x3 on the TPU); fwd, bwd, grads: launch parameters of the
-    forward, the sequential backward and the parallel gradient kernel (its block_v unused);
+    forward, the sequential backward and the parallel gradient kernel (its block_v: the value
+    columns per pass, None: 64);
     products: (forward, backward) launch of phase 1's decayed-product kernels (decayed.py,
     "loop" form only), or None to leave them to XLA (engine.py); scalar_products: likewise
     for the products of scalar decays (one per token); factors: likewise for the rest of
@@ -388,9 +389,9 @@ def _grads(cfg, ins, rb):
               "dqs": ins["do"].shape[:3] + (K,), "dw": None if "w" not in ins else ins["w"].shape}
     names = _names(_GRAD_OUT, "w" in ins)
     spec = lambda shape: pl.BlockSpec((None, None) + shape[2:], lambda bh, c: (bh, c, 0, 0))
-    # Column blocks of 64 keep the GPU's tiles small; on the TPU a 64-lane slice of a
-    # 128-lane tile would cost relayouts, so it takes all of V at once.
-    bv = V if cfg.form == "grid" else min(V, 64)
+    # Column blocks (cfg.grads.block_v, None: 64) keep the GPU's tiles small; on the TPU a
+    # 64-lane slice of a 128-lane tile would cost relayouts, so it takes all of V at once.
+    bv = V if cfg.form == "grid" else min(V, cfg.grads.block_v or 64)
     kernel = functools.partial(_grads_kernel, names=tuple(ins) + names, rb=rb, bv=bv,
                                precision=cfg.precision)
     res = pl.pallas_call(
