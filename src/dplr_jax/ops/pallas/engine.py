@@ -66,8 +66,10 @@ def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config,
     if cfg.factors is not None and cfg.form == "loop":
         phase1 = functools.partial(_phase1, interpret=cfg.interpret, precision=cfg.precision,
                                    exact=exact, launch=cfg.factors)
-    # o leaves the state pass in the op's output dtype: 16-bit outputs are rounded there once.
-    o_dtype = inputs[0].dtype if sixteen_bit else jnp.float32
+    # o leaves the state pass in the op's output dtype (q's) where that is 16-bit: rounded
+    # there once. Otherwise float32, the kernels' accumulation dtype.
+    q_dtype = jnp.dtype(inputs[0].dtype)
+    o_dtype = q_dtype if q_dtype.itemsize == 2 else jnp.float32
     scan = functools.partial(_scan, cfg=cfg, o_dtype=o_dtype)
     if cfg.max_k is not None and _pow2(inputs[0].shape[-1]) > cfg.max_k:
         scan = None  # the state is too wide for the kernel: XLA's scan (chunked.py)
