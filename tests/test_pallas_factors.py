@@ -142,19 +142,18 @@ def test_ranks_match_xla_in_float64(form, decay, C, m, rk, rng, x64):
     """DPLR of ranks 2 and 4 (m probed keys, rk plain keys per token; rows token-major): every
     factor and input cotangent as chunk_factors, to rounding, hard resets, K = 100 padded."""
     xs = cast(chunk(rng, decay, C, 100, 48, True, form, m, rk), jnp.float64)
-    assert factors.takes(xs[0], xs[2], xs[5])
+    assert factors.takes(xs[2], xs[5])
     assert_float64_match(xs, cast(cotangents(rng, xs), jnp.float64))
 
 
 def test_which_forms_the_kernels_take():
     """1, 2 or 4 keys of each kind per token; beyond one, at most 128 rows per chunk."""
     x = lambda C, r: jnp.zeros((C, r, 8))
-    q = lambda C: jnp.zeros((C, 8))
-    assert factors.takes(q(256), x(256, 1), x(256, 1))
-    assert factors.takes(q(64), x(64, 2), None) and factors.takes(q(32), None, x(32, 4))
-    assert not factors.takes(q(64), x(64, 4), x(64, 1))  # 256 probed rows
-    assert not factors.takes(q(32), x(32, 3), x(32, 1))  # 96 rows: not a power of two
-    assert not factors.takes(q(32), x(32, 1), x(32, 8))
+    assert factors.takes(x(256, 1), x(256, 1))
+    assert factors.takes(x(64, 2), None) and factors.takes(None, x(32, 4))
+    assert not factors.takes(x(64, 4), x(64, 1))  # 256 probed rows
+    assert not factors.takes(x(32, 3), x(32, 1))  # 96 rows: not a power of two
+    assert not factors.takes(x(32, 1), x(32, 8))
 
 
 @pytest.mark.parametrize("form,decay", [("delta", "channel"), ("delta", "scalar"),

@@ -56,8 +56,13 @@ FP32_CASES = [
     ("kda", dict(K=24, V=40)),  # padded to 32 and 64 inside the kernel
     ("dplr", dict(R=2, Rkv=1)),
     ("dplr", dict(R=4, Rkv=2, decay=False)),  # 6 row blocks in the state pass, no log decay
+    # Virtual tokens: at chunk 16 every virtual token's output (8 query rows would be below
+    # the kernels' 16), at 32 and 64 only the last of each token's (16 query rows).
     ("hdla", {}),
+    ("hdla", dict(chunk=32)),
     ("gated_delta_product", dict(n=2)),
+    ("gated_delta_product", dict(n=2, chunk=32)),
+    ("gated_delta_product", dict(n=4, chunk=64, K=8, V=8)),
     ("gated_delta_product", dict(n=3, K=8, V=8)),  # virtual chunks split tokens' groups
 ]
 
@@ -67,13 +72,15 @@ FP32_CASES = [
 def test_float32_forward_and_gradients(case, rng, x64):
     """T = 50 with chunk 16 (T % C != 0), an initial state, every gradient, to 1e-5."""
     name, kw = case
+    kw = dict(kw)
+    chunk = kw.pop("chunk", 16)
     args = cast(make_inputs(name, rng, T=50, K=kw.pop("K", 16), V=kw.pop("V", 16), **kw),
                 jnp.float32)
     h0 = cast(make_state(args, rng), jnp.float32)
-    check_pallas_vjp(name, args, h0, rng, 1e-5, 1e-5, lambda _: 1e-5)
+    check_pallas_vjp(name, args, h0, rng, 1e-5, 1e-5, lambda _: 1e-5, chunk_size=chunk)
 
 
-@pytest.mark.parametrize("name", ["kda", "gla"])
+@pytest.mark.parametrize("name", ["kda", "gla", "hdla"])
 def test_bfloat16(name, rng, x64):
     args = cast(make_inputs(name, rng, T=100, K=16, V=32), jnp.bfloat16)
     h0 = cast(make_state(args, rng), jnp.float32)
@@ -85,6 +92,7 @@ VARLEN_CASES = [  # (op, dtype, hard resets with 10x gates)
     ("gated_delta_rule", jnp.float32, True),
     ("gla", jnp.float32, True),
     ("kda", jnp.bfloat16, True),
+    ("hdla", jnp.float32, True),  # chunks of 32 virtual tokens: 16 query rows
 ]
 
 
@@ -94,35 +102,40 @@ def test_varlen(case, rng, x64):
     """Packed sequences (one shorter than a chunk, one empty), grouped value heads where the
     op has them; strong: gates x10 and 5% of log decays -1000 (hard resets)."""
     name, dtype, strong = case
-    args = list(make_inputs(name, rng, B=1, T=70, K=16, V=16, G=1 if name == "gla" else 2))
+    grouped = name in ("kda", "gated_delta_rule")
+    args = list(make_inputs(name, rng, B=1, T=70, K=16, V=16, G=2 if grouped else 1))
     if strong:
         g = 10 * args[3]
         args[3] = np.where(rng.random(g.shape) < 0.05, -1000.0, g)
     args = cast(tuple(args), dtype)
     cu = jnp.array([0, 9, 9, 70], jnp.int32)
     h0 = cast(make_state(args, rng, N=3), jnp.float32)
+    chunk = 32 if name == "hdla" else 16
     if dtype == jnp.float32:
-        check_pallas_vjp(name, args, h0, rng, 1e-5, 1e-5, lambda _: 1e-5, cu_seqlens=cu)
+        check_pallas_vjp(name, args, h0, rng, 1e-5, 1e-5, lambda _: 1e-5, cu_seqlens=cu,
+                         chunk_size=chunk)
     else:
-        check_pallas_vjp(name, args, h0, rng, 5e-3, 5e-3, BF16_TOL.__getitem__, cu_seqlens=cu)
+        check_pallas_vjp(name, args, h0, rng, 5e-3, 5e-3, BF16_TOL.__getitem__, cu_seqlens=cu,
+                         chunk_size=chunk)
 
 
-@pytest.mark.parametrize("name", ["kda", "gla", "dplr"])
-def test_tpu_form_under_tpu_interpreter(name, rng, x64):
+@pytest.mark.parametrize("name,chunk", [("kda", 16), ("gla", 16), ("dplr", 16), ("hdla", 32)])
+def test_tpu_form_under_tpu_interpreter(name, chunk, rng, x64):
     """The Mosaic kernels (chunk axis on the grid, state in VMEM, resets in SMEM) run with TPU
-    semantics by the TPU interpreter and agree with the reference."""
+    semantics by the TPU interpreter and agree with the reference (hdla: one query row per
+    two virtual tokens)."""
     args = cast(make_inputs(name, rng, T=40, K=16, V=16), jnp.float32)
     h0 = cast(make_state(args, rng), jnp.float32)
     fn = engine.kernel(name, Config(form="grid", interpret=pltpu.InterpretParams()))
     o, S = jax.jit(lambda a, h: fn(*a, scale=0.25, initial_state=h, cu_seqlens=None,
-                                   chunk_size=16))(args, h0)
+                                   chunk_size=chunk))(args, h0)
     o_ref, S_ref = call(name, cast(args, jnp.float64), cast(h0, jnp.float64), scale=0.25,
                         backend="reference")
     assert_close(o, o_ref, 1e-5, "o")
     assert_close(S, S_ref, 1e-5, "final state")
     grad = lambda f: jax.jit(jax.grad(lambda a, h: jnp.sum(f(a, h)[0] ** 2), argnums=(0, 1)))
     g_tpu = grad(lambda a, h: fn(*a, scale=0.25, initial_state=h, cu_seqlens=None,
-                                 chunk_size=16))(args, h0)
+                                 chunk_size=chunk))(args, h0)
     g_ref = grad(lambda a, h: ops.OPS[name](*a, scale=0.25, initial_state=h,
                                             backend="reference"))(args, h0)
     for i, (a, b) in enumerate(zip(jax.tree.leaves(g_tpu), jax.tree.leaves(g_ref))):

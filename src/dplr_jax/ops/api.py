@@ -165,8 +165,8 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     accumulation dtype, scale q, build the op's form, run it (n virtual tokens per token for
     multi-factor ops, in chunks of chunk_size virtual tokens: phase 1 costs O(C) per virtual
     token, and the state pass's dots grow past C = 64; a chunk may split a token's virtual
-    group) and keep each token's last virtual output. bounded: the log decays are >=
-    chunked.MIN_BOUND (checked by the caller).
+    group) and read each token's output at its last virtual token. bounded: the log decays
+    are >= chunked.MIN_BOUND (checked by the caller).
     Returns o (accumulation dtype) and the final states."""
     dtype = acc_dtype(*inputs, initial_state)
     xs = _cast(inputs, dtype)
@@ -176,12 +176,18 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     h0 = _initial_state(initial_state, N, v.shape[2], q.shape[-1], v.shape[-1], dtype)
     form = forms.FORMS[name](*xs)
     n = form.n_virtual
-    o, S = chunked.chunked(*form.engine_inputs(), h0, chunk_size=chunk_size,
+    # Where n divides the chunk, a chunk holds whole tokens and the engine forms only the
+    # outputs read (one per token; at least 16 rows per chunk, the kernels' smallest tiles);
+    # otherwise every virtual token's, and keeps the last.
+    whole = chunk_size % n == 0 and chunk_size // n >= 16
+    q, *rest = form.engine_inputs()
+    o, S = chunked.chunked(q if whole else chunked.at_last(q, n, axis=1), *rest, h0,
+                           chunk_size=chunk_size,
                            cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
                            decayed=functools.partial(decayed or chunked.decayed_products,
                                                      bounded=bounded), scan=scan,
                            factors=factors)
-    if n > 1:
+    if not whole:
         o = o.reshape(o.shape[0], -1, n, *o.shape[2:])[:, :, -1]
     return o, S
 

@@ -201,6 +201,15 @@ def _saved(x):
     return checkpoint_name(x, SAVED)
 
 
+def at_last(q, n, axis=0):
+    """Queries of the last of every n tokens (forms.py's multi-factor ops' real tokens) ->
+    a query per token along `axis`, zeros at the others' (n - 1 rows before each)."""
+    if n == 1:
+        return q
+    x = jnp.stack([jnp.zeros_like(q)] * (n - 1) + [q], axis=axis + 1)
+    return x.reshape(q.shape[:axis] + (n * q.shape[axis],) + q.shape[axis + 1:])
+
+
 def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
     """One chunk of one head -> its transition in factored form, (gamma, Z, W, X, Qs, O0):
 
@@ -208,14 +217,17 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
 
     W' = [W; 0]: the probed rows (the first C*m of Z and X: E decayed to the chunk end, and
     their values X0) read the state through W; the plain rows (F decayed to the chunk end,
-    and V) do not. q [C, K]; g None, [C] or [C, K]; E, P [C, m, K] and y [C, m, V] (or None;
-    y None with E: zero values, which needs F); F [C, r, K] and Vk [C, r, V] (or None).
-    gamma [K]; Z [C*(m+r), K]; W [C*m, K] or None (no E); X [C*(m+r), V]; Qs [C, K]; O0
-    [C, V]. The Pallas state pass takes this form (its K x K transition matrix is never
-    formed); chunk_summary multiplies it out.
+    and V) do not. q [C / n, K]: the queries of the last of every n tokens (n = 1: all; the
+    multi-factor ops read only their real tokens' outputs, forms.py); g None, [C] or [C, K];
+    E, P [C, m, K] and y [C, m, V] (or None; y None with E: zero values, which needs F);
+    F [C, r, K] and Vk [C, r, V] (or None). gamma [K]; Z [C*(m+r), K]; W [C*m, K] or None
+    (no E); X [C*(m+r), V]; Qs [C / n, K]; O0 [C / n, V]. The Pallas state pass takes this
+    form (its K x K transition matrix is never formed); chunk_summary multiplies it out.
     decayed: the function for the intra-chunk products (the Pallas backend passes its kernels).
     """
-    C, K = q.shape
+    C, K = (E if E is not None else F).shape[0], q.shape[1]
+    n = C // q.shape[0]
+    q1 = at_last(q, n)[:, None, :]  # for the products (their rows n - 1, 2n - 1, ... kept)
     if g is None:
         e_q = e_prev = e_end = None
         gamma = jnp.ones((K,), q.dtype)
@@ -223,8 +235,7 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
         incl, excl, suffix = prefix_suffix(g)
         e_q, e_prev, e_end = jnp.exp(incl), jnp.exp(excl), jnp.exp(suffix)
         gamma = jnp.broadcast_to(e_q[-1], (K,))
-    q1 = q[:, None, :]
-    Qs = _rowscale(q1, e_q)[:, 0]
+    Qs = _rowscale(q[:, None, :], None if e_q is None else e_q[n - 1::n])[:, 0]
     O0 = 0.0
     Z, X, W = [], [], None
     if E is not None:
@@ -238,13 +249,13 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
             rhs = -PFV if y is None else y - PFV
         W = Tinv @ _rowscale(P, e_prev).reshape(C * m, K)
         X0 = Tinv @ rhs.reshape(C * m, -1)
-        QE = _saved(decayed(q1, E, g, probe=False)[:, 0].reshape(C, C * m))
+        QE = _saved(decayed(q1, E, g, probe=False)[n - 1::n, 0].reshape(C // n, C * m))
         Qs = Qs - QE @ W
         O0 = QE @ X0
         Z.append(_rowscale(E, e_end).reshape(C * m, K))
         X.append(X0)
     if F is not None:
-        QF = _saved(decayed(q1, F, g, probe=False)[:, 0])  # [C, C, r]
+        QF = _saved(decayed(q1, F, g, probe=False)[n - 1::n, 0])  # [C / n, C, r]
         O0 = O0 + jnp.einsum("tsi,siv->tv", QF, Vk)
         Z.append(_rowscale(F, e_end).reshape(-1, K))
         X.append(Vk.reshape(-1, Vk.shape[-1]))
@@ -271,16 +282,16 @@ def checkpointed(summary, *, decayed):
                           policy=jax.checkpoint_policies.save_only_these_names(SAVED))
 
 
-def _summaries(layout, summary, q, g, E, y, P, F, Vk):
-    """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...].
-    summary: a function of one chunk's (q, g, E, y, P, F, Vk)."""
-    def chunks(x):
+def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk):
+    """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...] (q in
+    q_layout's chunks). summary: a function of one chunk's (q, g, E, y, P, F, Vk)."""
+    def chunks(x, layout=layout):
         return None if x is None else jnp.moveaxis(layout.to_chunks(x), 3, 1)
 
     fn = summary
     for _ in range(3):
         fn = jax.vmap(fn)
-    return fn(*(chunks(x) for x in (q, g, E, y, P, F, Vk)))
+    return fn(chunks(q, q_layout), *(chunks(x) for x in (g, E, y, P, F, Vk)))
 
 
 def _scan_outputs(layout, M, Bc, Qs, O0, h0):
@@ -299,8 +310,10 @@ def _scan_outputs(layout, M, Bc, Qs, O0, h0):
 
 def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None,
             decayed=decayed_products, scan=None, factors=None):
-    """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype;
-    h0 [N, H, K, V]. Returns o [B, T, H, V] (unscaled) and final states [N, H, K, V].
+    """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype but q
+    [B, T / n, H, K]: the queries of the last of every n tokens (n = 1: every token; n must
+    divide chunk_size, so that a chunk holds whole groups); h0 [N, H, K, V]; cu_seqlens
+    multiples of n. Returns o [B, T / n, H, V] (unscaled) and final states [N, H, K, V].
 
     decayed(X, Y, g, probe) replaces phase 1's intra-chunk products (decayed_products), and
     scan(layout, factors, h0) -> (o, final states) phases 2+3 on the factored transitions
@@ -309,17 +322,23 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None,
     the delta family). Without scan, phase 1 multiplies the transitions out (chunk_summary)
     for XLA's scan (_scan_outputs).
     """
-    B, T = q.shape[:2]
+    B, T = (E if E is not None else F).shape[:2]
+    n = T // q.shape[1]
+    if n * q.shape[1] != T or chunk_size % n:
+        raise ValueError(f"chunked: q has {q.shape[1]} tokens for {T}: one per n tokens, "
+                         f"with n dividing chunk_size {chunk_size}")
     layout = ChunkLayout.make(B, T, chunk_size, cu_seqlens)
+    q_layout = layout if n == 1 else ChunkLayout.make(
+        B, T // n, chunk_size // n, None if cu_seqlens is None else cu_seqlens // n)
     inputs = (q, g, E, y, P, F, Vk)
     if scan is None:
-        M, Bc, Qs, O0 = _summaries(layout, checkpointed(chunk_summary, decayed=decayed),
-                                   *inputs)
+        M, Bc, Qs, O0 = _summaries(layout, q_layout,
+                                   checkpointed(chunk_summary, decayed=decayed), *inputs)
         o, S_in = _scan_outputs(layout, M, Bc, Qs, O0, h0)
         r, c = layout.final_row, layout.final_chunk
         finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
     else:
         summary = (checkpointed(chunk_factors, decayed=decayed) if factors is None
                    else functools.partial(factors, decayed=decayed))
-        o, finals = scan(layout, _summaries(layout, summary, *inputs), h0)
-    return layout.from_chunks(jnp.moveaxis(o, 1, 3)), finals
+        o, finals = scan(layout, _summaries(layout, q_layout, summary, *inputs), h0)
+    return q_layout.from_chunks(jnp.moveaxis(o, 1, 3)), finals

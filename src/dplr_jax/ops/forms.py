@@ -3,7 +3,8 @@
 Inputs arrive validated, in the accumulation dtype, q already scaled; q and k are repeated
 to the value heads. An op whose token applies several factors (HDLA's two Householders,
 Gated DeltaProduct's n) becomes n virtual tokens per token, each a delta-rule step; its
-output is read at the last one. `Form.n_virtual` says how many.
+output is read at the last one, so q keeps one row per token (the query of its last virtual
+token; the others' outputs are never formed). `Form.n_virtual` says how many.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def hdla(q, k, v, g, beta):
     S <- S + (b k)(0 - k^T S)^T, then S <- Diag(l) S + k (v - (b l k)^T S)^T."""
     zero = jnp.zeros_like
     bk = beta[..., None] * k
-    return Form(q=_interleave(zero(q), q), g=_interleave(zero(g), g),
+    return Form(q=q, g=_interleave(zero(g), g),
                 E=_one(_interleave(bk, k)), y=_one(_interleave(zero(v), v)),
                 P=_one(_interleave(k, bk * jnp.exp(g))), n_virtual=2)
 
@@ -79,11 +80,9 @@ def hdla(q, k, v, g, beta):
 def gated_delta_product(q, k, v, g, beta):
     """Per token: decay, then n delta-rule steps (k_j, v_j, beta_j): n virtual tokens."""
     n = k.shape[3]
-    zq, zg = jnp.zeros_like(q), jnp.zeros_like(g)
-    qs = [zq] * (n - 1) + [q]
-    gs = [g] + [zg] * (n - 1)
+    gs = [g] + [jnp.zeros_like(g)] * (n - 1)
     decay = [jnp.exp(g)[..., None]] + [1.0] * (n - 1)
-    return Form(q=_interleave(*qs), g=_interleave(*gs),
+    return Form(q=q, g=_interleave(*gs),
                 E=_one(_interleave(*[beta[..., j, None] * k[..., j, :] for j in range(n)])),
                 y=_one(_interleave(*[v[..., j, :] for j in range(n)])),
                 P=_one(_interleave(*[k[..., j, :] * decay[j] for j in range(n)])), n_virtual=n)

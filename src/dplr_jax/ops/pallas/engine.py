@@ -47,7 +47,7 @@ def _phase1(q, g, E, y, P, F, Vk, *, decayed, **kernel):
     """Phase 1 of one chunk: in the kernels of factors.py where they take the form (one key
     of each kind per token, or DPLR of rank 2 or 4 in chunks of at most 128 rows:
     factors.takes), otherwise in XLA (chunked.chunk_factors)."""
-    if factors.takes(q, E, F):
+    if factors.takes(E, F):
         return factors.low_rank_factors(q, g, E, y, P, F, Vk, decayed=decayed, **kernel)
     return chunked.checkpointed(chunked.chunk_factors, decayed=decayed)(q, g, E, y, P, F, Vk)
 

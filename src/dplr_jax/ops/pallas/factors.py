@@ -67,6 +67,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from dplr_jax.ops import chunked
 from dplr_jax.ops.chunked import SUB
 from dplr_jax.ops.pallas.decayed import _iota
 from dplr_jax.ops.pallas.state_pass import Launch, _dot, _exp, _mask_dot, _pad_to, _pow2
@@ -91,10 +92,22 @@ def _masks(rows, C, per):
     return u <= t, u < t, u > t
 
 
-def _pairs(shape, per_row, per_col, strict):
+def _query_tokens(shape, every):
+    """The token of each row of a [rows, ...] query-side tile: the last of every `every`."""
+    return _iota(shape, 0) * every + every - 1
+
+
+def _prefix_mask(fm):
+    """[query row, u] mask of the tokens u <= the row's token: the queries' inclusive sums."""
+    return _iota((fm.C // fm.n, fm.C), 1) <= _query_tokens((fm.C // fm.n, fm.C), fm.n)
+
+
+def _pairs(shape, per_row, per_col, strict, every=1):
     """[row, col] mask of the pairs of a C x C product of ranks (per_row, per_col) that may be
-    nonzero: key token <= query token (< if strict, the probes')."""
-    t, s = _iota(shape, 0) // per_row, _iota(shape, 1) // per_col
+    nonzero: key token <= query token (< if strict, the probes'). every: the query rows are
+    one per `every` tokens (per_row 1), the last of each."""
+    t = _query_tokens(shape, every) if every > 1 else _iota(shape, 0) // per_row
+    s = _iota(shape, 1) // per_col
     return s < t if strict else s <= t
 
 
@@ -120,18 +133,19 @@ def _blocks(Kp, Vp):
 
 class _Form(NamedTuple):
     """A chunk's shape in the kernel: C tokens, m probed and rk plain keys per token (0: the
-    form has none; rows token-major), and the rows of Z and X the probed and plain rows
-    take."""
+    form has none; rows token-major), queries of one token in n (the last of each n: C / n
+    query rows), and the rows of Z and X the probed and plain rows take."""
 
     C: int
     m: int
     rk: int
+    n: int
 
     @staticmethod
-    def of(r):
-        C = r["q"].shape[0]
+    def of(r, n):
+        C = r["q"].shape[0] * n
         return _Form(C, r["e"].shape[0] // C if "e" in r else 0,
-                     r["f"].shape[0] // C if "f" in r else 0)
+                     r["f"].shape[0] // C if "f" in r else 0, n)
 
     @property
     def e_rows(self):
@@ -149,7 +163,7 @@ def _decays(r, fm, decay, ks, exact):
     if decay is None:
         return None, None, None, None, None
     g = r["g"][:, ks] if decay == "channel" else r["g"][...]
-    incl = _token_sums(_masks(fm.C, fm.C, 1)[0], g, decay, exact)
+    incl = _token_sums(_prefix_mask(fm), g, decay, exact)
     excl = suffix_e = suffix_f = None
     if fm.m:
         _, before, after = _masks(fm.C * fm.m, fm.C, fm.m)
@@ -173,9 +187,9 @@ def _rhs(r, vs, Vk, precision):
 # cotangents (sums over columns) come out per program for XLA to add. Whole chunks per
 # program (all columns in one, [64, 128] float32 tiles) took 1.7 ms forward and 5.8 backward
 # for kda on the H100, with columns looped inside one program 1.8 and 7.6 (8 warps).
-def _forward_kernel(*refs, names, decay, precision, exact):
+def _forward_kernel(*refs, names, n, decay, precision, exact):
     r = dict(zip(names, refs))
-    fm = _Form.of(r)
+    fm = _Form.of(r, n)
     bk, bv, nk, _ = _blocks(r["q"].shape[1], r["o0"].shape[1])
     j = pl.program_id(0)
 
@@ -213,10 +227,10 @@ def _forward_kernel(*refs, names, decay, precision, exact):
         r["o0"][:, vs] = O0.astype(r["o0"].dtype)
 
 
-def _backward_kernel(*refs, names, decay, precision, exact):
+def _backward_kernel(*refs, names, n, decay, precision, exact):
     r = dict(zip(names, refs))
-    fm = _Form.of(r)
-    C, m, rk = fm
+    fm = _Form.of(r, n)
+    C, m, rk, _ = fm
     bk, bv, nk, _ = _blocks(r["q"].shape[1], r["do0"].shape[1])
     j = pl.program_id(0)
 
@@ -225,7 +239,7 @@ def _backward_kernel(*refs, names, decay, precision, exact):
         r[name][pl.ds(program * rows, rows), :] = jnp.where(mask, d, 0.0).astype(r[name].dtype)
 
     def probed_partials(dQE, dL):
-        partial("dqe", dQE, _pairs(dQE.shape, 1, m, False), j)
+        partial("dqe", dQE, _pairs(dQE.shape, 1, m, False, n), j)
         partial("dl", -dL, _pairs(dL.shape, m, m, True), j)
 
     @pl.when(j < nk)
@@ -236,7 +250,7 @@ def _backward_kernel(*refs, names, decay, precision, exact):
         dq = _scaled(dQs, incl)
         r["dq"][:, ks] = dq.astype(r["dq"].dtype)
         # The log decays' terms, each with the mask of the sums its exponent is made of.
-        parts = [(_masks(C, C, 1)[0], dq * r["q"][:, ks])]
+        parts = [(_prefix_mask(fm), dq * r["q"][:, ks])]
         if m:
             Tinv, P = r["ti"][...], r["p"][:, ks]
             W = _dot(Tinv, _scaled(P, excl), precision)
@@ -276,7 +290,7 @@ def _backward_kernel(*refs, names, decay, precision, exact):
             Vk = r["vk"][:, vs]
             dVk = _dot(r["qf"][...], dO0, precision, trans_a=True)
             dQF = _dot(dO0, Vk, precision, trans_b=True)
-            partial("dqf", dQF, _pairs(dQF.shape, 1, rk, False), j - nk)
+            partial("dqf", dQF, _pairs(dQF.shape, 1, rk, False, n), j - nk)
         if m:
             Tinv = r["ti"][...]
             X0 = _dot(Tinv, _rhs(r, vs, Vk, precision), precision)
@@ -372,23 +386,23 @@ def _inverse(L, cfg):
                           name="dplr_ut_inverse")(L)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
-def _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg):
-    return _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12))
+def _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n):
+    return _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n)[0]
 
 
-def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg):
-    C, K = q.shape
+def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n):
+    Cq, K = q.shape  # query rows: one token in n
     V = (y if Vk is None else Vk).shape[-1]
     ne, nf = (0 if x is None else x.shape[0] for x in (E, F))  # probed and plain rows
     Tinv = None if E is None else _inverse(L, cfg)
     res = (q, g, E, y, P, QE, Tinv, F, Vk, QF, PF)
     names, ins, Kp, Vp = _kernel_inputs(*res)
     f = lambda *s: jax.ShapeDtypeStruct(s, q.dtype)
-    outs = {"gam": f(1, Kp), "z": f(ne + nf, Kp), "qs": f(C, Kp), "o0": f(C, Vp)}
+    outs = {"gam": f(1, Kp), "z": f(ne + nf, Kp), "qs": f(Cq, Kp), "o0": f(Cq, Vp)}
     if ne:
         outs.update(w=f(ne, Kp), x=f(ne + nf, Vp))
-    kernel = functools.partial(_forward_kernel, names=names + tuple(outs),
+    kernel = functools.partial(_forward_kernel, names=names + tuple(outs), n=n,
                                decay=_decay_mode(g), precision=cfg.precision, exact=cfg.exact)
     got = dict(zip(outs, _launch(kernel, ins, list(outs.values()), cfg.interpret, cfg.fwd,
                                  Kp, Vp, "dplr_factors_fwd")))
@@ -399,9 +413,10 @@ def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg):
     return out, res
 
 
-def _tail_bwd(cfg, res, cts):
+def _tail_bwd(cfg, n, res, cts):
     q, g, E, y, P, QE, Tinv, F, Vk, QF, PF = res
-    C, K = q.shape
+    Cq, K = q.shape
+    C = Cq * n  # tokens
     V = (y if Vk is None else Vk).shape[-1]
     ne, nf = (0 if x is None else x.shape[0] for x in (E, F))
     names, ins, Kp, Vp = _kernel_inputs(*res)
@@ -410,23 +425,23 @@ def _tail_bwd(cfg, res, cts):
     pv = lambda x: _pad_to(x, 1, Vp)
     cts = {"dgam": pk(dgam[None, :]), "dz": pk(dZ), "dw": pk(dW) if ne else None,
            "dx": pv(dX) if ne else None, "dqs": pk(dQs), "do0": pv(dO0)}
-    cts = {n: x for n, x in cts.items() if x is not None}
+    cts = {name: x for name, x in cts.items() if x is not None}
     f = lambda *s: jax.ShapeDtypeStruct(s, q.dtype)
-    _, _, nk, n = _blocks(Kp, Vp)
+    _, _, nk, progs = _blocks(Kp, Vp)
     decay = _decay_mode(g)
     # The C x C cotangents as [programs * rows, columns], one block of rows per program.
-    outs = {"dq": f(C, Kp)}
+    outs = {"dq": f(Cq, Kp)}
     if ne:
-        outs.update(de=f(ne, Kp), dp=f(ne, Kp), dl=f(n * ne, ne), dqe=f(n * C, ne))
+        outs.update(de=f(ne, Kp), dp=f(ne, Kp), dl=f(progs * ne, ne), dqe=f(progs * Cq, ne))
         if y is not None:
             outs["dy"] = f(ne, Vp)
     if nf:
-        outs.update(df=f(nf, Kp), dvk=f(nf, Vp), dqf=f((n - nk) * C, nf))
+        outs.update(df=f(nf, Kp), dvk=f(nf, Vp), dqf=f((progs - nk) * Cq, nf))
         if ne:
-            outs["dpf"] = f((n - nk) * ne, nf)
+            outs["dpf"] = f((progs - nk) * ne, nf)
     if decay is not None:
         outs["dg"] = f(C, Kp) if decay == "channel" else f(nk, C)
-    kernel = functools.partial(_backward_kernel, names=names + tuple(cts) + tuple(outs),
+    kernel = functools.partial(_backward_kernel, names=names + tuple(cts) + tuple(outs), n=n,
                                decay=decay, precision=cfg.precision, exact=cfg.exact)
     got = dict(zip(outs, _launch(kernel, ins + tuple(cts.values()), list(outs.values()),
                                  cfg.interpret, cfg.bwd, Kp, Vp, "dplr_factors_bwd")))
@@ -442,8 +457,8 @@ def _tail_bwd(cfg, res, cts):
     dVk = None
     if nf:  # plain values without probed keys are X itself: dX reaches them directly
         dVk = got["dvk"][:, :V] + (0.0 if ne else dX)
-    return (key("dq"), dg, key("de"), dy, key("dp"), total("dl", ne), total("dqe", C),
-            key("df"), dVk, total("dqf", C), total("dpf", ne))
+    return (key("dq"), dg, key("de"), dy, key("dp"), total("dl", ne), total("dqe", Cq),
+            key("df"), dVk, total("dqf", Cq), total("dpf", ne))
 
 
 _tail.defvjp(_tail_fwd, _tail_bwd)
@@ -452,31 +467,35 @@ RANKS = (1, 2, 4)  # keys of each kind per token the kernels take (tile rows: po
 MAX_ROWS = 128  # probed or plain rows per chunk beyond one key per token
 
 
-def takes(q, E, F):
-    """Whether the kernels take a chunk's form: q [C, K], E and F [C, rank, K] or None. One key
-    per token at any chunk size (the delta family, GLA, rank-1 DPLR); 2 or 4 keys per token
-    (DPLR's ranks) up to MAX_ROWS rows (C x C x rank^2 float32 products and inverse on chip:
-    at C = 64 that is rank 2)."""
-    C = q.shape[0]
+def takes(E, F):
+    """Whether the kernels take a chunk's form: E and F [C, rank, K] or None. One key per token
+    at any chunk size (the delta family, GLA, rank-1 DPLR); 2 or 4 keys per token (DPLR's
+    ranks) up to MAX_ROWS rows (C x C x rank^2 float32 products and inverse on chip: at C = 64
+    that is rank 2)."""
+    C = (E if E is not None else F).shape[0]
     ranks = [x.shape[1] for x in (E, F) if x is not None]
     return all(r in RANKS and (r == 1 or C * r <= MAX_ROWS) for r in ranks)
 
 
 def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, interpret, precision, exact, launch):
-    """chunked.chunk_factors for one chunk of a form the kernels take (`takes`): E, y, P
-    [C, m, ...] or None, F, Vk [C, rk, ...] or None, not both None; the intra-chunk products
-    from `decayed`, the rest in the kernels above. launch: (forward, backward) Launch."""
-    C = q.shape[0]
+    """chunked.chunk_factors for one chunk of a form the kernels take (`takes`): q [C / n, K]
+    (the last of every n tokens' queries), E, y, P [C, m, ...] or None, F, Vk [C, rk, ...]
+    or None, not both None; the intra-chunk products from `decayed`, the rest in the kernels
+    above. launch: (forward, backward) Launch."""
+    C = (E if E is not None else F).shape[0]
+    n = C // q.shape[0]
     m, rk = (0 if x is None else x.shape[1] for x in (E, F))
 
     def products(q, g, E, P, F):
-        def one(X, Y, probe, a, b):  # [C * a, K] and [C * b, K] -> [C or C * a, C * b]
+        def one(X, Y, probe, a, b, rows=slice(None)):  # [C * a, K], [C * b, K] -> [., C * b]
             if X is None or Y is None:
                 return None
             D = decayed(X.reshape(C, a, -1), Y.reshape(C, b, -1), g, probe)
-            return D.reshape(C * a, C * b)
-        return (one(P, E, True, m, m), one(q, E, False, 1, m), one(q, F, False, 1, rk),
-                one(P, F, True, m, rk))
+            return D[rows].reshape(-1, C * b)
+
+        q = chunked.at_last(q, n)  # the query rows' products kept: every n-th from n - 1
+        return (one(P, E, True, m, m), one(q, E, False, 1, m, slice(n - 1, None, n)),
+                one(q, F, False, 1, rk, slice(n - 1, None, n)), one(P, F, True, m, rk))
 
     # Rematerialized in the backward pass, not saved: XLA's products (per-token or no decay)
     # would keep their C x C intermediates (2.9x the residual bytes of XLA's checkpointed
@@ -488,4 +507,5 @@ def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, interpret, precision, exa
     E, y, P, F, Vk = map(flat, (E, y, P, F, Vk))
     L, QE, QF, PF = jax.checkpoint(products, policy=jax.checkpoint_policies.nothing_saveable)(
         q, g, E, P, F)
-    return _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, _Cfg(interpret, precision, exact, *launch))
+    return _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, _Cfg(interpret, precision, exact, *launch),
+                 n)

@@ -178,7 +178,8 @@ def _row_blocks(r, rb, probed_only=False):
 
 
 def _query_blocks(C, rb):
-    """Static blocks of rb of a chunk's C query rows (of Qs, o, do)."""
+    """Static blocks of (at most) rb of a chunk's C query rows (of Qs, o, do)."""
+    rb = min(rb, C)
     return [pl.ds(i, rb) for i in range(0, C, rb)]
 
 
@@ -483,9 +484,9 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config, o_dtype=jnp.fl
     Qs, O0, h0).
 
     gamma [B, H, NC, K], Z [B, H, NC, n, K], W [B, H, NC, ne, K] or None, X [B, H, NC, n, V],
-    Qs [B, H, NC, C, K], O0 [B, H, NC, C, V] (float32; chunked.chunk_factors per chunk; n and
-    ne multiples of min(C, 64)); h0 [B, Nb, H, K, V] the initial states that batch row b can
-    load; src [B, NC] int32: the index into h0[b] that chunk c resets to, or -1 (no reset;
+    Qs [B, H, NC, C, K], O0 [B, H, NC, C, V] (float32; chunked.chunk_factors per chunk; C
+    query rows, n and ne multiples of 16); h0 [B, Nb, H, K, V] the initial states that batch
+    row b can load; src [B, NC] int32: the index into h0[b] that chunk c resets to, or -1 (no reset;
     chunk 0 of every row must reset); dst [B, NC] int32: the index into the final states of
     row b that the state leaving chunk c is written to, or -1 (the engine names each
     sequence's last chunk; an index no chunk names stays zero). K and V are zero-padded to
@@ -497,10 +498,13 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config, o_dtype=jnp.fl
     B, H, NC, C, K = Qs.shape
     V = X.shape[-1]
     Kp, Vp = _pow2(K), _pow2(V)
-    rb = min(C, 64)
-    if Z.shape[-2] % rb or (W is not None and W.shape[-2] % rb):
+    # Rows per block: 64, or the largest power of two dividing the rows of Z and W (the
+    # chunk's tokens C, or C * rank, when C < 64).
+    rb = min([64] + [x.shape[-2] & -x.shape[-2] for x in (Z, W) if x is not None])
+    if rb < 16 or C % min(rb, C):
         raise ValueError(f"state_pass: rows of Z {Z.shape} and W "
-                         f"{None if W is None else W.shape} must be multiples of {rb}")
+                         f"{None if W is None else W.shape} must be multiples of 16, and "
+                         f"Qs's {C} rows a multiple of the block {rb} or less")
     gamma = _pad_to(gamma, 3, Kp)[..., None]
     Z, W, Qs = (_pad_to(x, 4, Kp) for x in (Z, W, Qs))
     X, O0 = _pad_to(X, 4, Vp), _pad_to(O0, 4, Vp)
