@@ -4,7 +4,8 @@ Inputs arrive validated, in the accumulation dtype, q already scaled; q and k ar
 to the value heads. An op whose token applies several factors (HDLA's two Householders,
 Gated DeltaProduct's n) becomes n virtual tokens per token, each a delta-rule step; its
 output is read at the last one, so q keeps one row per token (the query of its last virtual
-token; the others' outputs are never formed). `Form.n_virtual` says how many.
+token: api.run_chunked forms only those outputs where each chunk holds whole tokens).
+`Form.n_virtual` says how many.
 """
 
 from __future__ import annotations

@@ -486,8 +486,8 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config, o_dtype=jnp.fl
     gamma [B, H, NC, K], Z [B, H, NC, n, K], W [B, H, NC, ne, K] or None, X [B, H, NC, n, V],
     Qs [B, H, NC, C, K], O0 [B, H, NC, C, V] (float32; chunked.chunk_factors per chunk; C
     query rows, n and ne multiples of 16); h0 [B, Nb, H, K, V] the initial states that batch
-    row b can load; src [B, NC] int32: the index into h0[b] that chunk c resets to, or -1 (no reset;
-    chunk 0 of every row must reset); dst [B, NC] int32: the index into the final states of
+    row b can load; src [B, NC] int32: the index into h0[b] that chunk c resets to, or -1 (no
+    reset; chunk 0 of every row must reset); dst [B, NC] int32: the index into the final states of
     row b that the state leaving chunk c is written to, or -1 (the engine names each
     sequence's last chunk; an index no chunk names stays zero). K and V are zero-padded to
     powers of two >= 16. Returns o [B, H, NC, C, V] in o_dtype (the caller's output dtype:
