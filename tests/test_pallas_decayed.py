@@ -94,6 +94,27 @@ def test_scalar_decays_match_xla_in_float64(probe, C, a, b, K, strong, rng, x64)
 
 
 @pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
+@pytest.mark.parametrize("scalar", [False, True], ids=["channel", "scalar"])
+@pytest.mark.parametrize("n", [2, 4])
+def test_rows_of_every_nth_token(n, scalar, probe, rng, x64):
+    """X with the rows of the last of every n tokens only (the multi-factor ops' queries; the
+    scalar kernel takes them as they are, the per-channel ones one row per token): the rows
+    n - 1, 2n - 1, ... of the product whose other rows of X are zero; hard resets."""
+    X, Y, g = cast(chunk(rng, C=64, K=40, strong=True, scalar=scalar), jnp.float64)
+    X = X[n - 1::n]
+    ct = jnp.asarray(rng.standard_normal((64 // n, 1, 64, 1)))
+    full = lambda X, Y, g: chunked.decayed_products(
+        jnp.zeros((64,) + X.shape[1:], X.dtype).at[n - 1::n].set(X), Y, g, probe)[n - 1::n]
+    ref = value_and_pullback(full, (X, Y, g), ct)
+    for fn in (KERNEL, chunked.decayed_products):
+        got = jax.jit(lambda ct, *x: value_and_pullback(
+            lambda *y: fn(*y, probe), x, ct))(ct, X, Y, g)
+        for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
+            assert u.shape == v.shape
+            assert_close(u, v, 1e-12, name)
+
+
+@pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
 @pytest.mark.parametrize("C,a,b,K", [(64, 1, 1, 32), (32, 2, 1, 40), (16, 1, 3, 16)])
 @pytest.mark.parametrize("impl", ["pallas", "xla"])
 def test_bounded_path_matches_exact_in_float64(impl, probe, C, a, b, K, rng, x64):

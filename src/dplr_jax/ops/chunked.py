@@ -152,14 +152,28 @@ def bounded_factors(X, Y, g, probe, axis=0):
     return (X * jnp.exp(pre - mid)[..., None, :], Y * jnp.exp(mid - incl)[..., None, :])
 
 
+def at_last(q, n, axis=0):
+    """Queries of the last of every n tokens (forms.py's multi-factor ops' real tokens) ->
+    a query per token along `axis`, zeros at the others' (n - 1 rows before each)."""
+    if n == 1:
+        return q
+    x = jnp.stack([jnp.zeros_like(q)] * (n - 1) + [q], axis=axis + 1)
+    return x.reshape(q.shape[:axis] + (n * q.shape[axis],) + q.shape[axis + 1:])
+
+
 def decayed_products(X, Y, g, probe, bounded=False):
     """Out[t,a,s,b] = sum_k X[t,a,k] Y[s,b,k] exp(sum_{s<u<=t} g[u,k]) for s <= t.
 
     With probe=True the decay runs to t - 1 and only s < t is kept (a probe reads the state
     before token t's decay). X [C, a, K], Y [C, b, K]; g per-token log decays: None, [C]
     or [C, K]. Masked entries are exactly zero. bounded: the caller guarantees g >= MIN_BOUND
-    (the ops' log_decay_lower_bound), which allows the faster diagonal blocks.
+    (the ops' log_decay_lower_bound), which allows the faster diagonal blocks. X may hold
+    only the rows of the last of every n tokens, [C / n, a, K] (forms.py's multi-factor ops'
+    queries); Out then has those rows.
     """
+    n = Y.shape[0] // X.shape[0]
+    if n > 1:
+        return decayed_products(at_last(X, n), Y, g, probe, bounded)[n - 1::n]
     C = X.shape[0]
     t = jnp.arange(C)
     mask = (t[:, None] > t[None, :]) if probe else (t[:, None] >= t[None, :])
@@ -201,15 +215,6 @@ def _saved(x):
     return checkpoint_name(x, SAVED)
 
 
-def at_last(q, n, axis=0):
-    """Queries of the last of every n tokens (forms.py's multi-factor ops' real tokens) ->
-    a query per token along `axis`, zeros at the others' (n - 1 rows before each)."""
-    if n == 1:
-        return q
-    x = jnp.stack([jnp.zeros_like(q)] * (n - 1) + [q], axis=axis + 1)
-    return x.reshape(q.shape[:axis] + (n * q.shape[axis],) + q.shape[axis + 1:])
-
-
 def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
     """One chunk of one head -> its transition in factored form, (gamma, Z, W, X, Qs, O0):
 
@@ -227,7 +232,6 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
     """
     C, K = (E if E is not None else F).shape[0], q.shape[1]
     n = C // q.shape[0]
-    q1 = at_last(q, n)[:, None, :]  # for the products (their rows n - 1, 2n - 1, ... kept)
     if g is None:
         e_q = e_prev = e_end = None
         gamma = jnp.ones((K,), q.dtype)
@@ -235,7 +239,8 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
         incl, excl, suffix = prefix_suffix(g)
         e_q, e_prev, e_end = jnp.exp(incl), jnp.exp(excl), jnp.exp(suffix)
         gamma = jnp.broadcast_to(e_q[-1], (K,))
-    Qs = _rowscale(q[:, None, :], None if e_q is None else e_q[n - 1::n])[:, 0]
+    q1 = q[:, None, :]
+    Qs = _rowscale(q1, None if e_q is None else e_q[n - 1::n])[:, 0]
     O0 = 0.0
     Z, X, W = [], [], None
     if E is not None:
@@ -249,13 +254,13 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
             rhs = -PFV if y is None else y - PFV
         W = Tinv @ _rowscale(P, e_prev).reshape(C * m, K)
         X0 = Tinv @ rhs.reshape(C * m, -1)
-        QE = _saved(decayed(q1, E, g, probe=False)[n - 1::n, 0].reshape(C // n, C * m))
+        QE = _saved(decayed(q1, E, g, probe=False)[:, 0].reshape(C // n, C * m))
         Qs = Qs - QE @ W
         O0 = QE @ X0
         Z.append(_rowscale(E, e_end).reshape(C * m, K))
         X.append(X0)
     if F is not None:
-        QF = _saved(decayed(q1, F, g, probe=False)[n - 1::n, 0])  # [C / n, C, r]
+        QF = _saved(decayed(q1, F, g, probe=False)[:, 0])  # [C / n, C, r]
         O0 = O0 + jnp.einsum("tsi,siv->tv", QF, Vk)
         Z.append(_rowscale(F, e_end).reshape(-1, K))
         X.append(Vk.reshape(-1, Vk.shape[-1]))

@@ -61,7 +61,11 @@ Scalar decays (one per token: gated_delta_rule, gated_delta_product) need no sub
 chunk's pairwise decay sums S [C, C] are one scan over t of the masked per-token decays
 (sums of the tokens each covers), D = (X Y^T) e^S is one dot, and the backward is three
 dots with the log decays' gradient formed in the kernel (a 0/1 dot over s, a masked sum
-over t; one program per 64 key columns, XLA adds their shares). On the H100 (kda's L shape,
+over t; one program per 64 key columns, XLA adds their shares). Where X holds only the
+rows of every n-th token (the multi-factor ops' queries, chunked.decayed_products), the
+scalar kernels take those rows as they are, the decay factors' rows picked out of the
+chunk's scan by a one-hot 0/1 dot; the per-channel kernels take a query per token
+(zeros between) and keep every n-th row. On the H100 (kda's L shape,
 4 warps): 0.15 ms forward against XLA's 0.27, 0.59 forward+backward against 0.68; Gated
 DeltaNet 2.43 -> 2.21 ms forward, 7.60 -> 6.95 forward+backward in one device call
 (benchmarks/NOTES.md).
@@ -350,27 +354,41 @@ def _acc(ref):
     return jnp.promote_types(ref.dtype, jnp.float32)  # float32 (float64 in interpret mode)
 
 
-def _scalar_decays(g_row, probe):
+def _scalar_decays(g_row, probe, every, exact):
     """[t, s] factors e^{S[t, s]} of a chunk's pairs for scalar log decays g_row [1, C], S the
     sum of g_u over s < u <= t (probe: s < u <= t - 1) by a scan over t (sums of the tokens
-    each covers), 0 off the pairs (s <= t; probe s < t)."""
+    each covers), 0 off the pairs (s <= t; probe s < t). every > 1: only the rows of the
+    last of every `every` tokens, [C / every, C], picked by a one-hot 0/1 dot at float32
+    accuracy (`exact`; Triton has no strided slice of a value)."""
     C = g_row.shape[1]
     t, s = _iota((C, C), 0), _iota((C, C), 1)
     p = 1 if probe else 0
     g_t = jnp.sum(jnp.where(s == t - p, g_row, 0.0), axis=1, keepdims=True)  # g[t - p]
     S = jnp.cumsum(jnp.where(t > s + p, g_t, 0.0), axis=0)
-    return jnp.where(t >= s + p, _exp(S), 0.0)
+    W = jnp.where(t >= s + p, _exp(S), 0.0)
+    if every == 1:
+        return W
+    shape = (C // every, C)
+    return _mask_dot(_iota(shape, 1) == _tokens(shape, every), W, exact)
 
 
-def _scalar_forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision):
-    """Scalar decays: the whole chunk as one dot X Y^T times the pairs' decay factors."""
-    W = _scalar_decays(g_ref[...].astype(_acc(x_ref)), probe)
+def _tokens(shape, every):
+    """The token of each row of a [rows, ...] tile whose rows are the last of every `every`
+    tokens (1: every token)."""
+    return _iota(shape, 0) * every + every - 1
+
+
+def _scalar_forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision, exact):
+    """Scalar decays: the whole chunk as one dot X Y^T times the pairs' decay factors (X may
+    hold only the rows of every n-th token: chunked.decayed_products)."""
+    every = y_ref.shape[0] // x_ref.shape[0]
+    W = _scalar_decays(g_ref[...].astype(_acc(x_ref)), probe, every, exact)
     d_ref[...] = (_dot(x_ref[...], y_ref[...], precision, trans_b=True) * W).astype(
         d_ref.dtype)
 
 
 def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref, *, probe,
-                            precision):
+                            precision, exact):
     """One program per block of _SCALAR_BLOCK key columns: its columns of dX = (dD e^S) Y and
     dY = (dD e^S)^T X, and its share [1, C] of the log decays' gradient, dg_u = the sum of dD D
     over the pairs whose decay spans u (s < u <= t; probe t - 1; D = X Y^T e^S is a sum over
@@ -378,18 +396,20 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
     pairs without decay stay out of that sum (they span no token; their float32 rounding
     would enter it as a difference of large terms)."""
     f = _acc(x_ref)
-    C, K = x_ref.shape
+    (rows, K), C = x_ref.shape, y_ref.shape[0]
+    every = C // rows
     kb = min(_SCALAR_BLOCK, K)
     j = pl.program_id(0)
     cols = pl.ds(j * kb, kb)
     X, Y = x_ref[:, cols], y_ref[:, cols]
-    A = dd_ref[...].astype(f) * _scalar_decays(g_ref[...].astype(f), probe)
+    A = dd_ref[...].astype(f) * _scalar_decays(g_ref[...].astype(f), probe, every, exact)
     dx_ref[:, cols] = _dot(A, Y, precision).astype(dx_ref.dtype)
     dy_ref[:, cols] = _dot(A, X, precision, trans_a=True).astype(dy_ref.dtype)
-    t, u = _iota((C, C), 0), _iota((C, C), 1)
+    t, u = _tokens((rows, C), every), _iota((rows, C), 1)
     p = 1 if probe else 0
     dS = jnp.where(t > u + p, A * _dot(X, Y, precision, trans_b=True), 0.0)  # [t, s]
-    before = _dot(dS, (t < u).astype(f), precision)  # [t, u]: the sum over s < u
+    later = (_iota((C, C), 0) < _iota((C, C), 1)).astype(f)  # [s, u]: s < u
+    before = _dot(dS, later, precision)  # [t, u]: the sum over s < u
     dg_ref[pl.ds(j, 1), :] = jnp.sum(jnp.where(t >= u + p, before, 0.0), axis=0,
                                      keepdims=True).astype(dg_ref.dtype)
 
@@ -420,11 +440,12 @@ def _kernel_inputs(X, Y, g):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _products(X, Y, g, probe, cfg):
     C = X.shape[0]
-    out = jax.ShapeDtypeStruct((C, C), X.dtype)
+    out = jax.ShapeDtypeStruct((C, Y.shape[0]), X.dtype)  # X: every n-th row for scalar g
     scalar = g.ndim == 1
     args = _kernel_inputs(X, Y, g)
     if scalar:
-        kernel = functools.partial(_scalar_forward_kernel, probe=probe, precision=cfg.precision)
+        kernel = functools.partial(_scalar_forward_kernel, probe=probe, precision=cfg.precision,
+                                   exact=cfg.exact)
         return _call(kernel, args, [out], cfg.interpret, cfg.fwd, "dplr_decayed_scalar_fwd")[0]
     rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
     f = lambda *shape: jax.ShapeDtypeStruct(shape, X.dtype)
@@ -445,11 +466,11 @@ def _products_fwd(X, Y, g, probe, cfg):
 def _products_bwd(probe, cfg, res, dD):
     X, Y, g = res
     Xp, Yp, gp = _kernel_inputs(X, Y, g)
-    outs = [jax.ShapeDtypeStruct(Xp.shape, X.dtype)] * 2
+    outs = [jax.ShapeDtypeStruct(x.shape, X.dtype) for x in (Xp, Yp)]
     K = X.shape[-1]
     if g.ndim == 1:
         kernel = functools.partial(_scalar_backward_kernel, probe=probe,
-                                   precision=cfg.precision)
+                                   precision=cfg.precision, exact=cfg.exact)
         n = max(Xp.shape[1] // _SCALAR_BLOCK, 1)
         dX, dY, dg = _call(kernel, (Xp, Yp, gp, dD.astype(X.dtype)),
                            outs + [jax.ShapeDtypeStruct((n, gp.shape[1]), g.dtype)],
@@ -488,6 +509,12 @@ def decayed_products(X, Y, g, probe, bounded=False, *, interpret, precision, exa
     version for scalar decays)."""
     if g is None or (g.ndim == 1 and scalar_launch is None):
         return chunked.decayed_products(X, Y, g, probe)
+    n = Y.shape[0] // X.shape[0]
+    if n > 1 and g.ndim == 2:  # the rows of every n-th token (chunked.decayed_products): the
+        # per-channel kernels take a query per token (the scalar one takes those rows)
+        return decayed_products(chunked.at_last(X, n), Y, g, probe, bounded,
+                                interpret=interpret, precision=precision, exact=exact,
+                                launch=launch, scalar_launch=scalar_launch)[n - 1::n]
     cfg = _Cfg(interpret, precision, exact, bounded, *(scalar_launch if g.ndim == 1 else launch))
     rows = [[_products(X[:, i], Y[:, j], g, probe, cfg) for j in range(Y.shape[1])]
             for i in range(X.shape[1])]

@@ -67,7 +67,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from dplr_jax.ops import chunked
 from dplr_jax.ops.chunked import SUB
 from dplr_jax.ops.pallas.decayed import _iota
 from dplr_jax.ops.pallas.state_pass import Launch, _dot, _exp, _mask_dot, _pad_to, _pow2
@@ -487,15 +486,14 @@ def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, interpret, precision, exa
     m, rk = (0 if x is None else x.shape[1] for x in (E, F))
 
     def products(q, g, E, P, F):
-        def one(X, Y, probe, a, b, rows=slice(None)):  # [C * a, K], [C * b, K] -> [., C * b]
+        def one(X, Y, probe, a, b):  # [rows * a, K] and [C * b, K] -> [rows * a, C * b]
             if X is None or Y is None:
                 return None
-            D = decayed(X.reshape(C, a, -1), Y.reshape(C, b, -1), g, probe)
-            return D[rows].reshape(-1, C * b)
+            D = decayed(X.reshape(-1, a, X.shape[-1]), Y.reshape(C, b, -1), g, probe)
+            return D.reshape(-1, C * b)
 
-        q = chunked.at_last(q, n)  # the query rows' products kept: every n-th from n - 1
-        return (one(P, E, True, m, m), one(q, E, False, 1, m, slice(n - 1, None, n)),
-                one(q, F, False, 1, rk, slice(n - 1, None, n)), one(P, F, True, m, rk))
+        return (one(P, E, True, m, m), one(q, E, False, 1, m), one(q, F, False, 1, rk),
+                one(P, F, True, m, rk))
 
     # Rematerialized in the backward pass, not saved: XLA's products (per-token or no decay)
     # would keep their C x C intermediates (2.9x the residual bytes of XLA's checkpointed
