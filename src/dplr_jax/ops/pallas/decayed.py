@@ -107,6 +107,12 @@ def _iota(shape, axis):
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
+def _tokens(shape, every):
+    """The token of each row of a [rows, ...] tile whose rows are the last of every `every`
+    tokens (1: every token)."""
+    return _iota(shape, 0) * every + every - 1
+
+
 def _decayed_pairs(probe, boundary=False):
     """[s, t] mask of the pairs whose decay spans at least one token, in a diagonal block (s < t
     - 1 with probe, else s < t), or with boundary=True in the probe block (i, i - 1): all but
@@ -370,12 +376,6 @@ def _scalar_decays(g_row, probe, every, exact):
         return W
     shape = (C // every, C)
     return _mask_dot(_iota(shape, 1) == _tokens(shape, every), W, exact)
-
-
-def _tokens(shape, every):
-    """The token of each row of a [rows, ...] tile whose rows are the last of every `every`
-    tokens (1: every token)."""
-    return _iota(shape, 0) * every + every - 1
 
 
 def _scalar_forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision, exact):

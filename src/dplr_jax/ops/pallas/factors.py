@@ -68,7 +68,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from dplr_jax.ops.chunked import SUB
-from dplr_jax.ops.pallas.decayed import _iota
+from dplr_jax.ops.pallas.decayed import _iota, _tokens
 from dplr_jax.ops.pallas.state_pass import Launch, _dot, _exp, _mask_dot, _pad_to, _pow2
 
 BLOCK = 64  # columns of K (and V) per program
@@ -91,21 +91,16 @@ def _masks(rows, C, per):
     return u <= t, u < t, u > t
 
 
-def _query_tokens(shape, every):
-    """The token of each row of a [rows, ...] query-side tile: the last of every `every`."""
-    return _iota(shape, 0) * every + every - 1
-
-
 def _prefix_mask(fm):
     """[query row, u] mask of the tokens u <= the row's token: the queries' inclusive sums."""
-    return _iota((fm.C // fm.n, fm.C), 1) <= _query_tokens((fm.C // fm.n, fm.C), fm.n)
+    return _iota((fm.C // fm.n, fm.C), 1) <= _tokens((fm.C // fm.n, fm.C), fm.n)
 
 
 def _pairs(shape, per_row, per_col, strict, every=1):
     """[row, col] mask of the pairs of a C x C product of ranks (per_row, per_col) that may be
     nonzero: key token <= query token (< if strict, the probes'). every: the query rows are
     one per `every` tokens (per_row 1), the last of each."""
-    t = _query_tokens(shape, every) if every > 1 else _iota(shape, 0) // per_row
+    t = _tokens(shape, every) if every > 1 else _iota(shape, 0) // per_row
     s = _iota(shape, 1) // per_col
     return s < t if strict else s <= t
 
