@@ -100,8 +100,7 @@ def _pairs(shape, per_row, per_col, strict, every=1):
     """[row, col] mask of the pairs of a C x C product of ranks (per_row, per_col) that may be
     nonzero: key token <= query token (< if strict, the probes'). every: the query rows are
     one per `every` tokens (per_row 1), the last of each."""
-    t = _tokens(shape, every) if every > 1 else _iota(shape, 0) // per_row
-    s = _iota(shape, 1) // per_col
+    t, s = _tokens(shape, every) // per_row, _iota(shape, 1) // per_col
     return s < t if strict else s <= t
 
 
