@@ -9,7 +9,9 @@ backend="pallas" through them against the float64 reference at chunk 64 with har
 which ops use them.
 """
 
+import collections
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -203,3 +205,64 @@ def test_used_for_per_channel_and_scalar_decays():
         assert "dplr_decayed_scalar_fwd" in text and "dplr_decayed_scalar_bwd" in text, name
         assert "dplr_decayed_fwd" not in text, name
     assert "dplr_decayed" not in jaxpr("delta_rule")
+
+
+def sides_chunk(rng, scalar, every):
+    """Two query sides against one key rank: q with the rows of every `every`-th token and
+    p with a row per token (as phase 1's QE and L), hard resets; NumPy float64."""
+    X, Y, g = chunk(rng, C=64, a=1, b=1, K=40, strong=True, scalar=scalar)
+    return X[every - 1::every], rng.standard_normal((64, 1, 40)), Y, g
+
+
+@pytest.mark.parametrize("bounded", [False, True], ids=["exact", "bounded"])
+@pytest.mark.parametrize("scalar", [False, True], ids=["channel", "scalar"])
+@pytest.mark.parametrize("every", [1, 2])
+def test_query_sides_match_xla_in_float64(every, scalar, bounded, rng, x64):
+    """X a tuple of query sides (q and p, the second strict: s < t with the decay to t) in one
+    pass: each side's values and every cotangent as XLA's products of the sides one by one."""
+    q, p, Y, g = cast(sides_chunk(rng, scalar, every), jnp.float64)
+    if bounded:
+        g = jnp.maximum(g, chunked.MIN_BOUND)
+    cts = (jnp.asarray(rng.standard_normal((64 // every, 1, 64, 1))),
+           jnp.asarray(rng.standard_normal((64, 1, 64, 1))))
+    run = lambda fn: jax.jit(lambda cts, *x: value_and_pullback(
+        lambda q, p, Y, g: fn((q, p), Y, g, False, bounded, (False, True)), x, cts))(
+            cts, q, p, Y, g)
+    got, ref = run(KERNEL), run(chunked.decayed_products)
+    for name, u, v in zip(("QE", "L"), got[0], ref[0]):
+        assert u.shape == v.shape
+        assert_close(u, v, 1e-12, name)
+    assert not np.any(np.asarray(np.diagonal(got[0][1][:, 0, :, 0])))  # strict
+    for name, u, v in zip(("dq", "dp", "dY", "dg"), got[1:], ref[1:]):
+        assert_close(u, v, 1e-12, name)
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["channel", "scalar"])
+def test_strict_side_is_the_probe_of_its_decayed_rows(scalar, rng, x64):
+    """The identity own_decay rests on (chunked.chunked): p's strict product without probe
+    equals the probe product of p e^g, in XLA's version and the kernels', hard resets."""
+    _, p, Y, g = cast(sides_chunk(rng, scalar, 1), jnp.float64)
+    eg = jnp.exp(g if g.ndim == 2 else g[:, None])[:, None]
+    ref = chunked.decayed_products(p * eg, Y, g, True)
+    for fn in (chunked.decayed_products, KERNEL):
+        assert_close(jax.jit(lambda *x: fn(*x, False, False, True))(p, Y, g), ref, 1e-12, "L")
+
+
+def test_query_sides_run_in_one_kernel_pass(rng):
+    """Per-channel decays: both sides (and a DPLR probe's two ranks) take one diagonal kernel
+    forward and one backward per key rank; scalar decays: one kernel per side."""
+    q, p, Y, g = cast(sides_chunk(rng, False, 2), jnp.float32)
+
+    def count(fn, *x):
+        text = str(jax.make_jaxpr(jax.grad(lambda *x: sum(
+            jnp.sum(d) for d in jax.tree.leaves(fn(*x))), argnums=tuple(range(len(x)))))(*x))
+        return collections.Counter(re.findall(r"name=(dplr_decayed_\w+)", text))
+
+    once = dict.fromkeys(("dplr_decayed_diag", "dplr_decayed_fwd", "dplr_decayed_diag_bwd",
+                          "dplr_decayed_bwd"), 1)
+    sides = lambda q, p, Y, g: KERNEL((q, p), Y, g, False, False, (False, True))
+    assert count(sides, q, p, Y, g) == once
+    ranks = lambda P, Y, g: KERNEL(P, Y, g, True)
+    assert count(ranks, jnp.concatenate([p, p], axis=1), Y, g) == once
+    assert count(sides, q, p, Y, g[:, 0]) == {"dplr_decayed_scalar_fwd": 2,
+                                              "dplr_decayed_scalar_bwd": 2}

@@ -30,8 +30,9 @@ PRODUCTS = functools.partial(decayed.decayed_products, **KERNELS)
 
 def chunk(rng, decay, C, K, V, strong=False, form="delta", m=1, rk=1):
     """One chunk of a form as float64 NumPy: q, g (None, [C] or [C, K]), E, y, P, F, Vk.
-    "delta": E = beta k, y, P = k e^g (as the ops' forms build them: the probe reads the
-    decayed state), no plain keys; "plain" (GLA): F = k, Vk = v only; "both" (DPLR): m probed
+    "delta": E = beta k, y, P = k e^g (the probe reads the decayed state), no plain keys;
+    "own": the same with P = k, the probe's decay left to the engine (own_decay, as the ops'
+    forms build the delta family); "plain" (GLA): F = k, Vk = v only; "both" (DPLR): m probed
     keys E = a with y None (zero values) and probes P = b, rk plain keys F = k with values Vk;
     "both_y": the same with values y."""
     q = rng.standard_normal((C, K))
@@ -52,7 +53,7 @@ def chunk(rng, decay, C, K, V, strong=False, form="delta", m=1, rk=1):
         values = rng.standard_normal((C, m, V)) if form == "both_y" else None
         return (q, g, a, values, b, rng.standard_normal((C, rk, K)) / np.sqrt(K),
                 rng.standard_normal((C, rk, V)))
-    return q, g, (beta * k)[:, None], y, (k * eg)[:, None], None, None
+    return q, g, (beta * k)[:, None], y, (k * (1.0 if form == "own" else eg))[:, None], None, None
 
 
 def factors_and_pullback(fn, xs, cts):
@@ -69,20 +70,21 @@ def factors_and_pullback(fn, xs, cts):
     return out, pull(cts)
 
 
-def run_kernels(xs, cts):
+def run_kernels(xs, cts, own=False):
     """The kernels' factors and input cotangents (jitted; CPU interpret mode)."""
     return jax.jit(lambda xs, cts: factors_and_pullback(
-        functools.partial(factors.low_rank_factors, decayed=PRODUCTS, **KERNELS), xs,
-        cts))(xs, cts)
+        functools.partial(factors.low_rank_factors, decayed=PRODUCTS, own_decay=own,
+                          **KERNELS), xs, cts))(xs, cts)
 
 
-def run_xla(xs, cts):
+def run_xla(xs, cts, own=False):
     """XLA's chunk_factors: the factors and input cotangents the kernels must reproduce."""
-    return factors_and_pullback(chunked.chunk_factors, xs, cts)
+    return factors_and_pullback(functools.partial(chunked.chunk_factors, own_decay=own), xs,
+                                cts)
 
 
-def run_both(xs, cts):
-    return run_kernels(xs, cts), run_xla(xs, cts)
+def run_both(xs, cts, own=False):
+    return run_kernels(xs, cts, own), run_xla(xs, cts, own)
 
 
 def cotangents(rng, xs):
@@ -108,9 +110,9 @@ def close(x, ref, tol, what):
         assert_close(x, ref, tol, what)
 
 
-def assert_float64_match(xs, cts):
+def assert_float64_match(xs, cts, own=False):
     """Kernels vs chunk_factors in float64: every factor and every input cotangent to 1e-12."""
-    (f_got, d_got), (f_ref, d_ref) = run_both(xs, cts)
+    (f_got, d_got), (f_ref, d_ref) = run_both(xs, cts, own)
     for name, u, v in zip(NAMES, f_got, f_ref):
         assert (u is None) == (v is None), name
         if u is not None:
@@ -123,7 +125,7 @@ def assert_float64_match(xs, cts):
         close(u, v, 1e-12, f"d{name}")
 
 
-@pytest.mark.parametrize("form", ["delta", "plain", "both", "both_y"])
+@pytest.mark.parametrize("form", ["delta", "own", "plain", "both", "both_y"])
 @pytest.mark.parametrize("decay", ["channel", "scalar", None])
 @pytest.mark.parametrize("C,K,V,strong", [(64, 32, 16, False), (32, 100, 80, False),
                                           (16, 24, 200, True)])
@@ -132,7 +134,27 @@ def test_matches_xla_in_float64(form, decay, C, K, V, strong, rng, x64):
     V of 100 / 128 / 200 run two to four 64-column programs, the padded ones included."""
     xs = cast(chunk(rng, decay, C, K, V, strong, form), jnp.float64)
     cts = cast(cotangents(rng, xs), jnp.float64)
-    assert_float64_match(xs, cts)
+    assert_float64_match(xs, cts, own=form == "own")
+
+
+@pytest.mark.parametrize("decay", ["channel", "scalar"])
+@pytest.mark.parametrize("impl", ["xla", "kernels"])
+def test_own_decay_is_the_probe_decayed_by_its_token(impl, decay, rng, x64):
+    """own_decay with P = k (L from the same decays as QE, strictly below the diagonal; W
+    from P's inclusive sums) is the engine with P = k e^g: every factor and the cotangents
+    of q, g, E, y and k agree to float64 rounding, with hard resets."""
+    q, g, E, y, k, _, _ = cast(chunk(rng, decay, 64, 32, 16, True, "own"), jnp.float64)
+    cts = cast(cotangents(rng, (q, g, E, y, k, None, None)), jnp.float64)
+    run = run_kernels if impl == "kernels" else run_xla
+    own = run((q, g, E, y, k, None, None), cts, own=True)
+    f = (chunked.chunk_factors if impl == "xla"
+         else functools.partial(factors.low_rank_factors, decayed=PRODUCTS, **KERNELS))
+    decayed_k = lambda g, k: k * jnp.exp(g if g.ndim == 2 else g[:, None])[:, None]
+    ref, pull = jax.vjp(lambda q, g, E, y, k: f(q, g, E, y, decayed_k(g, k), None, None),
+                        q, g, E, y, k)
+    names = NAMES + tuple(f"d{n}" for n in "qgEyk")
+    for name, u, v in zip(names, tuple(own[0]) + tuple(own[1]), tuple(ref) + pull(cts)):
+        close(u, v, 1e-12, name)
 
 
 @pytest.mark.parametrize("form", ["both", "both_y"])

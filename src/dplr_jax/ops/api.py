@@ -184,6 +184,7 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     o, S = chunked.chunked(q if whole else chunked.at_last(q, n, axis=1), *rest, h0,
                            chunk_size=chunk_size,
                            cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
+                           own_decay=form.own_decay,
                            decayed=functools.partial(decayed or chunked.decayed_products,
                                                      bounded=bounded), scan=scan,
                            factors=factors)

@@ -10,8 +10,8 @@ D_t = Diag(exp g_t) (g: none, one scalar per token, or one per key channel). E a
 of the transition, - sum_j E_tj P_tj^T, is DPLR's - A_t B_t^T); F are plain keys with known
 values V. DPLR is (E, y, P) = (a, 0, b) with F = k (y = 0 passed as None); the delta-rule
 family is (beta k, v, e^g k) with no F, so its values and low-rank part share one key and
-need one C x C inverse; GLA has no E at all. This is seed 004's eqs. 12-18, written with x
-instead of U.
+need one C x C inverse (its forms pass k and `own_decay`, see `chunked`); GLA has no E at
+all. This is seed 004's eqs. 12-18, written with x instead of U.
 
 Inside a chunk with cumulative log decay G_t (G_0 = 0) and S_0 its initial state:
 
@@ -161,19 +161,27 @@ def at_last(q, n, axis=0):
     return x.reshape(q.shape[:axis] + (n * q.shape[axis],) + q.shape[axis + 1:])
 
 
-def decayed_products(X, Y, g, probe, bounded=False):
+def decayed_products(X, Y, g, probe, bounded=False, strict=False):
     """Out[t,a,s,b] = sum_k X[t,a,k] Y[s,b,k] exp(sum_{s<u<=t} g[u,k]) for s <= t.
 
     With probe=True the decay runs to t - 1 and only s < t is kept (a probe reads the state
-    before token t's decay). X [C, a, K], Y [C, b, K]; g per-token log decays: None, [C]
-    or [C, K]. Masked entries are exactly zero. bounded: the caller guarantees g >= MIN_BOUND
-    (the ops' log_decay_lower_bound), which allows the faster diagonal blocks. X may hold
-    only the rows of the last of every n tokens, [C / n, a, K] (forms.py's multi-factor ops'
-    queries); Out then has those rows.
+    before token t's decay); strict=True keeps only s < t with the decay to t. X [C, a, K],
+    Y [C, b, K]; g per-token log decays: None, [C] or [C, K]. Masked entries are exactly zero.
+    bounded: the caller guarantees g >= MIN_BOUND (the ops' log_decay_lower_bound), which
+    allows the faster diagonal blocks. X may hold only the rows of the last of every n
+    tokens, [C / n, a, K] (forms.py's multi-factor ops' queries); Out then has those rows.
+
+    X may be a tuple of query sides against the same keys, strict a tuple of their flags:
+    the result is the tuple of their products (the Pallas kernels form them in one pass).
     """
+    if isinstance(X, tuple):
+        return tuple(decayed_products(x, Y, g, probe, bounded, s) for x, s in zip(X, strict))
     n = Y.shape[0] // X.shape[0]
     if n > 1:
-        return decayed_products(at_last(X, n), Y, g, probe, bounded)[n - 1::n]
+        return decayed_products(at_last(X, n), Y, g, probe, bounded, strict)[n - 1::n]
+    if strict:
+        return decayed_products(X, Y, g, probe, bounded) * (
+            1.0 - jnp.eye(X.shape[0], dtype=X.dtype))[:, None, :, None]
     C = X.shape[0]
     t = jnp.arange(C)
     mask = (t[:, None] > t[None, :]) if probe else (t[:, None] >= t[None, :])
@@ -215,7 +223,7 @@ def _saved(x):
     return checkpoint_name(x, SAVED)
 
 
-def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
+def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products, own_decay=False):
     """One chunk of one head -> its transition in factored form, (gamma, Z, W, X, Qs, O0):
 
         S_C = gamma * S_0 + Z^T (X - W' S_0),      o = Qs S_0 + O0,
@@ -229,6 +237,7 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
     (no E); X [C*(m+r), V]; Qs [C / n, K]; O0 [C / n, V]. The Pallas state pass takes this
     form (its K x K transition matrix is never formed); chunk_summary multiplies it out.
     decayed: the function for the intra-chunk products (the Pallas backend passes its kernels).
+    own_decay: P holds p, the probes being P_t = p_t e^{g_t} (chunked.chunked).
     """
     C, K = (E if E is not None else F).shape[0], q.shape[1]
     n = C // q.shape[0]
@@ -239,22 +248,28 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
         incl, excl, suffix = prefix_suffix(g)
         e_q, e_prev, e_end = jnp.exp(incl), jnp.exp(excl), jnp.exp(suffix)
         gamma = jnp.broadcast_to(e_q[-1], (K,))
+    own = own_decay and g is not None
+    probed = dict(probe=False, strict=True) if own else dict(probe=True)  # P's products
     q1 = q[:, None, :]
     Qs = _rowscale(q1, None if e_q is None else e_q[n - 1::n])[:, 0]
     O0 = 0.0
     Z, X, W = [], [], None
     if E is not None:
         m = E.shape[1]
-        L = _saved(decayed(P, E, g, probe=True).reshape(C * m, C * m))
+        if own:  # L and QE: one pass over the keys (decayed_products' query sides)
+            QE, L = map(_saved, decayed((q1, P), E, g, probe=False, strict=(False, True)))
+        else:
+            QE = _saved(decayed(q1, E, g, probe=False))
+            L = _saved(decayed(P, E, g, **probed))
+        QE, L = QE[:, 0].reshape(C // n, C * m), L.reshape(C * m, C * m)
         Tinv = _saved(unit_lower_inverse(L, block=SUB * m))
         rhs = y
         if F is not None:
-            PF = _saved(decayed(P, F, g, probe=True))  # [C, m, C, r]
+            PF = _saved(decayed(P, F, g, **probed))  # [C, m, C, r]
             PFV = jnp.einsum("tjsi,siv->tjv", PF, Vk)
             rhs = -PFV if y is None else y - PFV
-        W = Tinv @ _rowscale(P, e_prev).reshape(C * m, K)
+        W = Tinv @ _rowscale(P, e_q if own else e_prev).reshape(C * m, K)
         X0 = Tinv @ rhs.reshape(C * m, -1)
-        QE = _saved(decayed(q1, E, g, probe=False)[:, 0].reshape(C // n, C * m))
         Qs = Qs - QE @ W
         O0 = QE @ X0
         Z.append(_rowscale(E, e_end).reshape(C * m, K))
@@ -268,10 +283,10 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products):
     return gamma, cat(Z), W, cat(X), Qs, O0
 
 
-def chunk_summary(q, g, E, y, P, F, Vk, decayed=decayed_products):
+def chunk_summary(q, g, E, y, P, F, Vk, decayed=decayed_products, own_decay=False):
     """One chunk of one head -> (M, Bc, Qs, O0): S_C = M S_0 + Bc and o = Qs S_0 + O0.
     M is [K, K], or [K] (diagonal) when there is no E. Arguments as chunk_factors."""
-    gamma, Z, W, X, Qs, O0 = chunk_factors(q, g, E, y, P, F, Vk, decayed)
+    gamma, Z, W, X, Qs, O0 = chunk_factors(q, g, E, y, P, F, Vk, decayed, own_decay)
     M = gamma if W is None else jnp.diag(gamma) - Z[:W.shape[0]].T @ W
     return M, Z.T @ X, Qs, O0
 
@@ -280,10 +295,10 @@ def _apply(M, S):
     return M[..., :, None] * S if M.ndim == S.ndim - 1 else jnp.einsum("...kl,...lv->...kv", M, S)
 
 
-def checkpointed(summary, *, decayed):
+def checkpointed(summary, *, decayed, own_decay=False):
     """summary (chunk_summary or chunk_factors) for one chunk, rematerialized in the backward
     pass but for what SAVED names."""
-    return jax.checkpoint(functools.partial(summary, decayed=decayed),
+    return jax.checkpoint(functools.partial(summary, decayed=decayed, own_decay=own_decay),
                           policy=jax.checkpoint_policies.save_only_these_names(SAVED))
 
 
@@ -313,12 +328,17 @@ def _scan_outputs(layout, M, Bc, Qs, O0, h0):
     return jnp.einsum("bhnck,bhnkv->bhncv", Qs, S_in) + O0, S_in
 
 
-def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None,
+def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=False,
             decayed=decayed_products, scan=None, factors=None):
     """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype but q
     [B, T / n, H, K]: the queries of the last of every n tokens (n = 1: every token; n must
     divide chunk_size, so that a chunk holds whole groups); h0 [N, H, K, V]; cu_seqlens
     multiples of n. Returns o [B, T / n, H, V] (unscaled) and final states [N, H, K, V].
+
+    own_decay: P holds p, the probes being P_t = p_t e^{g_t} (the delta family's: the probe
+    reads the state after its token's decay). Then P_t e^{G_{t-1} - G_s} = p_t e^{G_t - G_s}:
+    L is a product of p with the keys E under the same decays as QE, strictly below the
+    diagonal, and both come from one pass over the keys (decayed_products' query sides).
 
     decayed(X, Y, g, probe) replaces phase 1's intra-chunk products (decayed_products), and
     scan(layout, factors, h0) -> (o, final states) phases 2+3 on the factored transitions
@@ -337,13 +357,15 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None,
         B, T // n, chunk_size // n, None if cu_seqlens is None else cu_seqlens // n)
     inputs = (q, g, E, y, P, F, Vk)
     if scan is None:
-        M, Bc, Qs, O0 = _summaries(layout, q_layout,
-                                   checkpointed(chunk_summary, decayed=decayed), *inputs)
+        M, Bc, Qs, O0 = _summaries(
+            layout, q_layout, checkpointed(chunk_summary, decayed=decayed, own_decay=own_decay),
+            *inputs)
         o, S_in = _scan_outputs(layout, M, Bc, Qs, O0, h0)
         r, c = layout.final_row, layout.final_chunk
         finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
     else:
-        summary = (checkpointed(chunk_factors, decayed=decayed) if factors is None
-                   else functools.partial(factors, decayed=decayed))
+        summary = (checkpointed(chunk_factors, decayed=decayed, own_decay=own_decay)
+                   if factors is None
+                   else functools.partial(factors, decayed=decayed, own_decay=own_decay))
         o, finals = scan(layout, _summaries(layout, q_layout, summary, *inputs), h0)
     return q_layout.from_chunks(jnp.moveaxis(o, 1, 3)), finals

@@ -25,6 +25,7 @@ class Form:
     F: jnp.ndarray | None = None
     V: jnp.ndarray | None = None
     n_virtual: int = 1
+    own_decay: bool = False  # the probes are P_t = p_t e^{g_t}; P holds p (chunked.chunked)
 
     def engine_inputs(self):
         return self.q, self.g, self.E, self.y, self.P, self.F, self.V
@@ -43,19 +44,19 @@ def gla(q, k, v, g):
     return Form(q, g, None, None, None, _one(k), _one(v))
 
 
-def delta_rule(q, k, v, beta, g=None, probe_decay=None):
+def delta_rule(q, k, v, beta, g=None):
+    """The probe reads the state after the token's decay: P_t = k_t e^{g_t} (own_decay)."""
     hv = v.shape[2]
     q, k = to_heads(q, hv), to_heads(k, hv)
-    P = k if probe_decay is None else k * probe_decay
-    return Form(q, g, _one(beta[..., None] * k), _one(v), _one(P))
+    return Form(q, g, _one(beta[..., None] * k), _one(v), _one(k), own_decay=g is not None)
 
 
 def gated_delta_rule(q, k, v, g, beta):
-    return delta_rule(q, k, v, beta, g, jnp.exp(g)[..., None])
+    return delta_rule(q, k, v, beta, g)
 
 
 def kda(q, k, v, g, beta):
-    return delta_rule(q, k, v, beta, g, jnp.exp(g))
+    return delta_rule(q, k, v, beta, g)
 
 
 def dplr(q, k, v, g, a, b):
@@ -75,18 +76,18 @@ def hdla(q, k, v, g, beta):
     bk = beta[..., None] * k
     return Form(q=q, g=_interleave(zero(g), g),
                 E=_one(_interleave(bk, k)), y=_one(_interleave(zero(v), v)),
-                P=_one(_interleave(k, bk * jnp.exp(g))), n_virtual=2)
+                P=_one(_interleave(k, bk)), n_virtual=2, own_decay=True)
 
 
 def gated_delta_product(q, k, v, g, beta):
     """Per token: decay, then n delta-rule steps (k_j, v_j, beta_j): n virtual tokens."""
     n = k.shape[3]
     gs = [g] + [jnp.zeros_like(g)] * (n - 1)
-    decay = [jnp.exp(g)[..., None]] + [1.0] * (n - 1)
     return Form(q=q, g=_interleave(*gs),
                 E=_one(_interleave(*[beta[..., j, None] * k[..., j, :] for j in range(n)])),
                 y=_one(_interleave(*[v[..., j, :] for j in range(n)])),
-                P=_one(_interleave(*[k[..., j, :] * decay[j] for j in range(n)])), n_virtual=n)
+                P=_one(_interleave(*[k[..., j, :] for j in range(n)])), n_virtual=n,
+                own_decay=True)
 
 
 FORMS = {

@@ -21,6 +21,13 @@ backward. Sub-chunks i = 0..n-1 (16 tokens); two kernels each way:
   dot of the query side, times e^{(whole sub-chunks between j and i)}, against the key side:
   every factor <= 1, and the exponents add up exactly to the pair's decay sum.
 
+Query sides: several X against the same Y and g run in one pass (a probe's ranks; phase 1's
+q and p where the probes carry their own token's decay, which makes L a product under QE's
+decays: chunked.chunked). Each step's exp2 and key row serve every side, the key side
+Y e^{suffix} is formed once, and the backward sums the sides' shares of dY and R. A strict
+side drops its pairs s = t as well (L). On the H100 this took kda from 9.19 to 8.06 ms
+forward+backward and hdla from 16.90 to 14.61 (benchmarks/NOTES.md, fifteenth session).
+
 Backward (custom_vjp): _diagonal_backward_kernel, by the same row groups, runs the keys down
 for its rows' dX (as queries) and the queries up for their dY (as keys), and writes the
 factors e^{prefix}, e^{suffix} its loops end with; _backward_kernel, per chunk, adds the
@@ -162,26 +169,32 @@ def _prefix(d, last, base, g_base):
     return jnp.where(last >= base, d + g_base, 0.0)
 
 
-def _diagonal_kernel(x_ref, y_ref, g_ref, d_ref, xq_ref, key_ref, *, probe, rows):
-    """A chunk's diagonal 16 x 16 blocks of D, and the factors of its off-diagonal ones:
-    `rows` query rows t0 .. t0 + rows - 1 of one sub-chunk per program. d_ref [C, 16] gets,
-    in row t, D[t, s] for the keys s of t's sub-chunk up to t (probe: t - 1; the entries
-    past them are left unwritten); xq_ref row t the query side X_t e^{prefix_t}, prefix_t
-    the sum of g over the sub-chunk's tokens up to t (probe: t - 1); key_ref row s the key
-    side Y_s e^{suffix_s}, suffix_s the sum over the tokens after s in its sub-chunk.
+def _diagonal_kernel(*refs, probe, rows, a):
+    """A chunk's diagonal 16 x 16 blocks of D, and the factors of its off-diagonal ones, for
+    `a` query sides X against the same keys Y: `rows` query rows t0 .. t0 + rows - 1 of one
+    sub-chunk per program. refs: the sides' x_refs, y_ref, g_ref, then per side d_ref and
+    xq_ref, and key_ref. d_ref [C, 16] gets, in row t, D[t, s] for the keys s of t's
+    sub-chunk up to t (probe: t - 1; the entries past them are left unwritten); xq_ref row t
+    the query side X_t e^{prefix_t}, prefix_t the sum of g over the sub-chunk's tokens up to t
+    (probe: t - 1); key_ref row s the key side Y_s e^{suffix_s}, suffix_s the sum over the
+    tokens after s in its sub-chunk.
 
     The keys run from the group's last down to the sub-chunk's first, each row carrying its
     exponent sum_{s < u <= t} g_u (one add of g_{s+1} per key; -inf until the row's own last
-    key, where it starts at 0), so each step is one [rows, K] exp2 and one reduction over K.
-    After the last key (the sub-chunk's first) a row's exponent plus that token's g is its
-    prefix; the group that holds the sub-chunk's last row takes the suffixes from that
-    row's exponents on the way (probe: plus the last token's g, which its rows never add).
-    Every exponent is a sum of the tokens it covers, in base 2 (state_pass._exp)."""
+    key, where it starts at 0), so each step is one [rows, K] exp2, shared by the sides, and
+    one reduction over K per side. After the last key (the sub-chunk's first) a row's
+    exponent plus that token's g is its prefix; the group that holds the sub-chunk's last
+    row takes the suffixes from that row's exponents on the way (probe: plus the last
+    token's g, which its rows never add). Every exponent is a sum of the tokens it covers,
+    in base 2 (state_pass._exp)."""
+    x_refs, (y_ref, g_ref), d_refs, xq_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2], \
+        refs[2 * a + 2:3 * a + 2]
+    key_ref = refs[3 * a + 2]
     p = 1 if probe else 0
-    C = x_ref.shape[0]
+    C = y_ref.shape[0]
     t0, base, end = _row_group(rows)
-    X = x_ref[pl.ds(t0, rows), :]
-    f = X.dtype
+    X = [x_ref[pl.ds(t0, rows), :] for x_ref in x_refs]
+    f = X[0].dtype
     r = _iota((rows, 1), 0)
     last = t0 - p + r  # each row's last key
     top = t0 + rows - 1 - p  # the group's last key
@@ -192,8 +205,10 @@ def _diagonal_kernel(x_ref, y_ref, g_ref, d_ref, xq_ref, key_ref, *, probe, rows
         s = top - k
         d = _advance(d, last > s, last == s, _log2_decay(g_ref, jnp.minimum(s + 1, C - 1), f))
         y = y_ref[pl.ds(s, 1), :]
-        row = jnp.sum(X * y * jnp.exp2(d), axis=1, keepdims=True)
-        d_ref[pl.ds(t0, rows), pl.ds(s - base, 1)] = row.astype(d_ref.dtype)
+        ye = y * jnp.exp2(d)
+        for Xi, d_ref in zip(X, d_refs):
+            row = jnp.sum(Xi * ye, axis=1, keepdims=True)
+            d_ref[pl.ds(t0, rows), pl.ds(s - base, 1)] = row.astype(d_ref.dtype)
 
         @pl.when(tail)
         def _key():  # the sub-chunk's last row's exponent: the suffix (probe: less g_end)
@@ -202,7 +217,7 @@ def _diagonal_kernel(x_ref, y_ref, g_ref, d_ref, xq_ref, key_ref, *, probe, rows
 
         return d
 
-    d = jax.lax.fori_loop(0, top - base + 1, step, jnp.full(X.shape, -jnp.inf, f))
+    d = jax.lax.fori_loop(0, top - base + 1, step, jnp.full(X[0].shape, -jnp.inf, f))
     if probe:  # the sub-chunk's last key, which no row reaches: no suffix
 
         @pl.when(tail)
@@ -211,83 +226,102 @@ def _diagonal_kernel(x_ref, y_ref, g_ref, d_ref, xq_ref, key_ref, *, probe, rows
 
     @pl.when(base > 0)  # the first sub-chunk's rows have no earlier keys
     def _query():
-        pre = _prefix(d, last, base, _log2_decay(g_ref, base, f))
-        xq_ref[pl.ds(t0, rows), :] = (X * jnp.exp2(pre)).astype(xq_ref.dtype)
+        e = jnp.exp2(_prefix(d, last, base, _log2_decay(g_ref, base, f)))
+        for Xi, xq_ref in zip(X, xq_refs):
+            xq_ref[pl.ds(t0, rows), :] = (Xi * e).astype(xq_ref.dtype)
 
 
-def _forward_kernel(g_ref, diag_ref, xq_ref, key_ref, d_ref, *, probe, precision):
-    """The whole [C, C] D of one chunk from _diagonal_kernel's outputs: its diagonal blocks,
-    and the blocks (i, j < i) as one [16, K] x [K, 16] dot of the query side X_i e^{prefix_i},
-    times e^{(whole sub-chunks between j and i)}, against the key side Y_j e^{suffix_j};
-    every factor <= 1, and the exponents add up exactly to the pair's decay sum."""
-    C = d_ref.shape[0]
+def _forward_kernel(g_ref, *refs, probe, precision, strict):
+    """The whole [C, C] D of one chunk per query side from _diagonal_kernel's outputs (refs:
+    the sides' diagonal blocks, their query sides, the key side, then the sides' D): the
+    diagonal blocks, and the blocks (i, j < i) as one [16, K] x [K, 16] dot of the query side
+    X_i e^{prefix_i}, times e^{(whole sub-chunks between j and i)}, against the key side
+    Y_j e^{suffix_j}, loaded once for all sides; every factor <= 1, and the exponents add up
+    exactly to the pair's decay sum. strict: per side, whether its diagonal (s = t) is
+    dropped as well."""
+    a = len(strict)
+    diag_refs, xq_refs, key_ref, d_refs = refs[:a], refs[a:2 * a], refs[2 * a], refs[2 * a + 1:]
+    C = d_refs[0].shape[0]
     n = C // SUB
     t, u = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
     totals = []  # per earlier sub-chunk j: the sum of its log decays [1, K]
     for i in range(n):
         rows = pl.ds(i * SUB, SUB)
-        d_ref[rows, rows] = jnp.where(u <= t - int(probe), diag_ref[rows, :], 0.0).astype(
-            d_ref.dtype)
-        for j in range(i + 1, n):
-            d_ref[rows, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), d_ref.dtype)
+        for diag_ref, d_ref, s in zip(diag_refs, d_refs, strict):
+            d_ref[rows, rows] = jnp.where(u <= t - int(probe or s), diag_ref[rows, :],
+                                          0.0).astype(d_ref.dtype)
+            for j in range(i + 1, n):
+                d_ref[rows, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), d_ref.dtype)
         if i:
-            Xq = xq_ref[rows, :]
+            Xq = [xq_ref[rows, :] for xq_ref in xq_refs]
             for j in reversed(range(i)):  # between = totals of the sub-chunks j+1 .. i-1
-                d_ij = _dot(Xq, key_ref[pl.ds(j * SUB, SUB), :], precision, trans_b=True)
-                d_ref[rows, pl.ds(j * SUB, SUB)] = d_ij.astype(d_ref.dtype)
+                key = key_ref[pl.ds(j * SUB, SUB), :]
+                for Xs, d_ref in zip(Xq, d_refs):
+                    d_ref[rows, pl.ds(j * SUB, SUB)] = _dot(Xs, key, precision,
+                                                            trans_b=True).astype(d_ref.dtype)
                 if j:
-                    Xq = Xq * _exp(totals[j])
+                    e = _exp(totals[j])
+                    Xq = [Xs * e for Xs in Xq]
         if i < n - 1:
-            totals.append(jnp.sum(g_ref[rows, :].astype(xq_ref.dtype), axis=0, keepdims=True))
+            totals.append(jnp.sum(g_ref[rows, :].astype(xq_refs[0].dtype), axis=0,
+                                  keepdims=True))
 
 
-def _diagonal_backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, eq_ref, ek_ref, *,
-                              probe, rows):
-    """The diagonal blocks' part of the backward, `rows` rows t0 .. t0 + rows - 1 of one
-    sub-chunk per program, as _diagonal_kernel runs the forward: dx_ref gets the rows'
-    dX = sum_s dD[t, s] e^{decay(s, t)} Y_s over the keys s of their sub-chunk, and dy_ref
-    their dY = sum_t dD[t, s] e^{decay(s, t)} X_t over its queries, both without the pairs
-    whose decay is empty (s = t; probe s = t - 1: the wrapper's); eq_ref and ek_ref the
-    factors e^{prefix} and e^{suffix} of the off-diagonal blocks (_diagonal_kernel's
-    exponents), for _backward_kernel. The queries' loop runs the keys down from the group's
-    last, as the forward does; the keys' loop runs the queries up to the sub-chunk's last,
-    each key row carrying sum_{s < u <= t} g_u (probe: t - 1), which after the last query is
-    the row's suffix (probe: less the last token's g)."""
+def _diagonal_backward_kernel(*refs, probe, rows, a):
+    """The diagonal blocks' part of the backward for `a` query sides, `rows` rows t0 .. t0 +
+    rows - 1 of one sub-chunk per program, as _diagonal_kernel runs the forward. refs: the
+    sides' x_refs, y_ref, g_ref, the sides' dD^T (ddt_refs), then the sides' dx_refs, dy_ref,
+    eq_ref, ek_ref. dx_ref gets the rows' dX = sum_s dD[t, s] e^{decay(s, t)} Y_s over the
+    keys s of their sub-chunk, and dy_ref their dY = sum_t dD[t, s] e^{decay(s, t)} X_t over
+    its queries and the sides, both without the pairs whose decay is empty (s = t; probe
+    s = t - 1: the wrapper's); eq_ref and ek_ref the factors e^{prefix} and e^{suffix} of
+    the off-diagonal blocks (_diagonal_kernel's exponents), for _backward_kernel. The
+    queries' loop runs the keys down from the group's last, as the forward does; the keys'
+    loop runs the queries up to the sub-chunk's last, each key row carrying
+    sum_{s < u <= t} g_u (probe: t - 1), which after the last query is the row's suffix
+    (probe: less the last token's g). One exp2 per step serves every side."""
+    x_refs, (y_ref, g_ref), ddt_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
+    dx_refs, (dy_ref, eq_ref, ek_ref) = refs[2 * a + 2:3 * a + 2], refs[3 * a + 2:]
     p = 1 if probe else 0
-    C = x_ref.shape[0]
+    C = y_ref.shape[0]
     t0, base, end = _row_group(rows)
-    f = x_ref.dtype
+    f = y_ref.dtype
     here = pl.ds(t0, rows)
-    shape = (rows, x_ref.shape[1])
+    shape = (rows, y_ref.shape[1])
     r = t0 + _iota((rows, 1), 0)  # the group's rows
     last = r - p  # each row's last key as a query
     top = t0 + rows - 1 - p
     log2 = functools.partial(_log2_decay, g_ref, dtype=f)
 
     def queries(k, carry):  # key s = top - k, for the group's rows as queries
-        d, acc = carry
+        d, accs = carry
         s = top - k
         d = _advance(d, last > s, last == s, log2(jnp.minimum(s + 1, C - 1)))
-        w = jnp.where(last > s, ddt_ref[s, here][:, None].astype(f), 0.0)  # dD[rows, s]
-        return d, acc + w * jnp.exp2(d) * y_ref[pl.ds(s, 1), :]
+        ye = jnp.exp2(d) * y_ref[pl.ds(s, 1), :]
+        on = last > s
+        return d, tuple(acc + jnp.where(on, ddt_ref[s, here][:, None].astype(f), 0.0) * ye
+                        for acc, ddt_ref in zip(accs, ddt_refs))  # dD[rows, s]
 
     def keys(k, carry):  # query t = t0 + p + k (its last key v = t - p), for the rows as keys
         d, acc = carry
         t = t0 + p + k
         v = t - p
         d = _advance(d, r < v, r == v, log2(v))
-        w = jnp.where(r < v, ddt_ref[here, pl.ds(t, 1)].astype(f), 0.0)
-        return d, acc + w * jnp.exp2(d) * x_ref[pl.ds(t, 1), :]
+        wx = sum(ddt_ref[here, pl.ds(t, 1)].astype(f) * x_ref[pl.ds(t, 1), :]
+                 for ddt_ref, x_ref in zip(ddt_refs, x_refs))
+        return d, acc + jnp.where(r < v, jnp.exp2(d) * wx, 0.0)
 
-    init = (jnp.full(shape, -jnp.inf, f), jnp.zeros(shape, f))
-    d, dX = jax.lax.fori_loop(0, top - base + 1, queries, init)
-    dx_ref[here, :] = dX.astype(dx_ref.dtype)
+    start = jnp.full(shape, -jnp.inf, f)
+    d, dX = jax.lax.fori_loop(0, top - base + 1, queries,
+                              (start, tuple(jnp.zeros(shape, f) for _ in range(a))))
+    for dx_ref, dXi in zip(dx_refs, dX):
+        dx_ref[here, :] = dXi.astype(dx_ref.dtype)
 
     @pl.when(base > 0)  # the first sub-chunk's rows have no earlier keys
     def _query_factors():
         eq_ref[here, :] = jnp.exp2(_prefix(d, last, base, log2(base))).astype(eq_ref.dtype)
 
-    d, dY = jax.lax.fori_loop(0, end - t0 - p + 1, keys, init)
+    d, dY = jax.lax.fori_loop(0, end - t0 - p + 1, keys, (start, jnp.zeros(shape, f)))
     dy_ref[here, :] = dY.astype(dy_ref.dtype)
 
     @pl.when(end < C - 1)  # the last sub-chunk's keys have no later queries
@@ -296,46 +330,54 @@ def _diagonal_backward_kernel(x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, eq_r
         ek_ref[here, :] = jnp.exp2(suffix).astype(ek_ref.dtype)
 
 
-def _backward_kernel(*refs, probe, precision, exact, bounded, sync):
-    """dX, dY and dg of one chunk: the diagonal blocks' dX, dY and the off-diagonal factors
-    from _diagonal_backward_kernel (bounded: computed here, _bounded_block), the blocks
-    (i, j < i) by dots, dg after them (see the module docstring)."""
-    if bounded:
-        x_ref, y_ref, g_ref, ddt_ref, dx_ref, dy_ref, dg_ref = refs
-    else:
-        (x_ref, y_ref, g_ref, ddt_ref, dxd_ref, dyd_ref, eq_ref, ek_ref, dx_ref, dy_ref,
-         dg_ref) = refs
-    C = x_ref.shape[0]
+def _backward_kernel(*refs, a, probe, precision, exact, bounded, sync):
+    """dX (per query side), dY and dg of one chunk: the diagonal blocks' dX, dY and the
+    off-diagonal factors from _diagonal_backward_kernel (bounded: computed here,
+    _bounded_block), the blocks (i, j < i) by dots, the key side loaded once for all sides,
+    dg after them (see the module docstring; R sums over the sides)."""
+    x_refs, (y_ref, g_ref), ddt_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
+    rest = refs[2 * a + 2:]
+    if not bounded:
+        dxd_refs, (dyd_ref, eq_ref, ek_ref), rest = rest[:a], rest[a:a + 3], rest[a + 3:]
+    dx_refs, (dy_ref, dg_ref) = rest[:a], rest[a:]
+    C = y_ref.shape[0]
     n = C // SUB
     decays, totals, dkeys = [], [], []  # per key sub-chunk j: e^{suffix_j}, total, dY_j so far
     for i in range(n):
         rows = pl.ds(i * SUB, SUB)
-        Xq = x_ref[rows, :]
-        g = g_ref[rows, :].astype(Xq.dtype)
+        Xq = [x_ref[rows, :] for x_ref in x_refs]
+        g = g_ref[rows, :].astype(Xq[0].dtype)
         if bounded:
-            Y = y_ref[rows, :]
             eq, ek, pre, suffix, total = _bounded_block(probe, g, exact)
-            ddt = jnp.where(_decayed_pairs(probe), ddt_ref[rows, rows], 0.0)
-            dX = _dot(ddt, Y * ek, precision, trans_a=True) * eq
-            dY = _dot(ddt, Xq * eq, precision) * ek
+            key = y_ref[rows, :] * ek
+            dX, dY = [], 0.0
+            for Xs, ddt_ref in zip(Xq, ddt_refs):
+                ddt = jnp.where(_decayed_pairs(probe), ddt_ref[rows, rows], 0.0)
+                dX.append(_dot(ddt, key, precision, trans_a=True) * eq)
+                dY = dY + _dot(ddt, Xs * eq, precision)
+            dY = dY * ek
             eq, decay = _exp(pre), _exp(suffix)
         else:
-            dX, dY = dxd_ref[rows, :], dyd_ref[rows, :]
+            dX, dY = [dxd_ref[rows, :] for dxd_ref in dxd_refs], dyd_ref[rows, :]
             eq = eq_ref[rows, :] if i else None
             decay = None  # ek_ref's rows, loaded where used
             total = jnp.sum(g, axis=0, keepdims=True)
         for j in reversed(range(i)):
             ek = decays[j] if bounded else ek_ref[pl.ds(j * SUB, SUB), :]  # (reloaded: spills)
             key = y_ref[pl.ds(j * SUB, SUB), :] * ek
-            ddt_ji = ddt_ref[pl.ds(j * SUB, SUB), rows]  # (dD_ij)^T: [s in j, t in i]
-            if probe and j == i - 1:  # (first row of i, last of j): no decay, the wrapper's
-                ddt_ji = jnp.where(_decayed_pairs(probe, boundary=True), ddt_ji, 0.0)
-            dX = dX + _dot(ddt_ji, key, precision, trans_a=True) * eq
-            dkeys[j] = dkeys[j] + _dot(ddt_ji, Xq * eq, precision) * ek
+            dkey = 0.0
+            for side, (Xs, ddt_ref) in enumerate(zip(Xq, ddt_refs)):
+                ddt_ji = ddt_ref[pl.ds(j * SUB, SUB), rows]  # (dD_ij)^T: [s in j, t in i]
+                if probe and j == i - 1:  # (first row of i, last of j): no decay, the wrapper's
+                    ddt_ji = jnp.where(_decayed_pairs(probe, boundary=True), ddt_ji, 0.0)
+                dX[side] = dX[side] + _dot(ddt_ji, key, precision, trans_a=True) * eq
+                dkey = dkey + _dot(ddt_ji, Xs * eq, precision)
+            dkeys[j] = dkeys[j] + dkey * ek
             if j:
                 eq = eq * _exp(totals[j])
-        dg_ref[rows, :] = (Xq * dX).astype(dg_ref.dtype)  # R, read back below
-        dx_ref[rows, :] = dX.astype(dx_ref.dtype)
+        dg_ref[rows, :] = sum(Xs * dXs for Xs, dXs in zip(Xq, dX)).astype(dg_ref.dtype)  # R
+        for dx_ref, dXs in zip(dx_refs, dX):
+            dx_ref[rows, :] = dXs.astype(dx_ref.dtype)
         decays.append(decay)
         totals.append(total)
         dkeys.append(dY)
@@ -360,10 +402,10 @@ def _acc(ref):
     return jnp.promote_types(ref.dtype, jnp.float32)  # float32 (float64 in interpret mode)
 
 
-def _scalar_decays(g_row, probe, every, exact):
+def _scalar_decays(g_row, probe, strict, every, exact):
     """[t, s] factors e^{S[t, s]} of a chunk's pairs for scalar log decays g_row [1, C], S the
     sum of g_u over s < u <= t (probe: s < u <= t - 1) by a scan over t (sums of the tokens
-    each covers), 0 off the pairs (s <= t; probe s < t). every > 1: only the rows of the
+    each covers), 0 off the pairs (s <= t; probe or strict s < t). every > 1: only the rows of the
     last of every `every` tokens, [C / every, C], picked by a one-hot 0/1 dot at float32
     accuracy (`exact`; Triton has no strided slice of a value)."""
     C = g_row.shape[1]
@@ -371,24 +413,24 @@ def _scalar_decays(g_row, probe, every, exact):
     p = 1 if probe else 0
     g_t = jnp.sum(jnp.where(s == t - p, g_row, 0.0), axis=1, keepdims=True)  # g[t - p]
     S = jnp.cumsum(jnp.where(t > s + p, g_t, 0.0), axis=0)
-    W = jnp.where(t >= s + p, _exp(S), 0.0)
+    W = jnp.where(t >= s + (1 if probe or strict else 0), _exp(S), 0.0)
     if every == 1:
         return W
     shape = (C // every, C)
     return _mask_dot(_iota(shape, 1) == _tokens(shape, every), W, exact)
 
 
-def _scalar_forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, precision, exact):
+def _scalar_forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, strict, precision, exact):
     """Scalar decays: the whole chunk as one dot X Y^T times the pairs' decay factors (X may
     hold only the rows of every n-th token: chunked.decayed_products)."""
     every = y_ref.shape[0] // x_ref.shape[0]
-    W = _scalar_decays(g_ref[...].astype(_acc(x_ref)), probe, every, exact)
+    W = _scalar_decays(g_ref[...].astype(_acc(x_ref)), probe, strict, every, exact)
     d_ref[...] = (_dot(x_ref[...], y_ref[...], precision, trans_b=True) * W).astype(
         d_ref.dtype)
 
 
 def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref, *, probe,
-                            precision, exact):
+                            strict, precision, exact):
     """One program per block of _SCALAR_BLOCK key columns: its columns of dX = (dD e^S) Y and
     dY = (dD e^S)^T X, and its share [1, C] of the log decays' gradient, dg_u = the sum of dD D
     over the pairs whose decay spans u (s < u <= t; probe t - 1; D = X Y^T e^S is a sum over
@@ -402,7 +444,8 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
     j = pl.program_id(0)
     cols = pl.ds(j * kb, kb)
     X, Y = x_ref[:, cols], y_ref[:, cols]
-    A = dd_ref[...].astype(f) * _scalar_decays(g_ref[...].astype(f), probe, every, exact)
+    A = dd_ref[...].astype(f) * _scalar_decays(g_ref[...].astype(f), probe, strict, every,
+                                               exact)
     dx_ref[:, cols] = _dot(A, Y, precision).astype(dx_ref.dtype)
     dy_ref[:, cols] = _dot(A, X, precision, trans_a=True).astype(dy_ref.dtype)
     t, u = _tokens((rows, C), every), _iota((rows, C), 1)
@@ -433,89 +476,118 @@ def _pad_k(*xs):
 
 
 def _kernel_inputs(X, Y, g):
-    """K padded (_pad_k); a scalar decay per token as a row [1, C]."""
-    return _pad_k(X, Y) + ((g[None, :],) if g.ndim == 1 else _pad_k(g))
+    """K padded (_pad_k); a scalar decay per token as a row [1, C]. X: a tuple of sides."""
+    return _pad_k(*X), *_pad_k(Y), *((g[None, :],) if g.ndim == 1 else _pad_k(g))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _products(X, Y, g, probe, cfg):
-    C = X.shape[0]
-    out = jax.ShapeDtypeStruct((C, Y.shape[0]), X.dtype)  # X: every n-th row for scalar g
-    scalar = g.ndim == 1
-    args = _kernel_inputs(X, Y, g)
-    if scalar:
-        kernel = functools.partial(_scalar_forward_kernel, probe=probe, precision=cfg.precision,
-                                   exact=cfg.exact)
-        return _call(kernel, args, [out], cfg.interpret, cfg.fwd, "dplr_decayed_scalar_fwd")[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _products(X, Y, g, probe, strict, cfg):
+    """The products of the query sides X (a tuple of [rows, K]; scalar decays: one side)
+    with the keys Y [C, K], one [rows, C] per side; strict: per side (chunked.decayed_products).
+    """
+    C = Y.shape[0]
+    a = len(X)
+    Xp, Yp, gp = _kernel_inputs(X, Y, g)
+    if g.ndim == 1:
+        kernel = functools.partial(_scalar_forward_kernel, probe=probe, strict=strict[0],
+                                   precision=cfg.precision, exact=cfg.exact)
+        out = jax.ShapeDtypeStruct((X[0].shape[0], C), X[0].dtype)  # every n-th row
+        return tuple(_call(kernel, (Xp[0], Yp, gp), [out], cfg.interpret, cfg.fwd,
+                           "dplr_decayed_scalar_fwd"))
     rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
-    f = lambda *shape: jax.ShapeDtypeStruct(shape, X.dtype)
-    Kp = args[0].shape[1]
-    parts = _call(functools.partial(_diagonal_kernel, probe=probe, rows=rows), args,
-                  [f(C, SUB), f(C, Kp), f(C, Kp)], cfg.interpret,
+    f = lambda *shape: jax.ShapeDtypeStruct(shape, X[0].dtype)
+    Kp = Yp.shape[1]
+    parts = _call(functools.partial(_diagonal_kernel, probe=probe, rows=rows, a=a),
+                  Xp + (Yp, gp), [f(C, SUB)] * a + [f(C, Kp)] * (a + 1), cfg.interpret,
                   Launch(num_warps=DIAGONAL_WARPS, num_stages=1), "dplr_decayed_diag",
                   grid=(C // rows,))
-    kernel = functools.partial(_forward_kernel, probe=probe, precision=cfg.precision)
-    return _call(kernel, (args[2],) + tuple(parts), [out], cfg.interpret, cfg.fwd,
-                 "dplr_decayed_fwd")[0]
+    kernel = functools.partial(_forward_kernel, probe=probe, precision=cfg.precision,
+                               strict=strict)
+    return tuple(_call(kernel, (gp,) + tuple(parts), [f(C, C)] * a, cfg.interpret, cfg.fwd,
+                       "dplr_decayed_fwd"))
 
 
-def _products_fwd(X, Y, g, probe, cfg):
-    return _products(X, Y, g, probe, cfg), (X, Y, g)
+def _products_fwd(X, Y, g, probe, strict, cfg):
+    return _products(X, Y, g, probe, strict, cfg), (X, Y, g)
 
 
-def _products_bwd(probe, cfg, res, dD):
+def _products_bwd(probe, strict, cfg, res, dD):
     X, Y, g = res
+    a = len(X)
     Xp, Yp, gp = _kernel_inputs(X, Y, g)
-    outs = [jax.ShapeDtypeStruct(x.shape, X.dtype) for x in (Xp, Yp)]
-    K = X.shape[-1]
+    f = lambda x: jax.ShapeDtypeStruct(x.shape, Y.dtype)
+    K = Y.shape[-1]
     if g.ndim == 1:
-        kernel = functools.partial(_scalar_backward_kernel, probe=probe,
+        kernel = functools.partial(_scalar_backward_kernel, probe=probe, strict=strict[0],
                                    precision=cfg.precision, exact=cfg.exact)
-        n = max(Xp.shape[1] // _SCALAR_BLOCK, 1)
-        dX, dY, dg = _call(kernel, (Xp, Yp, gp, dD.astype(X.dtype)),
-                           outs + [jax.ShapeDtypeStruct((n, gp.shape[1]), g.dtype)],
+        n = max(Yp.shape[1] // _SCALAR_BLOCK, 1)
+        dX, dY, dg = _call(kernel, (Xp[0], Yp, gp, dD[0].astype(Y.dtype)),
+                           [f(Xp[0]), f(Yp), jax.ShapeDtypeStruct((n, gp.shape[1]), g.dtype)],
                            cfg.interpret, cfg.bwd, "dplr_decayed_scalar_bwd", grid=(n,))
-        return dX[:, :K], dY[:, :K], dg.sum(axis=0)
-    ddt = dD.T.astype(X.dtype)
-    args = (Xp, Yp, gp, ddt)
+        return (dX[:, :K],), dY[:, :K], dg.sum(axis=0)
+    ddt = tuple(d.T.astype(Y.dtype) for d in dD)
+    args = Xp + (Yp, gp) + ddt
     if not cfg.bounded:  # the diagonal blocks and the off-diagonal factors first
         rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
-        args += _call(functools.partial(_diagonal_backward_kernel, probe=probe, rows=rows),
-                      (Xp, Yp, gp, ddt), [outs[0]] * 4, cfg.interpret,
-                      Launch(num_warps=DIAGONAL_WARPS, num_stages=1), "dplr_decayed_diag_bwd",
-                      grid=(X.shape[0] // rows,))
-    kernel = functools.partial(_backward_kernel, probe=probe, precision=cfg.precision,
+        args += tuple(_call(functools.partial(_diagonal_backward_kernel, probe=probe, rows=rows,
+                                              a=a),
+                            args, [f(Yp)] * (a + 3), cfg.interpret,
+                            Launch(num_warps=DIAGONAL_WARPS, num_stages=1),
+                            "dplr_decayed_diag_bwd", grid=(Y.shape[0] // rows,)))
+    kernel = functools.partial(_backward_kernel, a=a, probe=probe, precision=cfg.precision,
                                exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret)
-    # dg's rows hold R first (the kernel reads it back): X's dtype, cast to g's at the end.
-    dX, dY, dg = _call(kernel, args, outs + [jax.ShapeDtypeStruct(gp.shape, X.dtype)],
-                       cfg.interpret, cfg.bwd, "dplr_decayed_bwd")
-    # The pairs (t, t - p) without decay depend on no g: added here, after dg (see above).
+    # dg's rows hold R first (the kernel reads it back): Y's dtype, cast to g's at the end.
+    *dX, dY, dg = _call(kernel, args, [f(Yp)] * (a + 2), cfg.interpret, cfg.bwd,
+                        "dplr_decayed_bwd")
+    # The pairs (t, t - p) without decay depend on no g: added here, after dg (see above);
+    # a strict side has none (probe=False: they are its dropped diagonal).
     p = 1 if probe else 0
-    d = jnp.pad(jnp.diagonal(dD, offset=-p), (p, 0)).astype(X.dtype)[:, None]  # dD[t, t-p]
-    dX = dX[:, :K] + d * jnp.pad(Y, ((p, 0), (0, 0)))[:Y.shape[0]]
-    dY = dY[:, :K] + jnp.pad((d * X)[p:], ((0, p), (0, 0)))
-    return dX, dY, dg[:, :K].astype(g.dtype)
+    dX = [x[:, :K] for x in dX]
+    dY = dY[:, :K]
+    for i, (Xi, dDi) in enumerate(zip(X, dD)):
+        if strict[i] and not probe:
+            continue
+        d = jnp.pad(jnp.diagonal(dDi, offset=-p), (p, 0)).astype(Y.dtype)[:, None]  # dD[t,t-p]
+        dX[i] = dX[i] + d * jnp.pad(Y, ((p, 0), (0, 0)))[:Y.shape[0]]
+        dY = dY + jnp.pad((d * Xi)[p:], ((0, p), (0, 0)))
+    return tuple(dX), dY, dg[:, :K].astype(g.dtype)
 
 
 _products.defvjp(_products_fwd, _products_bwd)
 
 
-def decayed_products(X, Y, g, probe, bounded=False, *, interpret, precision, exact, launch,
-                     scalar_launch=None):
+def decayed_products(X, Y, g, probe, bounded=False, strict=False, *, interpret, precision,
+                     exact, launch, scalar_launch=None):
     """Drop-in for chunked.decayed_products (one chunk): the kernels for per-channel and
     scalar decays, XLA's version without decay. precision: of the products; exact: a
     float32-accurate one for the bounded path's prefix sums; launch, scalar_launch: (forward,
     backward) Launch of the per-channel and the scalar kernels (scalar_launch None: XLA's
-    version for scalar decays)."""
+    version for scalar decays).
+
+    The per-channel kernels take every query rank of every side (X a tuple, or X's rank
+    axis) against one key rank in one pass: the sides share the keys' loads and factors and
+    the decays' exp2. A side with the rows of every n-th token is spread to a query per
+    token (zeros between) and its rows kept after; the scalar kernel takes such rows as they
+    are, one side per call."""
     if g is None or (g.ndim == 1 and scalar_launch is None):
-        return chunked.decayed_products(X, Y, g, probe)
-    n = Y.shape[0] // X.shape[0]
-    if n > 1 and g.ndim == 2:  # the rows of every n-th token (chunked.decayed_products): the
-        # per-channel kernels take a query per token (the scalar one takes those rows)
-        return decayed_products(chunked.at_last(X, n), Y, g, probe, bounded,
-                                interpret=interpret, precision=precision, exact=exact,
-                                launch=launch, scalar_launch=scalar_launch)[n - 1::n]
+        return chunked.decayed_products(X, Y, g, probe, bounded, strict)
+    sides, flags = (X, strict) if isinstance(X, tuple) else ((X,), (strict,))
     cfg = _Cfg(interpret, precision, exact, bounded, *(scalar_launch if g.ndim == 1 else launch))
-    rows = [[_products(X[:, i], Y[:, j], g, probe, cfg) for j in range(Y.shape[1])]
-            for i in range(X.shape[1])]
-    return jnp.stack([jnp.stack(r, axis=-1) for r in rows], axis=1)  # [C, a, C, b]
+    C, b = Y.shape[:2]
+    if g.ndim == 1:
+        prods = [[[_products((x[:, i],), Y[:, j], g, probe, (s,), cfg)[0] for j in range(b)]
+                  for i in range(x.shape[1])] for x, s in zip(sides, flags)]
+    else:
+        every = [C // x.shape[0] for x in sides]
+        cols = [c for x, n in zip(sides, every) for c in jnp.unstack(chunked.at_last(x, n),
+                                                                      axis=1)]
+        col_flags = tuple(s for x, s in zip(sides, flags) for _ in range(x.shape[1]))
+        per_key = [_products(tuple(cols), Y[:, j], g, probe, col_flags, cfg) for j in range(b)]
+        prods, start = [], 0
+        for x, n in zip(sides, every):
+            a = x.shape[1]
+            prods.append([[per_key[j][c][n - 1::n] for j in range(b)]
+                          for c in range(start, start + a)])
+            start += a
+    outs = tuple(jnp.stack([jnp.stack(r, axis=-1) for r in p], axis=1) for p in prods)
+    return outs if isinstance(X, tuple) else outs[0]  # [rows, a, C, b] per side

@@ -43,13 +43,15 @@ def _scan(layout, factors, h0, *, cfg, o_dtype):
     return o, finals.reshape((N,) + finals.shape[2:])
 
 
-def _phase1(q, g, E, y, P, F, Vk, *, decayed, **kernel):
+def _phase1(q, g, E, y, P, F, Vk, *, decayed, own_decay, **kernel):
     """Phase 1 of one chunk: in the kernels of factors.py where they take the form (one key
     of each kind per token, or DPLR of rank 2 or 4 in chunks of at most 128 rows:
     factors.takes), otherwise in XLA (chunked.chunk_factors)."""
     if factors.takes(E, F):
-        return factors.low_rank_factors(q, g, E, y, P, F, Vk, decayed=decayed, **kernel)
-    return chunked.checkpointed(chunked.chunk_factors, decayed=decayed)(q, g, E, y, P, F, Vk)
+        return factors.low_rank_factors(q, g, E, y, P, F, Vk, decayed=decayed,
+                                        own_decay=own_decay, **kernel)
+    return chunked.checkpointed(chunked.chunk_factors, decayed=decayed, own_decay=own_decay)(
+        q, g, E, y, P, F, Vk)
 
 
 def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config, bounded=False):

@@ -14,7 +14,8 @@ probe) (decayed.py or XLA):
     gamma = e^{sum of the chunk's g}
 
 (the terms of a part the form lacks drop out; without E, X is Vk itself; DPLR's y is zero
-and absent). In XLA these are ~30 kernels over [C, K] float32 tensors per chunk, each
+and absent). Where P holds p and the probes are p e^g (own_decay: the delta family), A = p e^I,
+and with one probe and one query per token the kernels take P's sums from q's. In XLA these are ~30 kernels over [C, K] float32 tensors per chunk, each
 written to HBM and read back, plus their transposes and the layout moves between them: at
 B=4, T=4096, H=16, K=V=128 on the H100 about 2 ms of kda's 4.5 ms forward and ~6 ms of its
 backward, and 1.1 ms of GLA's 2.4 ms forward (benchmarks/NOTES.md). Here one program per
@@ -149,18 +150,32 @@ class _Form(NamedTuple):
         return pl.ds(self.C * self.m, self.C * self.rk)
 
 
-def _decays(r, fm, decay, ks, exact):
+def _probe_masks(fm, own):
+    """[row, u] masks of P's rows: the tokens u in its exponent (u <= t where P holds p and
+    the probe is p e^{g_t}, `own`; else u < t) and those in E's (u > t)."""
+    upto, before, after = _masks(fm.C * fm.m, fm.C, fm.m)
+    return (upto if own else before), after
+
+
+def _probes_as_queries(fm, own):
+    """Whether P's rows take the exponents of q's: one probe and one query per token, P
+    holding p (own_decay). Then one sum serves both, forward and backward."""
+    return own and fm.m == 1 and fm.n == 1
+
+
+def _decays(r, fm, decay, ks, exact, own):
     """For key columns ks (all of them per token): the exponents of q's rows (inclusive prefix
-    sums), of P's (exclusive), of E's and F's (suffix), and the log of gamma; Nones without
-    decay."""
+    sums), of P's (exclusive; inclusive if `own`), of E's and F's (suffix), and the log of
+    gamma; Nones without decay."""
     if decay is None:
         return None, None, None, None, None
     g = r["g"][:, ks] if decay == "channel" else r["g"][...]
     incl = _token_sums(_prefix_mask(fm), g, decay, exact)
     excl = suffix_e = suffix_f = None
     if fm.m:
-        _, before, after = _masks(fm.C * fm.m, fm.C, fm.m)
-        excl, suffix_e = (_token_sums(x, g, decay, exact) for x in (before, after))
+        probe, after = _probe_masks(fm, own)
+        excl = incl if _probes_as_queries(fm, own) else _token_sums(probe, g, decay, exact)
+        suffix_e = _token_sums(after, g, decay, exact)
     if fm.rk:
         suffix_f = _token_sums(_masks(fm.C * fm.rk, fm.C, fm.rk)[2], g, decay, exact)
     total = jnp.sum(g, axis=0 if decay == "channel" else 1, keepdims=True)
@@ -180,7 +195,7 @@ def _rhs(r, vs, Vk, precision):
 # cotangents (sums over columns) come out per program for XLA to add. Whole chunks per
 # program (all columns in one, [64, 128] float32 tiles) took 1.7 ms forward and 5.8 backward
 # for kda on the H100, with columns looped inside one program 1.8 and 7.6 (8 warps).
-def _forward_kernel(*refs, names, n, decay, precision, exact):
+def _forward_kernel(*refs, names, n, own, decay, precision, exact):
     r = dict(zip(names, refs))
     fm = _Form.of(r, n)
     bk, bv, nk, _ = _blocks(r["q"].shape[1], r["o0"].shape[1])
@@ -189,7 +204,7 @@ def _forward_kernel(*refs, names, n, decay, precision, exact):
     @pl.when(j < nk)
     def _keys():
         ks = pl.ds(j * bk, bk)
-        incl, excl, suffix_e, suffix_f, total = _decays(r, fm, decay, ks, exact)
+        incl, excl, suffix_e, suffix_f, total = _decays(r, fm, decay, ks, exact, own)
         if fm.m:  # W before q is loaded: fewer registers live across its dot
             W = _dot(r["ti"][...], _scaled(r["p"][:, ks], excl), precision)
             r["w"][:, ks] = W.astype(r["w"].dtype)
@@ -220,7 +235,7 @@ def _forward_kernel(*refs, names, n, decay, precision, exact):
         r["o0"][:, vs] = O0.astype(r["o0"].dtype)
 
 
-def _backward_kernel(*refs, names, n, decay, precision, exact):
+def _backward_kernel(*refs, names, n, own, decay, precision, exact):
     r = dict(zip(names, refs))
     fm = _Form.of(r, n)
     C, m, rk, _ = fm
@@ -238,7 +253,7 @@ def _backward_kernel(*refs, names, n, decay, precision, exact):
     @pl.when(j < nk)
     def _keys():  # A = P e^J, W = Tinv A, Qs = q e^I - QE W, Z = [E; F] e^S, gamma = e^{sum g}
         ks = pl.ds(j * bk, bk)
-        incl, excl, suffix_e, suffix_f, total = _decays(r, fm, decay, ks, exact)
+        incl, excl, suffix_e, suffix_f, total = _decays(r, fm, decay, ks, exact, own)
         dQs = r["dqs"][:, ks]
         dq = _scaled(dQs, incl)
         r["dq"][:, ks] = dq.astype(r["dq"].dtype)
@@ -255,8 +270,12 @@ def _backward_kernel(*refs, names, n, decay, precision, exact):
             dE = _scaled(r["dz"][fm.e_rows, ks], suffix_e)
             r["dp"][:, ks] = dP.astype(r["dp"].dtype)
             r["de"][:, ks] = dE.astype(r["de"].dtype)
-            _, before, after = _masks(C * m, C, m)
-            parts += [(before, dP * P), (after, dE * r["e"][:, ks])]
+            before, after = _probe_masks(fm, own)
+            if _probes_as_queries(fm, own):  # q's mask: one sum for both
+                parts[0] = (before, parts[0][1] + dP * P)
+            else:
+                parts.append((before, dP * P))
+            parts.append((after, dE * r["e"][:, ks]))
         if rk:
             dF = _scaled(r["dz"][fm.f_rows, ks], suffix_f)
             r["df"][:, ks] = dF.astype(r["df"].dtype)
@@ -379,12 +398,12 @@ def _inverse(L, cfg):
                           name="dplr_ut_inverse")(L)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12))
-def _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n):
-    return _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13))
+def _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n, own):
+    return _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n, own)[0]
 
 
-def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n):
+def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n, own):
     Cq, K = q.shape  # query rows: one token in n
     V = (y if Vk is None else Vk).shape[-1]
     ne, nf = (0 if x is None else x.shape[0] for x in (E, F))  # probed and plain rows
@@ -395,7 +414,7 @@ def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n):
     outs = {"gam": f(1, Kp), "z": f(ne + nf, Kp), "qs": f(Cq, Kp), "o0": f(Cq, Vp)}
     if ne:
         outs.update(w=f(ne, Kp), x=f(ne + nf, Vp))
-    kernel = functools.partial(_forward_kernel, names=names + tuple(outs), n=n,
+    kernel = functools.partial(_forward_kernel, names=names + tuple(outs), n=n, own=own,
                                decay=_decay_mode(g), precision=cfg.precision, exact=cfg.exact)
     got = dict(zip(outs, _launch(kernel, ins, list(outs.values()), cfg.interpret, cfg.fwd,
                                  Kp, Vp, "dplr_factors_fwd")))
@@ -406,7 +425,7 @@ def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n):
     return out, res
 
 
-def _tail_bwd(cfg, n, res, cts):
+def _tail_bwd(cfg, n, own, res, cts):
     q, g, E, y, P, QE, Tinv, F, Vk, QF, PF = res
     Cq, K = q.shape
     C = Cq * n  # tokens
@@ -435,7 +454,7 @@ def _tail_bwd(cfg, n, res, cts):
     if decay is not None:
         outs["dg"] = f(C, Kp) if decay == "channel" else f(nk, C)
     kernel = functools.partial(_backward_kernel, names=names + tuple(cts) + tuple(outs), n=n,
-                               decay=decay, precision=cfg.precision, exact=cfg.exact)
+                               own=own, decay=decay, precision=cfg.precision, exact=cfg.exact)
     got = dict(zip(outs, _launch(kernel, ins + tuple(cts.values()), list(outs.values()),
                                  cfg.interpret, cfg.bwd, Kp, Vp, "dplr_factors_bwd")))
 
@@ -470,24 +489,33 @@ def takes(E, F):
     return all(r in RANKS and (r == 1 or C * r <= MAX_ROWS) for r in ranks)
 
 
-def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, interpret, precision, exact, launch):
+def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, own_decay=False, interpret, precision,
+                     exact, launch):
     """chunked.chunk_factors for one chunk of a form the kernels take (`takes`): q [C / n, K]
     (the last of every n tokens' queries), E, y, P [C, m, ...] or None, F, Vk [C, rk, ...]
-    or None, not both None; the intra-chunk products from `decayed`, the rest in the kernels
-    above. launch: (forward, backward) Launch."""
+    or None, not both None; own_decay: P holds p (chunked.chunked); the intra-chunk products
+    from `decayed`, the rest in the kernels above. launch: (forward, backward) Launch."""
     C = (E if E is not None else F).shape[0]
     n = C // q.shape[0]
     m, rk = (0 if x is None else x.shape[1] for x in (E, F))
 
+    own = own_decay and g is not None
+    probed = dict(probe=False, strict=True) if own else dict(probe=True)  # P's products
+
     def products(q, g, E, P, F):
-        def one(X, Y, probe, a, b):  # [rows * a, K] and [C * b, K] -> [rows * a, C * b]
+        def one(X, Y, a, b, **kind):  # [rows * a, K] and [C * b, K] -> [rows * a, C * b]
             if X is None or Y is None:
                 return None
-            D = decayed(X.reshape(-1, a, X.shape[-1]), Y.reshape(C, b, -1), g, probe)
+            D = decayed(X.reshape(-1, a, X.shape[-1]), Y.reshape(C, b, -1), g, **kind)
             return D.reshape(-1, C * b)
 
-        return (one(P, E, True, m, m), one(q, E, False, 1, m), one(q, F, False, 1, rk),
-                one(P, F, True, m, rk))
+        if own and E is not None:  # L and QE in one pass over the keys
+            QE, L = decayed((q.reshape(-1, 1, q.shape[-1]), P.reshape(C, m, -1)),
+                            E.reshape(C, m, -1), g, probe=False, strict=(False, True))
+            QE, L = QE.reshape(-1, C * m), L.reshape(C * m, C * m)
+        else:
+            L, QE = one(P, E, m, m, **probed), one(q, E, 1, m, probe=False)
+        return L, QE, one(q, F, 1, rk, probe=False), one(P, F, m, rk, **probed)
 
     # Rematerialized in the backward pass, not saved: XLA's products (per-token or no decay)
     # would keep their C x C intermediates (2.9x the residual bytes of XLA's checkpointed
@@ -500,4 +528,4 @@ def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, interpret, precision, exa
     L, QE, QF, PF = jax.checkpoint(products, policy=jax.checkpoint_policies.nothing_saveable)(
         q, g, E, P, F)
     return _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, _Cfg(interpret, precision, exact, *launch),
-                 n)
+                 n, own)
