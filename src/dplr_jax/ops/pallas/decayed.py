@@ -330,26 +330,28 @@ def _diagonal_backward_kernel(*refs, probe, rows, a):
         ek_ref[here, :] = jnp.exp2(suffix).astype(ek_ref.dtype)
 
 
-def _backward_kernel(*refs, a, probe, precision, exact, bounded, sync):
+def _backward_kernel(*refs, a, probe, precision, exact, bounded, sync, kb):
     """dX (per query side), dY and dg of one chunk: the diagonal blocks' dX, dY and the
     off-diagonal factors from _diagonal_backward_kernel (bounded: computed here,
     _bounded_block), the blocks (i, j < i) by dots, the key side loaded once for all sides,
-    dg after them (see the module docstring; R sums over the sides)."""
+    dg after them (see the module docstring; R sums over the sides). Every step is per key
+    channel (the dots contract over tokens): one program per block of kb key columns."""
     x_refs, (y_ref, g_ref), ddt_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
     rest = refs[2 * a + 2:]
     if not bounded:
         dxd_refs, (dyd_ref, eq_ref, ek_ref), rest = rest[:a], rest[a:a + 3], rest[a + 3:]
     dx_refs, (dy_ref, dg_ref) = rest[:a], rest[a:]
     C = y_ref.shape[0]
+    cols = pl.ds(pl.program_id(0) * kb, kb)
     n = C // SUB
     decays, totals, dkeys = [], [], []  # per key sub-chunk j: e^{suffix_j}, total, dY_j so far
     for i in range(n):
         rows = pl.ds(i * SUB, SUB)
-        Xq = [x_ref[rows, :] for x_ref in x_refs]
-        g = g_ref[rows, :].astype(Xq[0].dtype)
+        Xq = [x_ref[rows, cols] for x_ref in x_refs]
+        g = g_ref[rows, cols].astype(Xq[0].dtype)
         if bounded:
             eq, ek, pre, suffix, total = _bounded_block(probe, g, exact)
-            key = y_ref[rows, :] * ek
+            key = y_ref[rows, cols] * ek
             dX, dY = [], 0.0
             for Xs, ddt_ref in zip(Xq, ddt_refs):
                 ddt = jnp.where(_decayed_pairs(probe), ddt_ref[rows, rows], 0.0)
@@ -358,13 +360,14 @@ def _backward_kernel(*refs, a, probe, precision, exact, bounded, sync):
             dY = dY * ek
             eq, decay = _exp(pre), _exp(suffix)
         else:
-            dX, dY = [dxd_ref[rows, :] for dxd_ref in dxd_refs], dyd_ref[rows, :]
-            eq = eq_ref[rows, :] if i else None
+            dX, dY = [dxd_ref[rows, cols] for dxd_ref in dxd_refs], dyd_ref[rows, cols]
+            eq = eq_ref[rows, cols] if i else None
             decay = None  # ek_ref's rows, loaded where used
             total = jnp.sum(g, axis=0, keepdims=True)
         for j in reversed(range(i)):
-            ek = decays[j] if bounded else ek_ref[pl.ds(j * SUB, SUB), :]  # (reloaded: spills)
-            key = y_ref[pl.ds(j * SUB, SUB), :] * ek
+            # (ek_ref's rows reloaded: kept, they spilled)
+            ek = decays[j] if bounded else ek_ref[pl.ds(j * SUB, SUB), cols]
+            key = y_ref[pl.ds(j * SUB, SUB), cols] * ek
             dkey = 0.0
             for side, (Xs, ddt_ref) in enumerate(zip(Xq, ddt_refs)):
                 ddt_ji = ddt_ref[pl.ds(j * SUB, SUB), rows]  # (dD_ij)^T: [s in j, t in i]
@@ -375,9 +378,9 @@ def _backward_kernel(*refs, a, probe, precision, exact, bounded, sync):
             dkeys[j] = dkeys[j] + dkey * ek
             if j:
                 eq = eq * _exp(totals[j])
-        dg_ref[rows, :] = sum(Xs * dXs for Xs, dXs in zip(Xq, dX)).astype(dg_ref.dtype)  # R
+        dg_ref[rows, cols] = sum(Xs * dXs for Xs, dXs in zip(Xq, dX)).astype(dg_ref.dtype)  # R
         for dx_ref, dXs in zip(dx_refs, dX):
-            dx_ref[rows, :] = dXs.astype(dx_ref.dtype)
+            dx_ref[rows, cols] = dXs.astype(dx_ref.dtype)
         decays.append(decay)
         totals.append(total)
         dkeys.append(dY)
@@ -389,12 +392,12 @@ def _backward_kernel(*refs, a, probe, precision, exact, bounded, sync):
     later = 0.0
     for j in reversed(range(n)):
         rows = pl.ds(j * SUB, SUB)
-        dy_ref[rows, :] = dkeys[j].astype(dy_ref.dtype)
-        R = dg_ref[rows, :]
-        rq = R - y_ref[rows, :] * dkeys[j]
+        dy_ref[rows, cols] = dkeys[j].astype(dy_ref.dtype)
+        R = dg_ref[rows, cols]
+        rq = R - y_ref[rows, cols] * dkeys[j]
         total = jnp.sum(rq, axis=0, keepdims=True)
         dg = (later + total) - (jnp.cumsum(rq, axis=0) - rq)
-        dg_ref[rows, :] = (dg - R if probe else dg).astype(dg_ref.dtype)
+        dg_ref[rows, cols] = (dg - R if probe else dg).astype(dg_ref.dtype)
         later = later + total
 
 
@@ -431,7 +434,7 @@ def _scalar_forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, strict, precisi
 
 def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref, *, probe,
                             strict, precision, exact):
-    """One program per block of _SCALAR_BLOCK key columns: its columns of dX = (dD e^S) Y and
+    """One program per block of BLOCK key columns: its columns of dX = (dD e^S) Y and
     dY = (dD e^S)^T X, and its share [1, C] of the log decays' gradient, dg_u = the sum of dD D
     over the pairs whose decay spans u (s < u <= t; probe t - 1; D = X Y^T e^S is a sum over
     the key columns), as a 0/1 dot over s and a masked sum over t; XLA adds the shares. The
@@ -440,7 +443,7 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
     f = _acc(x_ref)
     (rows, K), C = x_ref.shape, y_ref.shape[0]
     every = C // rows
-    kb = min(_SCALAR_BLOCK, K)
+    kb = min(BLOCK, K)
     j = pl.program_id(0)
     cols = pl.ds(j * kb, kb)
     X, Y = x_ref[:, cols], y_ref[:, cols]
@@ -457,7 +460,7 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
                                      keepdims=True).astype(dg_ref.dtype)
 
 
-_SCALAR_BLOCK = 64  # key columns per program of the scalar backward
+BLOCK = 64  # key columns per program of the backward kernels
 # Rows per program of the diagonal kernels: on the GPU 2 (H100, benchmarks/NOTES.md), in the
 # CPU interpreter a whole sub-chunk (fewer, larger steps).
 DIAGONAL_ROWS, DIAGONAL_WARPS, INTERPRET_ROWS = 2, 1, SUB
@@ -520,7 +523,7 @@ def _products_bwd(probe, strict, cfg, res, dD):
     if g.ndim == 1:
         kernel = functools.partial(_scalar_backward_kernel, probe=probe, strict=strict[0],
                                    precision=cfg.precision, exact=cfg.exact)
-        n = max(Yp.shape[1] // _SCALAR_BLOCK, 1)
+        n = max(Yp.shape[1] // BLOCK, 1)
         dX, dY, dg = _call(kernel, (Xp[0], Yp, gp, dD[0].astype(Y.dtype)),
                            [f(Xp[0]), f(Yp), jax.ShapeDtypeStruct((n, gp.shape[1]), g.dtype)],
                            cfg.interpret, cfg.bwd, "dplr_decayed_scalar_bwd", grid=(n,))
@@ -534,11 +537,19 @@ def _products_bwd(probe, strict, cfg, res, dD):
                             args, [f(Yp)] * (a + 3), cfg.interpret,
                             Launch(num_warps=DIAGONAL_WARPS, num_stages=1),
                             "dplr_decayed_diag_bwd", grid=(Y.shape[0] // rows,)))
+    # Bounded with several query sides, the kernel forms each side's diagonal blocks by dots
+    # and holds a dX per side: a program per BLOCK key columns (kda 8.11 -> 7.47 ms forward+
+    # backward on the H100). Otherwise one program per chunk, which reads the C x C
+    # cotangents once (per BLOCK columns: gla bounded 4.69 -> 4.86, dplr 14.66 -> 15.25;
+    # benchmarks/NOTES.md, fifteenth session).
+    Kp = Yp.shape[1]
+    kb = min(BLOCK, Kp) if cfg.bounded and a > 1 else Kp
     kernel = functools.partial(_backward_kernel, a=a, probe=probe, precision=cfg.precision,
-                               exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret)
+                               exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret,
+                               kb=kb)
     # dg's rows hold R first (the kernel reads it back): Y's dtype, cast to g's at the end.
     *dX, dY, dg = _call(kernel, args, [f(Yp)] * (a + 2), cfg.interpret, cfg.bwd,
-                        "dplr_decayed_bwd")
+                        "dplr_decayed_bwd", grid=(Kp // kb,))
     # The pairs (t, t - p) without decay depend on no g: added here, after dg (see above);
     # a strict side has none (probe=False: they are its dropped diagonal).
     p = 1 if probe else 0

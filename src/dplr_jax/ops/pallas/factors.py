@@ -14,9 +14,10 @@ probe) (decayed.py or XLA):
     gamma = e^{sum of the chunk's g}
 
 (the terms of a part the form lacks drop out; without E, X is Vk itself; DPLR's y is zero
-and absent). Where P holds p and the probes are p e^g (own_decay: the delta family), A = p e^I,
-and with one probe and one query per token the kernels take P's sums from q's. In XLA these are ~30 kernels over [C, K] float32 tensors per chunk, each
-written to HBM and read back, plus their transposes and the layout moves between them: at
+and absent). Where P holds p and the probes are p e^g (own_decay: the delta family),
+A = p e^I, and with one probe and one query per token the kernels take P's sums from q's.
+In XLA these are ~30 kernels over [C, K] float32 tensors per chunk, each written to HBM and
+read back, plus their transposes and the layout moves between them: at
 B=4, T=4096, H=16, K=V=128 on the H100 about 2 ms of kda's 4.5 ms forward and ~6 ms of its
 backward, and 1.1 ms of GLA's 2.4 ms forward (benchmarks/NOTES.md). Here one program per
 (chunk, block of 64 key or value columns) reads its columns of the inputs and the C x C
