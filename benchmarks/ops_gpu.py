@@ -271,18 +271,20 @@ def bench_state_pass(T, configs):
 
 
 def _products_setup(T):
-    """Inputs of kda's L (probe=True) per chunk, float32 as the engine passes them, vmapped
-    over B*H*T/C chunks, and (forward, forward+backward) functions of XLA's products and of
-    the kernels at (forward, backward) warps: (X, Y, g, xla, pallas(wf, wb, bounded))."""
+    """Inputs of kda's QE and L per chunk (the query sides q and p against the keys E, p's
+    strict: chunked.chunked's own_decay), float32 as the engine passes them, vmapped over
+    B*H*T/C chunks, and (forward, forward+backward) functions of XLA's products and of the
+    kernels at (forward, backward) warps: (X, Y, g, xla, pallas(wf, wb, bounded)), X the
+    pair of sides."""
     N = B * H * T // C
-    ks = jax.random.split(jax.random.PRNGKey(11), 4)
-    X = jax.random.normal(ks[0], (N, C, 1, K))
-    Y = jax.random.normal(ks[1], (N, C, 1, K))
-    g = jax.nn.log_sigmoid(1.5 * jax.random.normal(ks[2], (N, C, K)) + 3.0)
-    ct = jax.random.normal(ks[3], (N, C, 1, C, 1))
+    ks = jax.random.split(jax.random.PRNGKey(11), 5)
+    X = tuple(jax.random.normal(k, (N, C, 1, K)) for k in ks[:2])
+    Y = jax.random.normal(ks[2], (N, C, 1, K))
+    g = jax.nn.log_sigmoid(1.5 * jax.random.normal(ks[3], (N, C, K)) + 3.0)
+    ct = tuple(jax.random.normal(k, (N, C, 1, C, 1)) for k in jax.random.split(ks[4]))
 
     def fns(products):
-        fwd = jax.vmap(lambda X, Y, g: products(X, Y, g, True))
+        fwd = jax.vmap(lambda X, Y, g: products(X, Y, g, False, strict=(False, True)))
 
         def fwd_bwd(X, Y, g):  # returns D too: else XLA drops the forward kernel (sixth session)
             D, pull = jax.vjp(fwd, X, Y, g)
@@ -301,10 +303,16 @@ def _products_setup(T):
     return X, Y, g, xla, pallas
 
 
+def _product_errors(got, ref):
+    """Relative errors of (QE, L), their cotangents (dq, dp), dY and dg against ref's."""
+    names = ("QE", "L", "dq", "dp", "dY", "dg")
+    return {n: rel(a, b) for n, a, b in zip(names, jax.tree.leaves(got), jax.tree.leaves(ref))}
+
+
 def bench_products(T):
-    """Phase 1's decayed products of per-channel decays alone (kda's L, _products_setup): the
-    Pallas kernels (decayed.py) at several warp counts of the per-chunk kernels (forward /
-    backward) and rows per program of the diagonal kernels vs XLA's chunked.decayed_products,
+    """Phase 1's decayed products of per-channel decays alone (kda's QE and L,
+    _products_setup): the Pallas kernels (decayed.py) at several warp counts of the per-chunk
+    kernels (forward / backward) and rows per program of the diagonal kernels vs XLA's chunked.decayed_products,
     forward and forward+backward; plus a check of one against the other on the GPU, plain
     and with hard resets, and the bounded path against the exact kernel."""
     X, Y, g, xla, pallas = _products_setup(T)
@@ -314,8 +322,8 @@ def bench_products(T):
         with jax.default_matmul_precision("highest"):
             ref = jax.jit(xla[1])(X, Y, gs)  # (D, dX, dY, dg)
         got = jax.jit(pallas(2, 4)[1])(X, Y, gs)
-        errs = {n: rel(a, b) for n, a, b in zip(("D", "dX", "dY", "dg"), got, ref)}
-        finite = all(bool(jnp.all(jnp.isfinite(a))) for a in got)
+        errs = _product_errors(got, ref)
+        finite = all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(got))
         RESULTS["checks"].append({"op": "decayed products (tf32 dots)",
                                   "case": "strong" if strong else "plain",
                                   "errors_vs_xla_highest": errs, "finite": finite})
@@ -340,7 +348,7 @@ def bench_products(T):
         fwd, fb = pallas(wf, wb, bounded=True)
         if (wf, wb) == (2, 4):
             got = jax.jit(fb)(X, Y, gb)
-            errs = {n: rel(a, b) for n, a, b in zip(("D", "dX", "dY", "dg"), got, exact)}
+            errs = _product_errors(got, exact)
             RESULTS["checks"].append({"op": "decayed products bounded vs exact kernel",
                                       "case": "decays >= -5", "errors": errs})
             log(f"products bounded vs exact kernel: {errs}")
@@ -363,8 +371,8 @@ def bench_scalar_products(T):
         with jax.default_matmul_precision("highest"):
             ref = jax.jit(xla[1])(X, Y, gt)
         got = jax.jit(pallas(*(x.num_warps for x in gpu.scalar_products))[1])(X, Y, gt)
-        errs = {n: rel(a, b) for n, a, b in zip(("D", "dX", "dY", "dg"), got, ref)}
-        finite = all(bool(jnp.all(jnp.isfinite(a))) for a in got)
+        errs = _product_errors(got, ref)
+        finite = all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(got))
         RESULTS["checks"].append({"op": "decayed products, scalar decays (tf32 dots)",
                                   "case": "strong" if strong else "plain",
                                   "errors_vs_xla_highest": errs, "finite": finite})
