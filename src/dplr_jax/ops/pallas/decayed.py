@@ -24,8 +24,9 @@ backward. Sub-chunks i = 0..n-1 (16 tokens); two kernels each way:
 Query sides: several X against the same Y and g run in one pass (a probe's ranks; phase 1's
 q and p where the probes carry their own token's decay, which makes L a product under QE's
 decays: chunked.chunked). Each step's exp2 and key row serve every side, the key side
-Y e^{suffix} is formed once, and the backward sums the sides' shares of dY and R. A strict
-side drops its pairs s = t as well (L). On the H100 this took kda from 9.19 to 8.06 ms
+Y e^{suffix} is formed once, and the backward sums the sides' shares of dY and R; the scalar
+kernels likewise form the pairs' decay factors once for all sides. A strict side drops its
+pairs s = t as well (L). On the H100 this took kda from 9.19 to 8.06 ms
 forward+backward and hdla from 16.90 to 14.61 (benchmarks/NOTES.md, fifteenth session).
 
 Backward (custom_vjp): _diagonal_backward_kernel, by the same row groups, runs the keys down
@@ -405,59 +406,79 @@ def _acc(ref):
     return jnp.promote_types(ref.dtype, jnp.float32)  # float32 (float64 in interpret mode)
 
 
-def _scalar_decays(g_row, probe, strict, every, exact):
-    """[t, s] factors e^{S[t, s]} of a chunk's pairs for scalar log decays g_row [1, C], S the
-    sum of g_u over s < u <= t (probe: s < u <= t - 1) by a scan over t (sums of the tokens
-    each covers), 0 off the pairs (s <= t; probe or strict s < t). every > 1: only the rows of the
-    last of every `every` tokens, [C / every, C], picked by a one-hot 0/1 dot at float32
-    accuracy (`exact`; Triton has no strided slice of a value)."""
+def _scalar_factors(g_row, probe):
+    """[t, s] e^{S[t, s]} for scalar log decays g_row [1, C], S the sum of g_u over
+    s < u <= t (probe: s < u <= t - 1) by a scan over t (sums of the tokens each covers) on
+    the pairs s < t (probe s < t - 1); 1 elsewhere, for _scalar_decays to mask."""
     C = g_row.shape[1]
     t, s = _iota((C, C), 0), _iota((C, C), 1)
     p = 1 if probe else 0
     g_t = jnp.sum(jnp.where(s == t - p, g_row, 0.0), axis=1, keepdims=True)  # g[t - p]
-    S = jnp.cumsum(jnp.where(t > s + p, g_t, 0.0), axis=0)
-    W = jnp.where(t >= s + (1 if probe or strict else 0), _exp(S), 0.0)
+    return _exp(jnp.cumsum(jnp.where(t > s + p, g_t, 0.0), axis=0))
+
+
+def _scalar_decays(factors, probe, strict, every, exact):
+    """One query side's [t, s] decay factors from _scalar_factors: 0 off its pairs (s <= t;
+    probe or strict s < t). every > 1: only the rows of the last of every `every` tokens,
+    [C / every, C], picked by a one-hot 0/1 dot at float32 accuracy (`exact`; Triton has no
+    strided slice of a value)."""
+    C = factors.shape[0]
+    t, s = _iota((C, C), 0), _iota((C, C), 1)
+    W = jnp.where(t >= s + (1 if probe or strict else 0), factors, 0.0)
     if every == 1:
         return W
     shape = (C // every, C)
     return _mask_dot(_iota(shape, 1) == _tokens(shape, every), W, exact)
 
 
-def _scalar_forward_kernel(x_ref, y_ref, g_ref, d_ref, *, probe, strict, precision, exact):
-    """Scalar decays: the whole chunk as one dot X Y^T times the pairs' decay factors (X may
-    hold only the rows of every n-th token: chunked.decayed_products)."""
-    every = y_ref.shape[0] // x_ref.shape[0]
-    W = _scalar_decays(g_ref[...].astype(_acc(x_ref)), probe, strict, every, exact)
-    d_ref[...] = (_dot(x_ref[...], y_ref[...], precision, trans_b=True) * W).astype(
-        d_ref.dtype)
+def _scalar_forward_kernel(*refs, probe, strict, precision, exact):
+    """Scalar decays: per query side (refs: the sides' x_refs, y_ref, g_ref, the sides' d_refs)
+    the whole chunk as one dot X Y^T times the pairs' decay factors, formed once for all
+    sides (a side may hold only the rows of every n-th token: chunked.decayed_products)."""
+    a = len(strict)
+    x_refs, (y_ref, g_ref), d_refs = refs[:a], refs[a:a + 2], refs[a + 2:]
+    C = y_ref.shape[0]
+    factors = _scalar_factors(g_ref[...].astype(_acc(y_ref)), probe)
+    Y = y_ref[...]
+    for x_ref, d_ref, s in zip(x_refs, d_refs, strict):
+        W = _scalar_decays(factors, probe, s, C // x_ref.shape[0], exact)
+        d_ref[...] = (_dot(x_ref[...], Y, precision, trans_b=True) * W).astype(d_ref.dtype)
 
 
-def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref, *, probe,
-                            strict, precision, exact):
-    """One program per block of BLOCK key columns: its columns of dX = (dD e^S) Y and
-    dY = (dD e^S)^T X, and its share [1, C] of the log decays' gradient, dg_u = the sum of dD D
-    over the pairs whose decay spans u (s < u <= t; probe t - 1; D = X Y^T e^S is a sum over
-    the key columns), as a 0/1 dot over s and a masked sum over t; XLA adds the shares. The
-    pairs without decay stay out of that sum (they span no token; their float32 rounding
-    would enter it as a difference of large terms)."""
-    f = _acc(x_ref)
-    (rows, K), C = x_ref.shape, y_ref.shape[0]
-    every = C // rows
+def _scalar_backward_kernel(*refs, probe, strict, precision, exact):
+    """One program per block of BLOCK key columns: per query side its columns of
+    dX = (dD e^S) Y, and the sides' sums of dY = (dD e^S)^T X and of the log decays'
+    gradient's share [1, C], dg_u = the sum of dD D over the pairs whose decay spans u
+    (s < u <= t; probe t - 1; D = X Y^T e^S is a sum over the key columns), as a 0/1 dot
+    over s and a masked sum over t; XLA adds the shares. refs: the sides' x_refs, y_ref,
+    g_ref, the sides' dd_refs, then the sides' dx_refs, dy_ref, dg_ref. The pairs without
+    decay stay out of dg (they span no token; their float32 rounding would enter it as a
+    difference of large terms)."""
+    a = len(strict)
+    x_refs, (y_ref, g_ref), dd_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
+    dx_refs, (dy_ref, dg_ref) = refs[2 * a + 2:3 * a + 2], refs[3 * a + 2:]
+    f = _acc(y_ref)
+    C, K = y_ref.shape
     kb = min(BLOCK, K)
     j = pl.program_id(0)
     cols = pl.ds(j * kb, kb)
-    X, Y = x_ref[:, cols], y_ref[:, cols]
-    A = dd_ref[...].astype(f) * _scalar_decays(g_ref[...].astype(f), probe, strict, every,
-                                               exact)
-    dx_ref[:, cols] = _dot(A, Y, precision).astype(dx_ref.dtype)
-    dy_ref[:, cols] = _dot(A, X, precision, trans_a=True).astype(dy_ref.dtype)
-    t, u = _tokens((rows, C), every), _iota((rows, C), 1)
-    p = 1 if probe else 0
-    dS = jnp.where(t > u + p, A * _dot(X, Y, precision, trans_b=True), 0.0)  # [t, s]
+    Y = y_ref[:, cols]
+    factors = _scalar_factors(g_ref[...].astype(f), probe)
     later = (_iota((C, C), 0) < _iota((C, C), 1)).astype(f)  # [s, u]: s < u
-    before = _dot(dS, later, precision)  # [t, u]: the sum over s < u
-    dg_ref[pl.ds(j, 1), :] = jnp.sum(jnp.where(t >= u + p, before, 0.0), axis=0,
-                                     keepdims=True).astype(dg_ref.dtype)
+    p = 1 if probe else 0
+    dY = dg = 0.0
+    for x_ref, dd_ref, dx_ref, s in zip(x_refs, dd_refs, dx_refs, strict):
+        rows = x_ref.shape[0]
+        X = x_ref[:, cols]
+        A = dd_ref[...].astype(f) * _scalar_decays(factors, probe, s, C // rows, exact)
+        dx_ref[:, cols] = _dot(A, Y, precision).astype(dx_ref.dtype)
+        dY = dY + _dot(A, X, precision, trans_a=True)
+        t, u = _tokens((rows, C), C // rows), _iota((rows, C), 1)
+        dS = jnp.where(t > u + p, A * _dot(X, Y, precision, trans_b=True), 0.0)  # [t, s]
+        before = _dot(dS, later, precision)  # [t, u]: the sum over s < u
+        dg = dg + jnp.sum(jnp.where(t >= u + p, before, 0.0), axis=0, keepdims=True)
+    dy_ref[:, cols] = dY.astype(dy_ref.dtype)
+    dg_ref[pl.ds(j, 1), :] = dg.astype(dg_ref.dtype)
 
 
 BLOCK = 64  # key columns per program of the backward kernels
@@ -485,17 +506,17 @@ def _kernel_inputs(X, Y, g):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _products(X, Y, g, probe, strict, cfg):
-    """The products of the query sides X (a tuple of [rows, K]; scalar decays: one side)
-    with the keys Y [C, K], one [rows, C] per side; strict: per side (chunked.decayed_products).
-    """
+    """The products of the query sides X (a tuple of [rows, K]; rows C, or for scalar decays
+    C / n: every n-th token's) with the keys Y [C, K], one [rows, C] per side; strict: per
+    side (chunked.decayed_products)."""
     C = Y.shape[0]
     a = len(X)
     Xp, Yp, gp = _kernel_inputs(X, Y, g)
     if g.ndim == 1:
-        kernel = functools.partial(_scalar_forward_kernel, probe=probe, strict=strict[0],
+        kernel = functools.partial(_scalar_forward_kernel, probe=probe, strict=strict,
                                    precision=cfg.precision, exact=cfg.exact)
-        out = jax.ShapeDtypeStruct((X[0].shape[0], C), X[0].dtype)  # every n-th row
-        return tuple(_call(kernel, (Xp[0], Yp, gp), [out], cfg.interpret, cfg.fwd,
+        outs = [jax.ShapeDtypeStruct((x.shape[0], C), x.dtype) for x in X]
+        return tuple(_call(kernel, Xp + (Yp, gp), outs, cfg.interpret, cfg.fwd,
                            "dplr_decayed_scalar_fwd"))
     rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
     f = lambda *shape: jax.ShapeDtypeStruct(shape, X[0].dtype)
@@ -521,13 +542,14 @@ def _products_bwd(probe, strict, cfg, res, dD):
     f = lambda x: jax.ShapeDtypeStruct(x.shape, Y.dtype)
     K = Y.shape[-1]
     if g.ndim == 1:
-        kernel = functools.partial(_scalar_backward_kernel, probe=probe, strict=strict[0],
+        kernel = functools.partial(_scalar_backward_kernel, probe=probe, strict=strict,
                                    precision=cfg.precision, exact=cfg.exact)
         n = max(Yp.shape[1] // BLOCK, 1)
-        dX, dY, dg = _call(kernel, (Xp[0], Yp, gp, dD[0].astype(Y.dtype)),
-                           [f(Xp[0]), f(Yp), jax.ShapeDtypeStruct((n, gp.shape[1]), g.dtype)],
-                           cfg.interpret, cfg.bwd, "dplr_decayed_scalar_bwd", grid=(n,))
-        return (dX[:, :K],), dY[:, :K], dg.sum(axis=0)
+        *dX, dY, dg = _call(kernel, Xp + (Yp, gp) + tuple(d.astype(Y.dtype) for d in dD),
+                            [f(x) for x in Xp] + [f(Yp), jax.ShapeDtypeStruct(
+                                (n, gp.shape[1]), g.dtype)],
+                            cfg.interpret, cfg.bwd, "dplr_decayed_scalar_bwd", grid=(n,))
+        return tuple(x[:, :K] for x in dX), dY[:, :K], dg.sum(axis=0)
     ddt = tuple(d.T.astype(Y.dtype) for d in dD)
     args = Xp + (Yp, gp) + ddt
     if not cfg.bounded:  # the diagonal blocks and the off-diagonal factors first
@@ -575,30 +597,25 @@ def decayed_products(X, Y, g, probe, bounded=False, strict=False, *, interpret, 
     backward) Launch of the per-channel and the scalar kernels (scalar_launch None: XLA's
     version for scalar decays).
 
-    The per-channel kernels take every query rank of every side (X a tuple, or X's rank
-    axis) against one key rank in one pass: the sides share the keys' loads and factors and
-    the decays' exp2. A side with the rows of every n-th token is spread to a query per
-    token (zeros between) and its rows kept after; the scalar kernel takes such rows as they
-    are, one side per call."""
+    The kernels take every query rank of every side (X a tuple, or X's rank axis) against
+    one key rank in one pass: the sides share the keys' loads and the decay factors (per
+    channel: the exponents and their exp2, the key side; scalar: the pairs' C x C factors).
+    """
     if g is None or (g.ndim == 1 and scalar_launch is None):
         return chunked.decayed_products(X, Y, g, probe, bounded, strict)
     sides, flags = (X, strict) if isinstance(X, tuple) else ((X,), (strict,))
     cfg = _Cfg(interpret, precision, exact, bounded, *(scalar_launch if g.ndim == 1 else launch))
     C, b = Y.shape[:2]
-    if g.ndim == 1:
-        prods = [[[_products((x[:, i],), Y[:, j], g, probe, (s,), cfg)[0] for j in range(b)]
-                  for i in range(x.shape[1])] for x, s in zip(sides, flags)]
-    else:
-        every = [C // x.shape[0] for x in sides]
-        cols = [c for x, n in zip(sides, every) for c in jnp.unstack(chunked.at_last(x, n),
-                                                                      axis=1)]
-        col_flags = tuple(s for x, s in zip(sides, flags) for _ in range(x.shape[1]))
-        per_key = [_products(tuple(cols), Y[:, j], g, probe, col_flags, cfg) for j in range(b)]
-        prods, start = [], 0
-        for x, n in zip(sides, every):
-            a = x.shape[1]
-            prods.append([[per_key[j][c][n - 1::n] for j in range(b)]
-                          for c in range(start, start + a)])
-            start += a
-    outs = tuple(jnp.stack([jnp.stack(r, axis=-1) for r in p], axis=1) for p in prods)
-    return outs if isinstance(X, tuple) else outs[0]  # [rows, a, C, b] per side
+    # The per-channel kernels take a query per token: a side of every n-th token's rows is
+    # spread (zeros between) and its rows kept after; the scalar ones take such rows as they are.
+    every = [1 if g.ndim == 1 else C // x.shape[0] for x in sides]
+    cols = [c for x, n in zip(sides, every) for c in jnp.unstack(chunked.at_last(x, n), axis=1)]
+    col_flags = tuple(s for x, s in zip(sides, flags) for _ in range(x.shape[1]))
+    per_key = [_products(tuple(cols), Y[:, j], g, probe, col_flags, cfg) for j in range(b)]
+    outs, start = [], 0
+    for x, n in zip(sides, every):
+        a = x.shape[1]
+        outs.append(jnp.stack([jnp.stack([per_key[j][c][n - 1::n] for j in range(b)], axis=-1)
+                               for c in range(start, start + a)], axis=1))  # [rows, a, C, b]
+        start += a
+    return tuple(outs) if isinstance(X, tuple) else outs[0]
