@@ -312,9 +312,10 @@ def _product_errors(got, ref):
 def bench_products(T):
     """Phase 1's decayed products of per-channel decays alone (kda's QE and L,
     _products_setup): the Pallas kernels (decayed.py) at several warp counts of the per-chunk
-    kernels (forward / backward) and rows per program of the diagonal kernels vs XLA's chunked.decayed_products,
-    forward and forward+backward; plus a check of one against the other on the GPU, plain
-    and with hard resets, and the bounded path against the exact kernel."""
+    kernels (forward / backward) and rows per program of the diagonal kernels vs XLA's
+    chunked.decayed_products, forward and forward+backward; plus a check of one against the
+    other on the GPU, plain and with hard resets, and the bounded path against the exact
+    kernel."""
     X, Y, g, xla, pallas = _products_setup(T)
     ks = jax.random.split(jax.random.PRNGKey(11), 4)  # ks[0]: the hard resets' positions
     for strong in (False, True):

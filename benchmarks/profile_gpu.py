@@ -1,7 +1,8 @@
 """Where the GPU time of an op goes: device kernels of one jitted call, grouped and summed.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/profile_gpu.py \
-        [--ops kda gated_delta_rule gla] [--backends pallas] [--T 4096] [--out FILE.json]
+        [--ops kda gated_delta_rule gla] [--backends pallas] [--T 4096] [--chunk 64] \
+        [--out FILE.json]
 
 For every (op, backend, mode in fwd / fwd+bwd) at B=4, H=16, K=V=128, bf16 (float32 log
 decays; the inputs of ops_gpu.py), runs the jitted call `--calls` times under
@@ -64,6 +65,7 @@ def main():
     p.add_argument("--ops", nargs="+", default=["kda", "gated_delta_rule", "gla"])
     p.add_argument("--backends", nargs="+", default=["pallas"])
     p.add_argument("--T", type=int, default=4096)
+    p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out")
@@ -76,7 +78,7 @@ def main():
         args = inputs(op, B, a.T, H, K, V, key, jnp.bfloat16)
         do = jax.random.normal(key, (B, a.T, H, V), jnp.bfloat16)
         for backend in a.backends:
-            fwd, fwd_bwd = jax_op_fns(op, backend)
+            fwd, fwd_bwd = jax_op_fns(op, backend, chunk=a.chunk)
             for mode, fn, fargs in (("fwd", fwd, args), ("fwd+bwd", fwd_bwd, (do,) + args)):
                 hlo = None
                 if a.hlo_dir:
@@ -92,6 +94,7 @@ def main():
                 for name, ms in sorted(by_hlo.items(), key=lambda kv: -kv[1])[:a.top]:
                     print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  {name[:110]}")
                 res["cases"].append({"op": op, "backend": backend, "mode": mode, "T": a.T,
+                                     "chunk": a.chunk,
                                      "total_ms": total, "kernels_ms": t, "hlo_ops_ms": by_hlo})
     if a.out:
         with open(a.out, "w") as f:

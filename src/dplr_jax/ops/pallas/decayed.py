@@ -25,9 +25,10 @@ Query sides: several X against the same Y and g run in one pass (a probe's ranks
 q and p where the probes carry their own token's decay, which makes L a product under QE's
 decays: chunked.chunked). Each step's exp2 and key row serve every side, the key side
 Y e^{suffix} is formed once, and the backward sums the sides' shares of dY and R; the scalar
-kernels likewise form the pairs' decay factors once for all sides. A strict side drops its
-pairs s = t as well (L). On the H100 this took kda from 9.19 to 8.06 ms
-forward+backward and hdla from 16.90 to 14.61 (benchmarks/NOTES.md, fifteenth session).
+forward kernel likewise forms the pairs' decay factors once for all sides (its backward runs
+per side). A strict side drops its pairs s = t as well (L). On the H100 this took kda from
+9.19 to 8.06 ms forward+backward and hdla from 16.90 to 14.61 (benchmarks/NOTES.md,
+fifteenth session).
 
 Backward (custom_vjp): _diagonal_backward_kernel, by the same row groups, runs the keys down
 for its rows' dX (as queries) and the queries up for their dY (as keys), and writes the
@@ -445,40 +446,32 @@ def _scalar_forward_kernel(*refs, probe, strict, precision, exact):
         d_ref[...] = (_dot(x_ref[...], Y, precision, trans_b=True) * W).astype(d_ref.dtype)
 
 
-def _scalar_backward_kernel(*refs, probe, strict, precision, exact):
-    """One program per block of BLOCK key columns: per query side its columns of
-    dX = (dD e^S) Y, and the sides' sums of dY = (dD e^S)^T X and of the log decays'
-    gradient's share [1, C], dg_u = the sum of dD D over the pairs whose decay spans u
-    (s < u <= t; probe t - 1; D = X Y^T e^S is a sum over the key columns), as a 0/1 dot
-    over s and a masked sum over t; XLA adds the shares. refs: the sides' x_refs, y_ref,
-    g_ref, the sides' dd_refs, then the sides' dx_refs, dy_ref, dg_ref. The pairs without
-    decay stay out of dg (they span no token; their float32 rounding would enter it as a
-    difference of large terms)."""
-    a = len(strict)
-    x_refs, (y_ref, g_ref), dd_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
-    dx_refs, (dy_ref, dg_ref) = refs[2 * a + 2:3 * a + 2], refs[3 * a + 2:]
-    f = _acc(y_ref)
-    C, K = y_ref.shape
+def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref, *, probe,
+                            strict, precision, exact):
+    """One query side, one program per block of BLOCK key columns: its columns of
+    dX = (dD e^S) Y and dY = (dD e^S)^T X, and its share [1, C] of the log decays' gradient,
+    dg_u = the sum of dD D over the pairs whose decay spans u (s < u <= t; probe t - 1;
+    D = X Y^T e^S is a sum over the key columns), as a 0/1 dot over s and a masked sum over
+    t; XLA adds the shares. The pairs without decay stay out of that sum (they span no
+    token; their float32 rounding would enter it as a difference of large terms)."""
+    f = _acc(x_ref)
+    (rows, K), C = x_ref.shape, y_ref.shape[0]
+    every = C // rows
     kb = min(BLOCK, K)
     j = pl.program_id(0)
     cols = pl.ds(j * kb, kb)
-    Y = y_ref[:, cols]
-    factors = _scalar_factors(g_ref[...].astype(f), probe)
-    later = (_iota((C, C), 0) < _iota((C, C), 1)).astype(f)  # [s, u]: s < u
+    X, Y = x_ref[:, cols], y_ref[:, cols]
+    A = dd_ref[...].astype(f) * _scalar_decays(_scalar_factors(g_ref[...].astype(f), probe),
+                                               probe, strict, every, exact)
+    dx_ref[:, cols] = _dot(A, Y, precision).astype(dx_ref.dtype)
+    dy_ref[:, cols] = _dot(A, X, precision, trans_a=True).astype(dy_ref.dtype)
+    t, u = _tokens((rows, C), every), _iota((rows, C), 1)
     p = 1 if probe else 0
-    dY = dg = 0.0
-    for x_ref, dd_ref, dx_ref, s in zip(x_refs, dd_refs, dx_refs, strict):
-        rows = x_ref.shape[0]
-        X = x_ref[:, cols]
-        A = dd_ref[...].astype(f) * _scalar_decays(factors, probe, s, C // rows, exact)
-        dx_ref[:, cols] = _dot(A, Y, precision).astype(dx_ref.dtype)
-        dY = dY + _dot(A, X, precision, trans_a=True)
-        t, u = _tokens((rows, C), C // rows), _iota((rows, C), 1)
-        dS = jnp.where(t > u + p, A * _dot(X, Y, precision, trans_b=True), 0.0)  # [t, s]
-        before = _dot(dS, later, precision)  # [t, u]: the sum over s < u
-        dg = dg + jnp.sum(jnp.where(t >= u + p, before, 0.0), axis=0, keepdims=True)
-    dy_ref[:, cols] = dY.astype(dy_ref.dtype)
-    dg_ref[pl.ds(j, 1), :] = dg.astype(dg_ref.dtype)
+    dS = jnp.where(t > u + p, A * _dot(X, Y, precision, trans_b=True), 0.0)  # [t, s]
+    later = (_iota((C, C), 0) < _iota((C, C), 1)).astype(f)  # [s, u]: s < u
+    before = _dot(dS, later, precision)  # [t, u]: the sum over s < u
+    dg_ref[pl.ds(j, 1), :] = jnp.sum(jnp.where(t >= u + p, before, 0.0), axis=0,
+                                     keepdims=True).astype(dg_ref.dtype)
 
 
 BLOCK = 64  # key columns per program of the backward kernels
@@ -542,14 +535,20 @@ def _products_bwd(probe, strict, cfg, res, dD):
     f = lambda x: jax.ShapeDtypeStruct(x.shape, Y.dtype)
     K = Y.shape[-1]
     if g.ndim == 1:
-        kernel = functools.partial(_scalar_backward_kernel, probe=probe, strict=strict,
-                                   precision=cfg.precision, exact=cfg.exact)
+        # One call per side: with both of gated_delta_rule's sides in one program the backward
+        # took 9.6 ms at chunk 32 on the H100, two calls 1.05 (benchmarks/NOTES.md, fifteenth
+        # session; at chunk 64 the one program was 0.09 ms faster in all).
         n = max(Yp.shape[1] // BLOCK, 1)
-        *dX, dY, dg = _call(kernel, Xp + (Yp, gp) + tuple(d.astype(Y.dtype) for d in dD),
-                            [f(x) for x in Xp] + [f(Yp), jax.ShapeDtypeStruct(
-                                (n, gp.shape[1]), g.dtype)],
-                            cfg.interpret, cfg.bwd, "dplr_decayed_scalar_bwd", grid=(n,))
-        return tuple(x[:, :K] for x in dX), dY[:, :K], dg.sum(axis=0)
+        dX, dY, dg = [], 0.0, 0.0
+        for x, d, s in zip(Xp, dD, strict):
+            kernel = functools.partial(_scalar_backward_kernel, probe=probe, strict=s,
+                                       precision=cfg.precision, exact=cfg.exact)
+            dx, dy, dgs = _call(kernel, (x, Yp, gp, d.astype(Y.dtype)),
+                                [f(x), f(Yp), jax.ShapeDtypeStruct((n, gp.shape[1]), g.dtype)],
+                                cfg.interpret, cfg.bwd, "dplr_decayed_scalar_bwd", grid=(n,))
+            dX.append(dx[:, :K])
+            dY, dg = dY + dy[:, :K], dg + dgs.sum(axis=0)
+        return tuple(dX), dY, dg
     ddt = tuple(d.T.astype(Y.dtype) for d in dD)
     args = Xp + (Yp, gp) + ddt
     if not cfg.bounded:  # the diagonal blocks and the off-diagonal factors first
@@ -599,8 +598,8 @@ def decayed_products(X, Y, g, probe, bounded=False, strict=False, *, interpret, 
 
     The kernels take every query rank of every side (X a tuple, or X's rank axis) against
     one key rank in one pass: the sides share the keys' loads and the decay factors (per
-    channel: the exponents and their exp2, the key side; scalar: the pairs' C x C factors).
-    """
+    channel: the exponents and their exp2, the key side; scalar: the pairs' C x C factors,
+    forward only)."""
     if g is None or (g.ndim == 1 and scalar_launch is None):
         return chunked.decayed_products(X, Y, g, probe, bounded, strict)
     sides, flags = (X, strict) if isinstance(X, tuple) else ((X,), (strict,))
