@@ -64,7 +64,9 @@ DIR`; 49-56 registers, 32 programs per SM); the backward's diagonal kernel runs 
 bytes' time. Measured on the H100 for kda's two products (benchmarks/NOTES.md,
 twelfth session): forward 0.25 + 0.15 ms each, backward 0.36 + 0.69, where one program per
 chunk with 16-row loops took 0.72-0.77 forward and 1.17 backward (255 registers, 2 warps
-per scheduler: latency-bound at low occupancy, tenth session).
+per scheduler: latency-bound at low occupancy, tenth session). With both of kda's products
+in one pass as query sides (fifteenth session): forward 0.34 + 0.27, backward 0.47 + 1.17,
+the last against ~0.65 ms of bytes (480 KB per chunk).
 
 Scalar decays (one per token: gated_delta_rule, gated_delta_product) need no sub-chunks: the
 chunk's pairwise decay sums S [C, C] are one scan over t of the masked per-token decays
