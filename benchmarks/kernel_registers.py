@@ -3,12 +3,12 @@ measured without a GPU.
 
     pip install triton==3.6.0     # not a dependency of the project: this script only
     PYTHONPATH=src python benchmarks/kernel_registers.py [--ops kda gated_delta_rule] \
-        [--warps 1 2 4 8] [--out benchmarks/results/kernel_registers.json] [--ttgir DIR] \
-        [--sass DIR]
+        [--warps 1 2 4 8] [--chunk 64] [--out benchmarks/results/kernel_registers.json] \
+        [--ttgir DIR] [--sass DIR]
 
 Lowers each op's forward+backward for "cuda" on the CPU (abstract H100 mesh, as the lowering
-tests do, at K = V = 128, chunk 64, bf16) and keeps the Triton IR of every Pallas kernel (by
-wrapping Pallas' private `lower_jaxpr_to_triton_module`, so this may need updating with JAX).
+tests do, at K = V = 128, chunk 64 or --chunk, bf16) and keeps the Triton IR of every Pallas
+kernel (by wrapping Pallas' private `lower_jaxpr_to_triton_module`, so this may need updating with JAX).
 Each kernel is then compiled by the `triton` package to PTX for sm_90 at several warp counts,
 and ptxas -v (shipped in the triton wheel) reports registers per thread, spill bytes and the
 stack frame. From registers and shared memory follow the programs (CTAs) an H100 SM holds: 64K
@@ -54,7 +54,7 @@ class Kernel(NamedTuple):
     operands: list
 
 
-def kernel_irs(op, B=1, T=256, H=2):
+def kernel_irs(op, B=1, T=256, H=2, chunk=64):
     """{kernel name: Kernel} of op's forward+backward at K = V = 128 (one entry per distinct
     name; a repeated name, e.g. kda's two decayed products, gets a suffix). The IR holds the
     operands' strides, so it launches only on arrays of the shapes recorded with it."""
@@ -75,7 +75,7 @@ def kernel_irs(op, B=1, T=256, H=2):
     fn = engine.kernel(op, PLATFORM_CONFIGS["gpu"])
 
     def loss(*a):
-        o, S = fn(*a, scale=128 ** -0.5, initial_state=None, cu_seqlens=None, chunk_size=64,
+        o, S = fn(*a, scale=128 ** -0.5, initial_state=None, cu_seqlens=None, chunk_size=chunk,
                   bounded=False)
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
 
@@ -184,6 +184,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", nargs="+", default=["kda", "gated_delta_rule", "gla"])
     ap.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results/kernel_registers.json")
     ap.add_argument("--ttgir", metavar="DIR",
                     help="also write each kernel's Triton GPU IR to DIR/<op>_<kernel>_w<warps>")
@@ -201,7 +202,7 @@ def main():
           "warps/SM |")
     print("|---|---|---|---|---|---|---|---|")
     for op in a.ops:
-        for name, kernel in kernel_irs(op).items():
+        for name, kernel in kernel_irs(op, chunk=a.chunk).items():
             for w in a.warps:
                 tag = f"{op}_{name.replace('#', '_')}_w{w}"
                 s = compile_stats(kernel.ir, w, a.ttgir and os.path.join(a.ttgir, tag + ".ttgir"),
@@ -218,6 +219,7 @@ def main():
                     print(f"| | loop of {loop['instructions']} SASS instructions: {mix} "
                           "| | | | | | |")
     meta = {"jax": jax.__version__, "triton": triton.__version__, "target": "sm_90a",
+            "chunk": a.chunk,
             "command": "python " + " ".join(sys.argv)}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
