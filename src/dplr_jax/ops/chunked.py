@@ -340,7 +340,7 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     L is a product of p with the keys E under the same decays as QE, strictly below the
     diagonal, and both come from one pass over the keys (decayed_products' query sides).
 
-    decayed(X, Y, g, probe) replaces phase 1's intra-chunk products (decayed_products), and
+    decayed (decayed_products' signature) replaces phase 1's intra-chunk products, and
     scan(layout, factors, h0) -> (o, final states) phases 2+3 on the factored transitions
     (chunk_factors; the Pallas state pass plugs in here), and factors(q, g, E, y, P, F, Vk,
     decayed=...) replaces the checkpointed chunk_factors of one chunk (the Pallas kernels of

@@ -252,7 +252,8 @@ def _backward_kernel(*refs, names, n, own, decay, precision, exact):
         partial("dl", -dL, _pairs(dL.shape, m, m, True), j)
 
     @pl.when(j < nk)
-    def _keys():  # A = P e^J, W = Tinv A, Qs = q e^I - QE W, Z = [E; F] e^S, gamma = e^{sum g}
+    def _keys():  # A = P e^J (own: p e^I), W = Tinv A, Qs = q e^I - QE W, Z = [E; F] e^S,
+        # gamma = e^{sum g}
         ks = pl.ds(j * bk, bk)
         incl, excl, suffix_e, suffix_f, total = _decays(r, fm, decay, ks, exact, own)
         dQs = r["dqs"][:, ks]
