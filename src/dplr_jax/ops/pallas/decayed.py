@@ -537,9 +537,10 @@ def _products_bwd(probe, strict, cfg, res, dD):
     f = lambda x: jax.ShapeDtypeStruct(x.shape, Y.dtype)
     K = Y.shape[-1]
     if g.ndim == 1:
-        # One call per side: with both of gated_delta_rule's sides in one program the backward
-        # took 9.6 ms at chunk 32 on the H100, two calls 1.05 (benchmarks/NOTES.md, fifteenth
-        # session; at chunk 64 the one program was 0.09 ms faster in all).
+        # One call per side: both of gated_delta_rule's sides in one program hold 255
+        # registers and spill; on the H100 that backward took 9.6 ms at chunk 32, two calls
+        # 1.05 (at chunk 64 it was faster: gdn 0.09 ms, gdp n=2 0.34 in all; NOTES, fifteenth
+        # session).
         n = max(Yp.shape[1] // BLOCK, 1)
         dX, dY, dg = [], 0.0, 0.0
         for x, d, s in zip(Xp, dD, strict):
