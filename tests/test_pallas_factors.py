@@ -179,15 +179,17 @@ def test_which_forms_the_kernels_take():
 
 
 @pytest.mark.parametrize("form,decay", [("delta", "channel"), ("delta", "scalar"),
+                                        ("own", "channel"), ("own", "scalar"),
                                         ("plain", "channel"), ("both", "channel")])
 def test_float32_against_float64(form, decay, rng):
     """float32 kernels vs the float64 XLA version (hard resets): relative RMSE < 1e-5."""
     xs = chunk(rng, decay, 64, 64, 64, strong=True, form=form)
     cts = cotangents(rng, xs)
+    own = form == "own"
     with jax.enable_x64(True):
-        f_ref, d_ref = run_xla(cast(xs, jnp.float64), cast(cts, jnp.float64))
+        f_ref, d_ref = run_xla(cast(xs, jnp.float64), cast(cts, jnp.float64), own)
         f_ref, d_ref = jax.tree.map(np.asarray, (f_ref, d_ref))
-    f_got, d_got = run_kernels(cast(xs, jnp.float32), cast(cts, jnp.float32))
+    f_got, d_got = run_kernels(cast(xs, jnp.float32), cast(cts, jnp.float32), own)
     names = NAMES + tuple(f"d{n}" for n, x in zip(("q", "g", "E", "y", "P", "F", "Vk"), xs)
                           if x is not None)
     pairs = [(n, u, v) for n, u, v in zip(names, tuple(f_got) + tuple(d_got),
