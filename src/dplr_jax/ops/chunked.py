@@ -223,6 +223,26 @@ def _saved(x):
     return checkpoint_name(x, SAVED)
 
 
+def intra_products(q1, g, E, P, F, decayed, own_decay):
+    """Phase 1's intra-chunk products of one chunk, as decayed's [rows, a, C, b]:
+    L = (P, E) probed, QE = (q, E), QF = (q, F), PF = (P, F) probed; None where the form
+    lacks a part. q1 [C / n, 1, K]. With own_decay (P holds p, chunked.chunked) P's products
+    run under the queries' decays, strict, and L comes with QE from one pass (query sides)."""
+    own = own_decay and g is not None
+    probed = dict(probe=False, strict=True) if own else dict(probe=True)
+    L = QE = QF = PF = None
+    if E is not None:
+        if own:
+            QE, L = decayed((q1, P), E, g, probe=False, strict=(False, True))
+        else:
+            QE, L = decayed(q1, E, g, probe=False), decayed(P, E, g, **probed)
+    if F is not None:
+        QF = decayed(q1, F, g, probe=False)
+        if E is not None:
+            PF = decayed(P, F, g, **probed)
+    return L, QE, QF, PF
+
+
 def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products, own_decay=False):
     """One chunk of one head -> its transition in factored form, (gamma, Z, W, X, Qs, O0):
 
@@ -249,24 +269,19 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products, own_decay=Fals
         e_q, e_prev, e_end = jnp.exp(incl), jnp.exp(excl), jnp.exp(suffix)
         gamma = jnp.broadcast_to(e_q[-1], (K,))
     own = own_decay and g is not None
-    probed = dict(probe=False, strict=True) if own else dict(probe=True)  # P's products
     q1 = q[:, None, :]
+    L, QE, QF, PF = (None if x is None else _saved(x)
+                     for x in intra_products(q1, g, E, P, F, decayed, own_decay))
     Qs = _rowscale(q1, None if e_q is None else e_q[n - 1::n])[:, 0]
     O0 = 0.0
     Z, X, W = [], [], None
     if E is not None:
         m = E.shape[1]
-        if own:  # L and QE: one pass over the keys (decayed_products' query sides)
-            QE, L = map(_saved, decayed((q1, P), E, g, probe=False, strict=(False, True)))
-        else:
-            QE = _saved(decayed(q1, E, g, probe=False))
-            L = _saved(decayed(P, E, g, **probed))
         QE, L = QE[:, 0].reshape(C // n, C * m), L.reshape(C * m, C * m)
         Tinv = _saved(unit_lower_inverse(L, block=SUB * m))
         rhs = y
         if F is not None:
-            PF = _saved(decayed(P, F, g, **probed))  # [C, m, C, r]
-            PFV = jnp.einsum("tjsi,siv->tjv", PF, Vk)
+            PFV = jnp.einsum("tjsi,siv->tjv", PF, Vk)  # PF [C, m, C, r]
             rhs = -PFV if y is None else y - PFV
         W = Tinv @ _rowscale(P, e_q if own else e_prev).reshape(C * m, K)
         X0 = Tinv @ rhs.reshape(C * m, -1)
@@ -275,8 +290,7 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products, own_decay=Fals
         Z.append(_rowscale(E, e_end).reshape(C * m, K))
         X.append(X0)
     if F is not None:
-        QF = _saved(decayed(q1, F, g, probe=False)[:, 0])  # [C / n, C, r]
-        O0 = O0 + jnp.einsum("tsi,siv->tv", QF, Vk)
+        O0 = O0 + jnp.einsum("tsi,siv->tv", QF[:, 0], Vk)  # QF [C / n, 1, C, r]
         Z.append(_rowscale(F, e_end).reshape(-1, K))
         X.append(Vk.reshape(-1, Vk.shape[-1]))
     cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)

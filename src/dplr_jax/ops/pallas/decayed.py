@@ -191,9 +191,8 @@ def _diagonal_kernel(*refs, probe, rows, a):
     row takes the suffixes from that row's exponents on the way (probe: plus the last
     token's g, which its rows never add). Every exponent is a sum of the tokens it covers,
     in base 2 (state_pass._exp)."""
-    x_refs, (y_ref, g_ref), d_refs, xq_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2], \
-        refs[2 * a + 2:3 * a + 2]
-    key_ref = refs[3 * a + 2]
+    x_refs, (y_ref, g_ref), d_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
+    xq_refs, key_ref = refs[2 * a + 2:3 * a + 2], refs[3 * a + 2]
     p = 1 if probe else 0
     C = y_ref.shape[0]
     t0, base, end = _row_group(rows)

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from dplr_jax.ops.chunked import SUB
+from dplr_jax.ops.chunked import SUB, intra_products
 from dplr_jax.ops.pallas.decayed import _iota, _tokens
 from dplr_jax.ops.pallas.state_pass import Launch, _dot, _exp, _mask_dot, _pad_to, _pow2
 
@@ -501,23 +501,11 @@ def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, own_decay=False, interpre
     n = C // q.shape[0]
     m, rk = (0 if x is None else x.shape[1] for x in (E, F))
 
-    own = own_decay and g is not None
-    probed = dict(probe=False, strict=True) if own else dict(probe=True)  # P's products
-
-    def products(q, g, E, P, F):
-        def one(X, Y, a, b, **kind):  # [rows * a, K] and [C * b, K] -> [rows * a, C * b]
-            if X is None or Y is None:
-                return None
-            D = decayed(X.reshape(-1, a, X.shape[-1]), Y.reshape(C, b, -1), g, **kind)
-            return D.reshape(-1, C * b)
-
-        if own and E is not None:  # L and QE in one pass over the keys
-            QE, L = decayed((q.reshape(-1, 1, q.shape[-1]), P.reshape(C, m, -1)),
-                            E.reshape(C, m, -1), g, probe=False, strict=(False, True))
-            QE, L = QE.reshape(-1, C * m), L.reshape(C * m, C * m)
-        else:
-            L, QE = one(P, E, m, m, **probed), one(q, E, 1, m, probe=False)
-        return L, QE, one(q, F, 1, rk, probe=False), one(P, F, m, rk, **probed)
+    def products(q, g, E, P, F):  # [rows * a, K] and [C * b, K] -> [rows * a, C * b]
+        rank = lambda x, r: None if x is None else x.reshape(C, r, x.shape[-1])
+        return tuple(None if D is None else D.reshape(D.shape[0] * D.shape[1], -1)
+                     for D in intra_products(q[:, None], g, rank(E, m), rank(P, m), rank(F, rk),
+                                             decayed, own_decay))
 
     # Rematerialized in the backward pass, not saved: XLA's products (per-token or no decay)
     # would keep their C x C intermediates (2.9x the residual bytes of XLA's checkpointed
@@ -530,4 +518,4 @@ def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, own_decay=False, interpre
     L, QE, QF, PF = jax.checkpoint(products, policy=jax.checkpoint_policies.nothing_saveable)(
         q, g, E, P, F)
     return _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, _Cfg(interpret, precision, exact, *launch),
-                 n, own)
+                 n, own_decay and g is not None)
