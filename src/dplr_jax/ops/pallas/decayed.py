@@ -563,8 +563,8 @@ def _products_bwd(probe, strict, cfg, res, dD):
     # Bounded with several query sides, the kernel forms each side's diagonal blocks by dots
     # and holds a dX per side: a program per BLOCK key columns (kda 8.11 -> 7.47 ms forward+
     # backward on the H100). Otherwise one program per chunk, which reads the C x C
-    # cotangents once (per BLOCK columns: gla bounded 4.69 -> 4.86, dplr 14.66 -> 15.25;
-    # benchmarks/NOTES.md, fifteenth session).
+    # cotangents once (per BLOCK columns gla bounded went 4.69 -> 4.86 in one call; dplr took
+    # 15.25 against 14.66-14.83 unsplit in other calls; benchmarks/NOTES.md, fifteenth session).
     Kp = Yp.shape[1]
     kb = min(BLOCK, Kp) if cfg.bounded and a > 1 else Kp
     kernel = functools.partial(_backward_kernel, a=a, probe=probe, precision=cfg.precision,
