@@ -20,7 +20,8 @@ In XLA these are ~30 kernels over [C, K] float32 tensors per chunk, each written
 read back, plus their transposes and the layout moves between them: at
 B=4, T=4096, H=16, K=V=128 on the H100 about 2 ms of kda's 4.5 ms forward and ~6 ms of its
 backward, and 1.1 ms of GLA's 2.4 ms forward (benchmarks/NOTES.md). Here one program per
-(chunk, block of 64 key or value columns) reads its columns of the inputs and the C x C
+(chunk, block of 64 key or value columns; the backward's key blocks 32 columns for some forms,
+_backward_key_block) reads its columns of the inputs and the C x C
 products once and writes its columns of the factors; the backward (custom_vjp) likewise
 reads the inputs and the factors' cotangents and writes the inputs' cotangents, with the
 C x C ones (sums over columns) per program for XLA to add. The UT inverse runs before them in
@@ -52,11 +53,12 @@ the delta family's forward reads 160 KB + 32 KB and writes 160 KB (1.44 GB: 0.48
 backward reads 352 KB and writes 288 KB (of which 128 KB are the four programs' C x C
 partials; 2.6 GB: 0.87 ms, and XLA then reads the partials once more to add them); ~14
 MFLOP forward, ~30 backward (tf32 / 3-pass tf32: not the limit). Measured for kda there
-(bf16 inputs; benchmarks/NOTES.md): 0.68 ms forward, 2.14 backward. GLA's forward reads
+(bf16 inputs; benchmarks/results/profile_h100_session16.json): 0.62 ms forward, 1.32
+backward. GLA's forward reads
 144 KB and writes 96 (0.98 GB: 0.33 ms), its backward reads 240 and writes 160 (1.6 GB:
 0.55 ms); rank-1 DPLR's forward reads 256 KB and writes 224 (2.0 GB: 0.66 ms). Measured
-(benchmarks/results/profile_h100_session9.json): GLA 0.40 ms forward, 0.72 backward; rank-1
-DPLR 0.86 forward, 3.44 backward (its backward spills, benchmarks/kernel_registers.py).
+(the same file): GLA 0.38 ms forward, 0.69 backward; rank-1 DPLR 0.83 forward, 2.0-2.1
+backward (it spilled at 64 key columns: 3.1 ms, benchmarks/kernel_registers.py).
 """
 
 from __future__ import annotations
@@ -119,10 +121,10 @@ def _scaled(x, e):
     return x if e is None else x * _exp(e)
 
 
-def _blocks(Kp, Vp):
+def _blocks(Kp, Vp, key_block=None):
     """(key block, value block, key-block programs, programs per chunk): program j < nk takes
-    key columns [j bk, (j + 1) bk), the others value columns."""
-    bk, bv = min(BLOCK, Kp), min(BLOCK, Vp)
+    key columns [j bk, (j + 1) bk) (bk: key_block, None: BLOCK), the others value columns."""
+    bk, bv = min(key_block or BLOCK, Kp), min(BLOCK, Vp)
     return bk, bv, Kp // bk, Kp // bk + Vp // bv
 
 
@@ -236,11 +238,11 @@ def _forward_kernel(*refs, names, n, own, decay, precision, exact):
         r["o0"][:, vs] = O0.astype(r["o0"].dtype)
 
 
-def _backward_kernel(*refs, names, n, own, decay, precision, exact):
+def _backward_kernel(*refs, names, n, own, decay, precision, exact, key_block):
     r = dict(zip(names, refs))
     fm = _Form.of(r, n)
     C, m, rk, _ = fm
-    bk, bv, nk, _ = _blocks(r["q"].shape[1], r["do0"].shape[1])
+    bk, bv, nk, _ = _blocks(r["q"].shape[1], r["do0"].shape[1], key_block)
     j = pl.program_id(0)
 
     def partial(name, d, mask, program):  # this program's rows of a C x C cotangent
@@ -256,42 +258,55 @@ def _backward_kernel(*refs, names, n, own, decay, precision, exact):
         # gamma = e^{sum g}
         ks = pl.ds(j * bk, bk)
         incl, excl, suffix_e, suffix_f, total = _decays(r, fm, decay, ks, exact, own)
-        dQs = r["dqs"][:, ks]
-        dq = _scaled(dQs, incl)
-        r["dq"][:, ks] = dq.astype(r["dq"].dtype)
-        # The log decays' terms, each with the mask of the sums its exponent is made of.
-        parts = [(_prefix_mask(fm), dq * r["q"][:, ks])]
+        # Each term of the log decays' cotangent, with the mask of the sums its exponent is
+        # made of, goes into dg as soon as it is formed: fewer [C, 64] tiles live at once.
+        dg = 0.0
+
+        def add(mask, d):
+            nonlocal dg
+            if decay == "channel":
+                dg = dg + _mask_dot(mask, d, exact, trans_a=True)
+            else:  # this key block's share of the row [1, C]: [row, u] masks summed over rows
+                dg = dg + jnp.sum(jnp.where(mask, jnp.sum(d, axis=1, keepdims=True), 0.0),
+                                  axis=0, keepdims=True)
+
+        qpart = None  # q's term, where P's rows share q's sums
         if m:
             Tinv, P = r["ti"][...], r["p"][:, ks]
             W = _dot(Tinv, _scaled(P, excl), precision)
-            dA = _dot(Tinv, r["dw"][:, ks] - _dot(r["qe"][...], dQs, precision, trans_a=True),
+            dA = _dot(Tinv, r["dw"][:, ks] - _dot(r["qe"][...], r["dqs"][:, ks], precision,
+                                                  trans_a=True),
                       precision, trans_a=True)
-            probed_partials(-_dot(dQs, W, precision, trans_b=True),
+            probed_partials(-_dot(r["dqs"][:, ks], W, precision, trans_b=True),
                             _dot(dA, W, precision, trans_b=True))
             dP = _scaled(dA, excl)
-            dE = _scaled(r["dz"][fm.e_rows, ks], suffix_e)
             r["dp"][:, ks] = dP.astype(r["dp"].dtype)
-            r["de"][:, ks] = dE.astype(r["de"].dtype)
             before, after = _probe_masks(fm, own)
             if _probes_as_queries(fm, own):  # q's mask: one sum for both
-                parts[0] = (before, parts[0][1] + dP * P)
-            else:
-                parts.append((before, dP * P))
-            parts.append((after, dE * r["e"][:, ks]))
+                qpart = dP * P
+            elif decay is not None:
+                add(before, dP * P)
+        dq = _scaled(r["dqs"][:, ks], incl)
+        r["dq"][:, ks] = dq.astype(r["dq"].dtype)
+        if decay is not None:
+            add(_prefix_mask(fm), dq * r["q"][:, ks] + (0.0 if qpart is None else qpart))
+        if m:
+            dE = _scaled(r["dz"][fm.e_rows, ks], suffix_e)
+            r["de"][:, ks] = dE.astype(r["de"].dtype)
+            if decay is not None:
+                add(after, dE * r["e"][:, ks])
         if rk:
             dF = _scaled(r["dz"][fm.f_rows, ks], suffix_f)
             r["df"][:, ks] = dF.astype(r["df"].dtype)
-            parts.append((_masks(C * rk, C, rk)[2], dF * r["f"][:, ks]))
+            if decay is not None:
+                add(_masks(C * rk, C, rk)[2], dF * r["f"][:, ks])
         if decay is None:
             return
-        # The log decays: through I, J, S and the total (d gamma gamma).
+        # ... and through the total (d gamma gamma).
         dtotal = r["dgam"][:, ks] * _exp(total)
         if decay == "channel":
-            dg = sum(_mask_dot(mk, d, exact, trans_a=True) for mk, d in parts)
             r["dg"][:, ks] = (dg + dtotal).astype(r["dg"].dtype)
-        else:  # this key block's share of the row [1, C]: [row, u] masks summed over rows
-            dg = sum(jnp.sum(jnp.where(mk, jnp.sum(d, axis=1, keepdims=True), 0.0), axis=0,
-                             keepdims=True) for mk, d in parts)
+        else:
             r["dg"][pl.ds(j, 1), :] = (dg + jnp.sum(dtotal, axis=1, keepdims=True)).astype(
                 r["dg"].dtype)
 
@@ -324,6 +339,19 @@ def _backward_kernel(*refs, names, n, own, decay, precision, exact):
             r["dvk"][:, vs] = dVk.astype(r["dvk"].dtype)
 
 
+def _backward_key_block(fm, decay, own):
+    """Key columns per program of the backward: 32 where P's exponent sums are a tile of their
+    own (per-channel decays, probed keys, P's sums not q's: dplr, hdla) in chunks of 64 rows
+    or more, whose key half holds too many [C, 64] tiles at 64 (255 registers and spilling,
+    benchmarks/kernel_registers.py); else BLOCK. On the H100 (B=4, T=4096, H=16, one call)
+    at C = 64: the kernel 2.77 -> 2.03 ms for dplr, 2.92 -> 2.72 for hdla; kda 1.37 -> 1.44
+    and gated_delta_rule 1.23 -> 1.44 the other way. At C = 32 it cost dplr and hdla 0.7-1.3
+    ms of the whole op (benchmarks/NOTES.md, sixteenth session)."""
+    if decay == "channel" and fm.m and fm.C >= 64 and not _probes_as_queries(fm, own):
+        return BLOCK // 2
+    return BLOCK
+
+
 def _decay_mode(g):
     return None if g is None else ("scalar" if g.ndim == 1 else "channel")
 
@@ -346,10 +374,10 @@ def _kernel_inputs(q, g, E, y, P, QE, Tinv, F, Vk, QF, PF):
     return tuple(n for n, _ in live), tuple(x for _, x in live), Kp, Vp
 
 
-def _launch(kernel, args, outs, interpret, launch, Kp, Vp, name):
+def _launch(kernel, args, outs, interpret, launch, Kp, Vp, name, key_block=None):
     params = None if interpret else pl_triton.CompilerParams(
         num_warps=launch.num_warps, num_stages=launch.num_stages)
-    return pl.pallas_call(kernel, out_shape=outs, grid=(_blocks(Kp, Vp)[3],),
+    return pl.pallas_call(kernel, out_shape=outs, grid=(_blocks(Kp, Vp, key_block)[3],),
                           interpret=interpret, compiler_params=params, name=name)(*args)
 
 
@@ -441,8 +469,9 @@ def _tail_bwd(cfg, n, own, res, cts):
            "dx": pv(dX) if ne else None, "dqs": pk(dQs), "do0": pv(dO0)}
     cts = {name: x for name, x in cts.items() if x is not None}
     f = lambda *s: jax.ShapeDtypeStruct(s, q.dtype)
-    _, _, nk, progs = _blocks(Kp, Vp)
     decay = _decay_mode(g)
+    key_block = _backward_key_block(_Form(C, ne // C, nf // C, n), decay, own)
+    _, _, nk, progs = _blocks(Kp, Vp, key_block)
     # The C x C cotangents as [programs * rows, columns], one block of rows per program.
     outs = {"dq": f(Cq, Kp)}
     if ne:
@@ -456,9 +485,11 @@ def _tail_bwd(cfg, n, own, res, cts):
     if decay is not None:
         outs["dg"] = f(C, Kp) if decay == "channel" else f(nk, C)
     kernel = functools.partial(_backward_kernel, names=names + tuple(cts) + tuple(outs), n=n,
-                               own=own, decay=decay, precision=cfg.precision, exact=cfg.exact)
+                               own=own, decay=decay, precision=cfg.precision, exact=cfg.exact,
+                               key_block=key_block)
     got = dict(zip(outs, _launch(kernel, ins + tuple(cts.values()), list(outs.values()),
-                                 cfg.interpret, cfg.bwd, Kp, Vp, "dplr_factors_bwd")))
+                                 cfg.interpret, cfg.bwd, Kp, Vp, "dplr_factors_bwd",
+                                 key_block)))
 
     def total(name, rows):
         return None if name not in got else got[name].reshape(-1, rows,
