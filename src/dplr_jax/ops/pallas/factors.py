@@ -53,7 +53,7 @@ the delta family's forward reads 160 KB + 32 KB and writes 160 KB (1.44 GB: 0.48
 backward reads 352 KB and writes 288 KB (of which 128 KB are the four programs' C x C
 partials; 2.6 GB: 0.87 ms, and XLA then reads the partials once more to add them); ~14
 MFLOP forward, ~30 backward (tf32 / 3-pass tf32: not the limit). Measured for kda there
-(bf16 inputs; benchmarks/results/profile_h100_session16.json): 0.62 ms forward, 1.32
+(bf16 inputs; benchmarks/results/profile_h100_session16.json): 0.63 ms forward, 1.37
 backward. GLA's forward reads
 144 KB and writes 96 (0.98 GB: 0.33 ms), its backward reads 240 and writes 160 (1.6 GB:
 0.55 ms); rank-1 DPLR's forward reads 256 KB and writes 224 (2.0 GB: 0.66 ms). Measured
