@@ -139,9 +139,10 @@ def test_matches_xla_in_float64(form, decay, C, K, V, strong, rng, x64):
 
 @pytest.mark.parametrize("form", ["delta", "both"])
 def test_backward_in_32_key_columns(form, rng, x64):
-    """At C = 64, where P's exponent sums are not q's (dplr's form; hdla's, whose probes are
-    not one per query), the backward runs 32 key columns per program: at K = 100 four of
-    them, the last padded. Every factor and input cotangent as chunk_factors, to rounding."""
+    """At C = 64, where P's exponent sums are not q's (the delta form with P's own probe sums,
+    as hdla's where probes are not one per query; dplr's form), the backward runs 32 key
+    columns per program: at K = 100 four of them, the last padded. Every factor and input
+    cotangent as chunk_factors, to rounding."""
     xs = cast(chunk(rng, "channel", 64, 100, 48, True, form), jnp.float64)
     fm = factors._Form(64, 1, 1 if form == "both" else 0, 1)
     assert factors._backward_key_block(fm, "channel", own=False) == 32
