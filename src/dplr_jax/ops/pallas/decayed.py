@@ -539,7 +539,8 @@ def _products_bwd(probe, strict, cfg, res, dD):
         # One call per side: both of gated_delta_rule's sides in one program hold 255
         # registers and spill; on the H100 that backward took 9.6 ms at chunk 32, two calls
         # 1.05 (at chunk 64 it was faster: gdn 0.09 ms, gdp n=2 0.34 in all; NOTES, fifteenth
-        # session).
+        # session). With a dY output per side it spilled 0-68 B and was still no faster
+        # (gdn 6.15 -> 6.19 ms, gdp n=2 11.67 -> 11.95; NOTES, sixteenth session).
         n = max(Yp.shape[1] // BLOCK, 1)
         dX, dY, dg = [], 0.0, 0.0
         for x, d, s in zip(Xp, dD, strict):
