@@ -223,24 +223,40 @@ def _saved(x):
     return checkpoint_name(x, SAVED)
 
 
+def _rows_up(x):
+    """Row t of x [C, ...] moved to row t - 1 (row C - 1 zero)."""
+    return jnp.concatenate([x[1:], jnp.zeros_like(x[:1])])
+
+
+def _rows_down(x):
+    """Row t of x [C, ...] moved to row t + 1 (row 0 zero)."""
+    return jnp.concatenate([jnp.zeros_like(x[:1]), x[:-1]])
+
+
 def intra_products(q1, g, E, P, F, decayed, own_decay):
     """Phase 1's intra-chunk products of one chunk, as decayed's [rows, a, C, b]:
     L = (P, E) probed, QE = (q, E), QF = (q, F), PF = (P, F) probed; None where the form
-    lacks a part. q1 [C / n, 1, K]. With own_decay (P holds p, chunked.chunked) P's products
-    run under the queries' decays, strict, and L comes with QE from one pass (query sides)."""
+    lacks a part. q1 [C / n, 1, K]. P's products come with q's from one pass over the keys
+    (decayed's query sides), with queries' decays:
+
+    - with own_decay (P holds p, chunked.chunked) P's products run under the queries' decays,
+      strict;
+    - otherwise a probe of token t reads the state before t's decay, as a query of token t - 1
+      would: its product with key s, decayed over s < u <= t - 1 for s < t, is the plain
+      product of row t - 1 when P moves up a row (_rows_up), and moves back down after. One
+      pass for QE and L and one for QF and PF instead of four (DPLR)."""
     own = own_decay and g is not None
-    probed = dict(probe=False, strict=True) if own else dict(probe=True)
     L = QE = QF = PF = None
-    if E is not None:
-        if own:
-            QE, L = decayed((q1, P), E, g, probe=False, strict=(False, True))
-        else:
-            QE, L = decayed(q1, E, g, probe=False), decayed(P, E, g, **probed)
+    if E is None:
+        return L, QE, None if F is None else decayed(q1, F, g, probe=False), PF
+    sides = (q1, P) if own else (q1, _rows_up(P))
+    strict = (False, own)
+    back = (lambda D: D) if own else _rows_down
+    QE, L = decayed(sides, E, g, probe=False, strict=strict)
     if F is not None:
-        QF = decayed(q1, F, g, probe=False)
-        if E is not None:
-            PF = decayed(P, F, g, **probed)
-    return L, QE, QF, PF
+        QF, PF = decayed(sides, F, g, probe=False, strict=strict)
+        PF = back(PF)
+    return back(L), QE, QF, PF
 
 
 def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products, own_decay=False):
