@@ -2,8 +2,8 @@
 
     python benchmarks/decayed_dg_cpu.py [--out FILE.json]
 
-One chunk (C=64, K=32, X, Y standard normal, every log decay g, a random cotangent), plain
-and probe: relative RMSE of D, dX, dY and dg in float32 against the XLA exact path in
+One chunk (C=64, K=32, X, Y standard normal, every log decay g, a random cotangent):
+relative RMSE of D, dX, dY and dg in float32 against the XLA exact path in
 float64, for the Pallas kernel (interpret mode; exact and bounded backward) and the XLA
 bounded path. Prints a table and writes JSON (benchmarks/NOTES.md quotes it).
 """
@@ -43,7 +43,7 @@ def main():
     rng = np.random.default_rng(0)
     C, K = 64, 32
     rows = []
-    print(f"{'g':>5} {'probe':>6} {'impl':>15} {'D':>9} {'dX':>9} {'dY':>9} {'dg':>9}")
+    print(f"{'g':>5} {'impl':>15} {'D':>9} {'dX':>9} {'dY':>9} {'dg':>9}")
     for g_value in (-1.0, -3.0, -5.0):
         X, Y = rng.standard_normal((C, 1, K)), rng.standard_normal((C, 1, K))
         g = np.full((C, K), g_value)
@@ -54,14 +54,13 @@ def main():
             out, pull = jax.vjp(fn, *xs)
             return (out,) + pull(jnp.asarray(ct, dtype))
 
-        for probe in (False, True):
-            ref = value_and_grads(lambda *x: chunked.decayed_products(*x, probe), jnp.float64)
-            for impl, (fn, bounded) in IMPLS.items():
-                got = value_and_grads(lambda *x: fn(*x, probe, bounded), jnp.float32)
-                errs = dict(zip(("D", "dX", "dY", "dg"), (rel(u, v) for u, v in zip(got, ref))))
-                rows.append(dict(g=g_value, probe=probe, impl=impl, **errs))
-                print(f"{g_value:5.1f} {probe!s:>6} {impl:>15} " + " ".join(
-                    f"{errs[n]:9.1e}" for n in ("D", "dX", "dY", "dg")))
+        ref = value_and_grads(chunked.decayed_products, jnp.float64)
+        for impl, (fn, bounded) in IMPLS.items():
+            got = value_and_grads(lambda *x: fn(*x, bounded), jnp.float32)
+            errs = dict(zip(("D", "dX", "dY", "dg"), (rel(u, v) for u, v in zip(got, ref))))
+            rows.append(dict(g=g_value, impl=impl, **errs))
+            print(f"{g_value:5.1f} {impl:>15} " + " ".join(
+                f"{errs[n]:9.1e}" for n in ("D", "dX", "dY", "dg")))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(meta=dict(jax=jax.__version__, device=platform.processor() or "cpu",

@@ -2,9 +2,9 @@
 
 The kernels (CPU interpret mode) against XLA's `chunked.decayed_products` on one chunk: values
 and every cotangent (X, Y and the log decays, whose gradient the kernel forms from sums over
-its sub-chunks), probe and plain, chunks of 1, 2 and 4 sub-chunks, several probes / keys per
-token, K padded, hard resets, per-channel and scalar decays, the diagonal kernels at every
-row group; float32 against float64;
+its sub-chunks), chunks of 1, 2 and 4 sub-chunks, several probes / keys per token, K padded,
+hard resets, per-channel and scalar decays, the diagonal kernels at every row group, query
+sides and the probe products they stand for; float32 against float64;
 backend="pallas" through them against the float64 reference at chunk 64 with hard resets;
 which ops use them.
 """
@@ -45,18 +45,17 @@ def value_and_pullback(fn, xs, ct):
     return (out,) + pull(ct)
 
 
-@pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
 @pytest.mark.parametrize("C,a,b,K,strong", [(64, 1, 1, 32, False), (64, 1, 1, 32, True),
                                             (32, 2, 1, 40, False), (16, 1, 3, 16, True),
                                             (64, 1, 2, 24, True), (32, 2, 1, 100, True)])
-def test_matches_xla_in_float64(probe, C, a, b, K, strong, rng, x64):
+def test_matches_xla_in_float64(C, a, b, K, strong, rng, x64):
     """Same math as XLA's version: values and cotangents agree to rounding (float64); K = 100:
     two programs of the backward's key-column blocks, the padded columns included."""
     xs = cast(chunk(rng, C=C, a=a, b=b, K=K, strong=strong), jnp.float64)
     ct = jnp.asarray(rng.standard_normal((C, a, C, b)))
-    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x, probe), xs, ct)
+    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x), xs, ct)
     got = jax.jit(lambda ct, *x: value_and_pullback(
-        lambda *y: KERNEL(*y, probe), x, ct))(ct, *xs)
+        lambda *y: KERNEL(*y), x, ct))(ct, *xs)
     for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
         assert u.shape == v.shape and u.dtype == jnp.float64
         assert_close(u, v, 1e-12, name)
@@ -65,29 +64,26 @@ def test_matches_xla_in_float64(probe, C, a, b, K, strong, rng, x64):
 @pytest.mark.parametrize("rows", [1, 2, 4, 8])
 def test_diagonal_kernels_at_fewer_rows_per_program(rows, rng, x64, monkeypatch):
     """The diagonal kernels at the GPU's row groups (the interpreter runs whole sub-chunks):
-    a group's first and last rows, the sub-chunk's last row (the key factors) and, with
-    rows = 1 and probe, a program with no key at all; hard resets."""
+    a group's first and last rows and the sub-chunk's last row (the key factors); hard
+    resets."""
     monkeypatch.setattr(decayed, "INTERPRET_ROWS", rows)
     xs = cast(chunk(rng, C=32, K=24, strong=True), jnp.float64)
     ct = jnp.asarray(rng.standard_normal((32, 1, 32, 1)))
-    for probe in (False, True):
-        ref = value_and_pullback(lambda *x: chunked.decayed_products(*x, probe), xs, ct)
-        got = jax.jit(lambda ct, *x: value_and_pullback(
-            lambda *y: KERNEL(*y, probe), x, ct))(ct, *xs)
-        for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
-            assert_close(u, v, 1e-12, f"{name} probe={probe}")
+    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x), xs, ct)
+    got = jax.jit(lambda ct, *x: value_and_pullback(lambda *y: KERNEL(*y), x, ct))(ct, *xs)
+    for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
+        assert_close(u, v, 1e-12, name)
 
 
-@pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
 @pytest.mark.parametrize("C,a,b,K,strong", [(64, 1, 2, 40, False), (64, 1, 1, 32, True),
                                             (16, 2, 1, 16, True), (32, 1, 1, 100, True)])
-def test_scalar_decays_match_xla_in_float64(probe, C, a, b, K, strong, rng, x64):
+def test_scalar_decays_match_xla_in_float64(C, a, b, K, strong, rng, x64):
     """One log decay per token (gated_delta_rule's products): the scalar kernels (K = 100:
     two programs of the backward, their shares of dg added)."""
     xs = cast(chunk(rng, C=C, a=a, b=b, K=K, strong=strong, scalar=True), jnp.float64)
     ct = jnp.asarray(rng.standard_normal((C, a, C, b)))
-    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x, probe), xs, ct)
-    fn = lambda ct, *x: value_and_pullback(lambda *y: KERNEL(*y, probe), x, ct)
+    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x), xs, ct)
+    fn = lambda ct, *x: value_and_pullback(lambda *y: KERNEL(*y), x, ct)
     text = str(jax.make_jaxpr(fn)(ct, *xs))
     assert "dplr_decayed_scalar_fwd" in text and "dplr_decayed_scalar_bwd" in text
     got = jax.jit(fn)(ct, *xs)
@@ -96,10 +92,9 @@ def test_scalar_decays_match_xla_in_float64(probe, C, a, b, K, strong, rng, x64)
         assert_close(u, v, 1e-12, name)
 
 
-@pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
 @pytest.mark.parametrize("scalar", [False, True], ids=["channel", "scalar"])
 @pytest.mark.parametrize("n", [2, 4])
-def test_rows_of_every_nth_token(n, scalar, probe, rng, x64):
+def test_rows_of_every_nth_token(n, scalar, rng, x64):
     """X with the rows of the last of every n tokens only (the multi-factor ops' queries; the
     scalar kernel takes them as they are, the per-channel ones one row per token): the rows
     n - 1, 2n - 1, ... of the product whose other rows of X are zero; hard resets."""
@@ -107,20 +102,19 @@ def test_rows_of_every_nth_token(n, scalar, probe, rng, x64):
     X = X[n - 1::n]
     ct = jnp.asarray(rng.standard_normal((64 // n, 1, 64, 1)))
     full = lambda X, Y, g: chunked.decayed_products(
-        jnp.zeros((64,) + X.shape[1:], X.dtype).at[n - 1::n].set(X), Y, g, probe)[n - 1::n]
+        jnp.zeros((64,) + X.shape[1:], X.dtype).at[n - 1::n].set(X), Y, g)[n - 1::n]
     ref = value_and_pullback(full, (X, Y, g), ct)
     for fn in (KERNEL, chunked.decayed_products):
         got = jax.jit(lambda ct, *x: value_and_pullback(
-            lambda *y: fn(*y, probe), x, ct))(ct, X, Y, g)
+            lambda *y: fn(*y), x, ct))(ct, X, Y, g)
         for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
             assert u.shape == v.shape
             assert_close(u, v, 1e-12, name)
 
 
-@pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
 @pytest.mark.parametrize("C,a,b,K", [(64, 1, 1, 32), (32, 2, 1, 100), (16, 1, 3, 16)])
 @pytest.mark.parametrize("impl", ["pallas", "xla"])
-def test_bounded_path_matches_exact_in_float64(impl, probe, C, a, b, K, rng, x64):
+def test_bounded_path_matches_exact_in_float64(impl, C, a, b, K, rng, x64):
     """bounded=True (log decays >= MIN_BOUND = -5, a third of them at the bound, so sub-chunk
     sums reach -80) against the exact path: values and cotangents to float64 rounding."""
     X, Y, g = chunk(rng, C=C, a=a, b=b, K=K)
@@ -128,42 +122,40 @@ def test_bounded_path_matches_exact_in_float64(impl, probe, C, a, b, K, rng, x64
     g = np.where(rng.random(g.shape) < 1 / 3, chunked.MIN_BOUND, g)
     xs = cast((X, Y, g), jnp.float64)
     ct = jnp.asarray(rng.standard_normal((C, a, C, b)))
-    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x, probe), xs, ct)
+    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x), xs, ct)
     fn = KERNEL if impl == "pallas" else chunked.decayed_products
     got = jax.jit(lambda ct, *x: value_and_pullback(
-        lambda *y: fn(*y, probe, True), x, ct))(ct, *xs)
+        lambda *y: fn(*y, True), x, ct))(ct, *xs)
     for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
         assert_close(u, v, 1e-12, name)
 
 
-@pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
 @pytest.mark.parametrize("scalar", [False, True], ids=["channel", "scalar"])
-def test_float32_against_float64_with_hard_resets(probe, scalar, rng, x64):
+def test_float32_against_float64_with_hard_resets(scalar, rng, x64):
     xs = chunk(rng, strong=True, scalar=scalar)
     ct = rng.standard_normal((64, 1, 64, 1))
-    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x, probe),
+    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x),
                              cast(xs, jnp.float64), jnp.asarray(ct))
-    got = jax.jit(lambda ct, *x: value_and_pullback(lambda *y: KERNEL(*y, probe), x, ct))(
+    got = jax.jit(lambda ct, *x: value_and_pullback(lambda *y: KERNEL(*y), x, ct))(
         *cast((ct,) + xs, jnp.float32))
     for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
         assert u.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(u))), name
         assert_close(u, v, 1e-5, name)
 
 
-@pytest.mark.parametrize("probe", [False, True], ids=["plain", "probe"])
 @pytest.mark.parametrize("impl", ["pallas", "pallas-bounded", "xla-bounded"])
-def test_float32_log_decay_gradient_when_every_decay_is_strong(impl, probe, rng, x64):
+def test_float32_log_decay_gradient_when_every_decay_is_strong(impl, rng, x64):
     """Every log decay -5 (the bound): the pairs without decay must not enter d(log decay),
     which is ~e^-5 times smaller than the products (through them: 4e-5 to 1.4e-4 relative
     RMSE in float32). Values and all cotangents within 1e-5 of float64."""
     X, Y, _ = chunk(rng)
     g = np.full((64, 32), chunked.MIN_BOUND)
     ct = rng.standard_normal((64, 1, 64, 1))
-    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x, probe),
+    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x),
                              cast((X, Y, g), jnp.float64), jnp.asarray(ct))
     bounded = impl.endswith("bounded")
     fn = KERNEL if impl.startswith("pallas") else chunked.decayed_products
-    got = jax.jit(lambda ct, *x: value_and_pullback(lambda *y: fn(*y, probe, bounded), x, ct))(
+    got = jax.jit(lambda ct, *x: value_and_pullback(lambda *y: fn(*y, bounded), x, ct))(
         *cast((ct, X, Y, g), jnp.float32))
     for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
         assert u.dtype == jnp.float32
@@ -174,8 +166,8 @@ def test_vmapped_over_chunks(rng):
     """Under vmap (as phase 1 calls it, once per batch row, head and chunk)."""
     xs = cast(tuple(np.stack(z) for z in zip(*(chunk(rng, C=32) for _ in range(3)))),
               jnp.float32)
-    got = jax.jit(jax.vmap(lambda *x: KERNEL(*x, True)))(*xs)
-    ref = jax.vmap(lambda *x: chunked.decayed_products(*x, True))(*xs)
+    got = jax.jit(jax.vmap(lambda *x: KERNEL(*x)))(*xs)
+    ref = jax.vmap(lambda *x: chunked.decayed_products(*x))(*xs)
     assert_close(got, ref, 1e-5, "D")
 
 
@@ -227,7 +219,7 @@ def test_query_sides_match_xla_in_float64(every, scalar, bounded, rng, x64):
     cts = (jnp.asarray(rng.standard_normal((64 // every, 1, 64, 1))),
            jnp.asarray(rng.standard_normal((64, 1, 64, 1))))
     run = lambda fn: jax.jit(lambda cts, *x: value_and_pullback(
-        lambda q, p, Y, g: fn((q, p), Y, g, False, bounded, (False, True)), x, cts))(
+        lambda q, p, Y, g: fn((q, p), Y, g, bounded, (False, True)), x, cts))(
             cts, q, p, Y, g)
     got, ref = run(KERNEL), run(chunked.decayed_products)
     for name, u, v in zip(("QE", "L"), got[0], ref[0]):
@@ -238,15 +230,30 @@ def test_query_sides_match_xla_in_float64(every, scalar, bounded, rng, x64):
         assert_close(u, v, 1e-12, name)
 
 
+def probe_products(P, Y, g):
+    """A probe reads the state before its token's decay: [t, a, s, b] sum_k P[t, a, k] Y[s, b, k]
+    e^{sum of g_u over s < u < t}, for s < t, by masked sums of the tokens (float64)."""
+    C = Y.shape[0]
+    t = np.arange(C)
+    span = ((t[None, :, None] < t[None, None, :]) & (t[None, None, :] < t[:, None, None]))
+    g = g if g.ndim == 2 else np.broadcast_to(g[:, None], (C, Y.shape[-1]))
+    decay = np.exp(np.einsum("tsu,uk->tsk", span.astype(float), g)) * (t[:, None] > t)[..., None]
+    return np.einsum("tak,sbk,tsk->tasb", P, Y, decay)
+
+
 @pytest.mark.parametrize("scalar", [False, True], ids=["channel", "scalar"])
-def test_strict_side_is_the_probe_of_its_decayed_rows(scalar, rng, x64):
-    """The identity own_decay rests on (chunked.chunked): p's strict product without probe
-    equals the probe product of p e^g, in XLA's version and the kernels', hard resets."""
-    _, p, Y, g = cast(sides_chunk(rng, scalar, 1), jnp.float64)
-    eg = jnp.exp(g if g.ndim == 2 else g[:, None])[:, None]
-    ref = chunked.decayed_products(p * eg, Y, g, True)
+def test_probe_products_as_query_sides(scalar, rng, x64):
+    """The identities chunked.intra_products rests on, in XLA's version and the kernels', hard
+    resets: a probe's products are a query's of the token before (P moved up a row, the
+    product moved back down), and with the probe p e^g carrying its own token's decay
+    (own_decay) p's strict products."""
+    _, p, Y, g = sides_chunk(rng, scalar, 1)
+    eg = np.exp(g if g.ndim == 2 else g[:, None])[:, None]
     for fn in (chunked.decayed_products, KERNEL):
-        assert_close(jax.jit(lambda *x: fn(*x, False, False, True))(p, Y, g), ref, 1e-12, "L")
+        run = jax.jit(lambda *x: fn(*x[:3], strict=x[3]), static_argnums=3)
+        got = chunked._rows_down(run(chunked._rows_up(jnp.asarray(p)), Y, g, False))
+        assert_close(got, probe_products(p, Y, g), 1e-12, "moved up")
+        assert_close(run(p, Y, g, True), probe_products(p * eg, Y, g), 1e-12, "own decay")
 
 
 def test_query_sides_run_in_one_kernel_pass(rng):
@@ -262,9 +269,9 @@ def test_query_sides_run_in_one_kernel_pass(rng):
 
     once = dict.fromkeys(("dplr_decayed_diag", "dplr_decayed_fwd", "dplr_decayed_diag_bwd",
                           "dplr_decayed_bwd"), 1)
-    sides = lambda q, p, Y, g: KERNEL((q, p), Y, g, False, False, (False, True))
+    sides = lambda q, p, Y, g: KERNEL((q, p), Y, g, False, (False, True))
     assert count(sides, q, p, Y, g) == once
-    ranks = lambda P, Y, g: KERNEL(P, Y, g, True)
+    ranks = lambda P, Y, g: KERNEL(P, Y, g)
     assert count(ranks, jnp.concatenate([p, p], axis=1), Y, g) == once
     assert count(sides, q, p, Y, g[:, 0]) == {"dplr_decayed_scalar_fwd": 1,
                                               "dplr_decayed_scalar_bwd": 2}

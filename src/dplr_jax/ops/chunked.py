@@ -95,18 +95,18 @@ def prefix_suffix(g, axis=0):
                                                          jnp.less))
 
 
-def segment_sums(g, probe):
-    """S[t, s] = sum of g_u over s < u <= t (over s < u <= t - 1 if probe), for s < t; 0 elsewhere.
+def segment_sums(g, between=False):
+    """S[t, s] = sum of g_u over s < u <= t (between: s < u < t), for s < t; 0 elsewhere.
     g [c, ...]; returns [c, c, ...]. A 0/1 matrix product at float32 accuracy (_sum_dot):
     sums of the per-token decays, never differences of cumulative sums."""
     c = g.shape[0]
     t = jnp.arange(c)
-    hi = t[:, None, None] - (1 if probe else 0)  # [t, s, u]: s < u <= hi
+    hi = t[:, None, None] - (1 if between else 0)  # [t, s, u]: s < u <= hi
     span = ((t[None, :, None] < t[None, None, :]) & (t[None, None, :] <= hi)).astype(g.dtype)
     return _sum_dot(lambda p: jnp.einsum("tsu,u...->ts...", span, g, precision=p), g.dtype)
 
 
-def _diagonal_blocks(Xs, Ys, gs, probe, bounded):
+def _diagonal_blocks(Xs, Ys, gs, bounded):
     """decayed_products on every diagonal sub-block at once, per-channel decays:
     Xs [n, c, a, K], Ys [n, c, b, K], gs [n, c, K] -> [n, c, a, c, b].
 
@@ -116,20 +116,19 @@ def _diagonal_blocks(Xs, Ys, gs, probe, bounded):
     (P: prefix sums inside the sub-chunk), one matmul with factors of at most e^{8|L|}."""
     c = gs.shape[1]
     t = jnp.arange(c)
-    mask = (t[:, None] > t[None, :]) if probe else (t[:, None] >= t[None, :])
+    mask = t[:, None] >= t[None, :]
     if bounded:
-        # The pairs without decay (s = t, or s = t - 1 with probe) as plain products: through
-        # the factors their rounding would enter the log-decay gradient as a difference of
-        # large terms (up to e^{|L|} times float32 rounding when every decay sits at L).
-        near = jnp.eye(c, k=-1 if probe else 0, dtype=bool)
-        Yn = jnp.pad(Ys, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :c] if probe else Ys
-        direct = jnp.einsum("itak,itbk->itab", Xs, Yn)[:, :, :, None] * near[:, None, :, None]
-        Xd, Yd = bounded_factors(Xs, Ys, gs, probe, axis=1)
+        # The pairs without decay (s = t) as plain products: through the factors their
+        # rounding would enter the log-decay gradient as a difference of large terms (up to
+        # e^{|L|} times float32 rounding when every decay sits at L).
+        near = jnp.eye(c, dtype=bool)
+        direct = jnp.einsum("itak,itbk->itab", Xs, Ys)[:, :, :, None] * near[:, None, :, None]
+        Xd, Yd = bounded_factors(Xs, Ys, gs, axis=1)
         far = mask & ~near
         # where, not a product with the mask: a masked pair may overflow (up to e^{16|L|}).
         return direct + jnp.where(far[:, None, :, None], jnp.einsum("itak,isbk->itasb", Xd, Yd),
                                   0.0)
-    e = mask[:, :, None] * jnp.exp(jax.vmap(lambda x: segment_sums(x, probe))(gs))
+    e = mask[:, :, None] * jnp.exp(jax.vmap(lambda x: segment_sums(x))(gs))
     return jnp.einsum("itak,isbk,itsk->itasb", Xs, Ys, e)
 
 
@@ -141,15 +140,13 @@ def _diagonal_blocks(Xs, Ys, gs, probe, bounded):
 MIN_BOUND = -5.0
 
 
-def bounded_factors(X, Y, g, probe, axis=0):
-    """Query and key factors of the bounded diagonal blocks: X e^{Pq - m} and Y e^{m - P}
-    with P the inclusive prefix sums of g along `axis` (a sub-chunk), Pq = P (exclusive if
-    probe) and m = P at the middle row. X [..., c, a, K] and Y [..., c, b, K] with the rank
-    axis after `axis`; g [..., c, K]."""
+def bounded_factors(X, Y, g, axis=0):
+    """Query and key factors of the bounded diagonal blocks: X e^{P - m} and Y e^{m - P}
+    with P the inclusive prefix sums of g along `axis` (a sub-chunk) and m = P at the middle
+    row. X [..., c, a, K] and Y [..., c, b, K] with the rank axis after `axis`; g [..., c, K]."""
     incl = masked_sums(g, axis, jnp.greater_equal)
     mid = jax.lax.slice_in_dim(incl, g.shape[axis] // 2 - 1, g.shape[axis] // 2, axis=axis)
-    pre = incl - g if probe else incl
-    return (X * jnp.exp(pre - mid)[..., None, :], Y * jnp.exp(mid - incl)[..., None, :])
+    return (X * jnp.exp(incl - mid)[..., None, :], Y * jnp.exp(mid - incl)[..., None, :])
 
 
 def at_last(q, n, axis=0):
@@ -161,12 +158,12 @@ def at_last(q, n, axis=0):
     return x.reshape(q.shape[:axis] + (n * q.shape[axis],) + q.shape[axis + 1:])
 
 
-def decayed_products(X, Y, g, probe, bounded=False, strict=False):
+def decayed_products(X, Y, g, bounded=False, strict=False):
     """Out[t,a,s,b] = sum_k X[t,a,k] Y[s,b,k] exp(sum_{s<u<=t} g[u,k]) for s <= t.
 
-    With probe=True the decay runs to t - 1 and only s < t is kept (a probe reads the state
-    before token t's decay); strict=True keeps only s < t with the decay to t. X [C, a, K],
-    Y [C, b, K]; g per-token log decays: None, [C] or [C, K]. Masked entries are exactly zero.
+    strict=True keeps only s < t. (A probe that reads the state before token t's decay is
+    a query of token t - 1: intra_products.) X [C, a, K], Y [C, b, K]; g per-token log
+    decays: None, [C] or [C, K]. Masked entries are exactly zero.
     bounded: the caller guarantees g >= MIN_BOUND (the ops' log_decay_lower_bound), which
     allows the faster diagonal blocks. X may hold only the rows of the last of every n
     tokens, [C / n, a, K] (forms.py's multi-factor ops' queries); Out then has those rows.
@@ -175,32 +172,32 @@ def decayed_products(X, Y, g, probe, bounded=False, strict=False):
     the result is the tuple of their products (the Pallas kernels form them in one pass).
     """
     if isinstance(X, tuple):
-        return tuple(decayed_products(x, Y, g, probe, bounded, s) for x, s in zip(X, strict))
+        return tuple(decayed_products(x, Y, g, bounded, s) for x, s in zip(X, strict))
     n = Y.shape[0] // X.shape[0]
     if n > 1:
-        return decayed_products(at_last(X, n), Y, g, probe, bounded, strict)[n - 1::n]
+        return decayed_products(at_last(X, n), Y, g, bounded, strict)[n - 1::n]
     if strict:
-        return decayed_products(X, Y, g, probe, bounded) * (
+        return decayed_products(X, Y, g, bounded) * (
             1.0 - jnp.eye(X.shape[0], dtype=X.dtype))[:, None, :, None]
     C = X.shape[0]
     t = jnp.arange(C)
-    mask = (t[:, None] > t[None, :]) if probe else (t[:, None] >= t[None, :])
+    mask = t[:, None] >= t[None, :]
     if g is None or g.ndim == 1:
         out = jnp.einsum("tak,sbk->tasb", X, Y)
-        decay = mask.astype(X.dtype) if g is None else mask * jnp.exp(segment_sums(g, probe))
+        decay = mask.astype(X.dtype) if g is None else mask * jnp.exp(segment_sums(g))
         return out * decay[:, None, :, None]
     # Per-channel decay: exact pairwise decays on the diagonal sub-blocks...
     c = min(SUB, C)
     n = C // c
     a, b, K = X.shape[1], Y.shape[1], X.shape[2]
     Xs, Ys, gs = X.reshape(n, c, a, K), Y.reshape(n, c, b, K), g.reshape(n, c, K)
-    diag = _diagonal_blocks(Xs, Ys, gs, probe, bounded)  # [n, c, a, c, b]
+    diag = _diagonal_blocks(Xs, Ys, gs, bounded)  # [n, c, a, c, b]
     out = diag[:, :, :, None] * jnp.eye(n, dtype=X.dtype)[:, None, None, :, None, None]
     if n > 1:
         # ...and off-diagonal blocks (query sub-chunk i > key sub-chunk j) through the boundary.
-        incl, excl, suffix = prefix_suffix(gs, axis=1)  # inside each sub-chunk
-        between = segment_sums(incl[:, -1], probe=True)  # [i, j]: whole sub-chunks j < l < i
-        Xh = Xs[1:] * jnp.exp(excl if probe else incl)[1:, :, None, :]
+        incl, _, suffix = prefix_suffix(gs, axis=1)  # inside each sub-chunk
+        between = segment_sums(incl[:, -1], between=True)  # [i, j]: whole sub-chunks j < l < i
+        Xh = Xs[1:] * jnp.exp(incl)[1:, :, None, :]
         # between[1:, t // c] as a repeat: the transpose of that gather is a colliding
         # scatter-add, 3.3 ms of kda's forward+backward on the H100.
         expo = suffix.reshape(C, K)[None] + jnp.repeat(between[1:], c, axis=1)  # [n-1, C, K]
@@ -248,13 +245,13 @@ def intra_products(q1, g, E, P, F, decayed, own_decay):
     own = own_decay and g is not None
     L = QE = QF = PF = None
     if E is None:
-        return L, QE, None if F is None else decayed(q1, F, g, probe=False), PF
+        return L, QE, None if F is None else decayed(q1, F, g), PF
     sides = (q1, P) if own else (q1, _rows_up(P))
     strict = (False, own)
     back = (lambda D: D) if own else _rows_down
-    QE, L = decayed(sides, E, g, probe=False, strict=strict)
+    QE, L = decayed(sides, E, g, strict=strict)
     if F is not None:
-        QF, PF = decayed(sides, F, g, probe=False, strict=strict)
+        QF, PF = decayed(sides, F, g, strict=strict)
         PF = back(PF)
     return back(L), QE, QF, PF
 

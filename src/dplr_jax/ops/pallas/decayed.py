@@ -5,11 +5,10 @@ chunked.decayed_products needs, per chunk of C tokens and one head,
 
     D[t, s] = sum_k X[t, k] Y[s, k] exp(sum_{s < u <= t} g[u, k])      (s <= t),
 
-or with probe=True the decay sum over s < u <= t - 1 and only s < t. No exponent may be a
-difference of cumulative sums (chunked.py says why). In XLA that costs [16, 16, K] pairwise
-tensors for the diagonal 16 x 16 blocks and [n-1, C, K] decayed key factors for the
-off-diagonal ones, all written to HBM and read back, in the forward and again in the
-backward. Sub-chunks i = 0..n-1 (16 tokens); two kernels each way:
+or only s < t (strict). No exponent may be a difference of cumulative sums (chunked.py
+says why). In XLA that costs [16, 16, K] pairwise tensors for the diagonal 16 x 16 blocks
+and [n-1, C, K] decayed key factors for the off-diagonal ones, all written to HBM and read
+back, in the forward and again in the backward. Sub-chunks i = 0..n-1 (16 tokens); two kernels each way:
 
 - the diagonal blocks (_diagonal_kernel), a few query rows of one sub-chunk per program (2
   on the GPU): the keys s of the sub-chunk run down from the rows' last, each row carrying
@@ -22,8 +21,7 @@ backward. Sub-chunks i = 0..n-1 (16 tokens); two kernels each way:
   every factor <= 1, and the exponents add up exactly to the pair's decay sum.
 
 Query sides: several X against the same Y and g run in one pass (a probe's ranks; phase 1's
-q and p where the probes carry their own token's decay, which makes L a product under QE's
-decays: chunked.chunked). Each step's exp2 and key row serve every side, the key side
+q with the probes, as chunked.intra_products forms them). Each step's exp2 and key row serve every side, the key side
 Y e^{suffix} is formed once, and the backward sums the sides' shares of dY and R; the scalar
 forward kernel likewise forms the pairs' decay factors once for all sides (its backward runs
 per side). A strict side drops its pairs s = t as well (L). On the H100 this took kda from
@@ -35,18 +33,17 @@ for its rows' dX (as queries) and the queries up for their dY (as keys), and wri
 factors e^{prefix}, e^{suffix} its loops end with; _backward_kernel, per chunk, adds the
 off-diagonal blocks' dX and dY by dots and forms the log decays' gradient. That needs no
 exponent: with R = X * dX and Q = Y * dY per channel, the pairs (t, s) whose decay contains
-g_u are those with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s (probe: minus
-R_u as well), per sub-chunk from the last: the sum over its rows t >= u (its total less a
-cumulative sum: Triton has no reverse one) plus the totals of the sub-chunks after it. R goes
-to dg's rows as each sub-chunk's dX is done and comes back after a barrier. R and Q leave out
-the pairs whose decay is empty (s = t; probe: s = t - 1): they cancel in dg, but their
-float32 rounding would not (with every g at -5, dg was off by 5e-5 to 1.4e-4 relative,
+g_u are those with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s, per
+sub-chunk from the last: the sum over its rows t >= u (its total less a cumulative sum:
+Triton has no reverse one) plus the totals of the sub-chunks after it. R goes to dg's rows
+as each sub-chunk's dX is done and comes back after a barrier. R and Q leave out the pairs
+whose decay is empty (s = t): they cancel in dg, but their float32 rounding would not (with every g at -5, dg was off by 5e-5 to 1.4e-4 relative,
 benchmarks/decayed_dg_cpu.py); the wrapper adds their dX, dY. Nothing is saved but the
 inputs.
 
 With the ops' log_decay_lower_bound (every g >= L >= -5, `bounded`), the backward's diagonal
 blocks are dots in _backward_kernel, with no diagonal kernel: the sub-chunk's prefix sums P
-(one 0/1 dot at float32 precision) give factors X e^{Pq - m} and Y e^{m - P} around the
+(one 0/1 dot at float32 precision) give factors X e^{P - m} and Y e^{m - P} around the
 middle row m, at most e^{8|L|} each, and dX, dY of the block are two [16, 16] x [16, K]
 dots (the off-diagonal blocks are unchanged; their suffix sums and totals are then
 differences of sums of <= 16 tokens). The forward is the same with or without the bound.
@@ -124,19 +121,15 @@ def _tokens(shape, every):
     return _iota(shape, 0) * every + every - 1
 
 
-def _decayed_pairs(probe, boundary=False):
-    """[s, t] mask of the pairs whose decay spans at least one token, in a diagonal block (s < t
-    - 1 with probe, else s < t), or with boundary=True in the probe block (i, i - 1): all but
-    (s = 15, t = 0). The backward leaves the pairs without decay to the wrapper."""
-    s, t = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
-    if boundary:
-        return (s != SUB - 1) | (t != 0)
-    return s < t - 1 if probe else s < t
+def _decayed_pairs():
+    """[s, t] mask of the pairs whose decay spans at least one token in a diagonal block,
+    s < t. The backward leaves the pairs without decay (s = t) to the wrapper."""
+    return _iota((SUB, SUB), 0) < _iota((SUB, SUB), 1)
 
 
-def _bounded_block(probe, g, exact):
+def _bounded_block(g, exact):
     """Under the bound (g [16, K] >= MIN_BOUND): the diagonal block's query and key factors
-    e^{Pq - m} and e^{m - P} (chunked.bounded_factors: P the prefix sums, by a 0/1 dot at
+    e^{P - m} and e^{m - P} (chunked.bounded_factors: P the prefix sums, by a 0/1 dot at
     float32 precision, m its middle row), and the sub-chunk's query-side prefix sums,
     exclusive suffix sums and total, which _diagonal_backward_kernel's loops yield as sums
     of the tokens each covers, here as differences of sums of <= 16 tokens."""
@@ -144,8 +137,7 @@ def _bounded_block(probe, g, exact):
     total = jnp.sum(g, axis=0, keepdims=True)
     mid = jnp.sum(jnp.where(_iota(g.shape, 0) == SUB // 2 - 1, incl, 0.0), axis=0,
                   keepdims=True)
-    pre = incl - g if probe else incl
-    return _exp(pre - mid), _exp(mid - incl), pre, total - incl, total
+    return _exp(incl - mid), _exp(mid - incl), incl, total - incl, total
 
 
 def _row_group(rows):
@@ -167,42 +159,33 @@ def _advance(d, on, start, g):
     return jnp.where(on, d + g, jnp.where(start, 0.0, -jnp.inf))
 
 
-def _prefix(d, last, base, g_base):
-    """The rows' prefix exponents from their running ones after the sub-chunk's first key:
-    plus that token's g; 0 for a row with no key in the sub-chunk (probe, its first row)."""
-    return jnp.where(last >= base, d + g_base, 0.0)
-
-
-def _diagonal_kernel(*refs, probe, rows, a):
+def _diagonal_kernel(*refs, rows, a):
     """A chunk's diagonal 16 x 16 blocks of D, and the factors of its off-diagonal ones, for
     `a` query sides X against the same keys Y: `rows` query rows t0 .. t0 + rows - 1 of one
     sub-chunk per program. refs: the sides' x_refs, y_ref, g_ref, then per side d_ref and
     xq_ref, and key_ref. d_ref [C, 16] gets, in row t, D[t, s] for the keys s of t's
-    sub-chunk up to t (probe: t - 1; the entries past them are left unwritten); xq_ref row t
-    the query side X_t e^{prefix_t}, prefix_t the sum of g over the sub-chunk's tokens up to t
-    (probe: t - 1); key_ref row s the key side Y_s e^{suffix_s}, suffix_s the sum over the
-    tokens after s in its sub-chunk.
+    sub-chunk up to t (the entries past them are left unwritten); xq_ref row t the query
+    side X_t e^{prefix_t}, prefix_t the sum of g over the sub-chunk's tokens up to t; key_ref
+    row s the key side Y_s e^{suffix_s}, suffix_s the sum over the tokens after s in its
+    sub-chunk.
 
     The keys run from the group's last down to the sub-chunk's first, each row carrying its
     exponent sum_{s < u <= t} g_u (one add of g_{s+1} per key; -inf until the row's own last
     key, where it starts at 0), so each step is one [rows, K] exp2, shared by the sides, and
     one reduction over K per side. After the last key (the sub-chunk's first) a row's
     exponent plus that token's g is its prefix; the group that holds the sub-chunk's last
-    row takes the suffixes from that row's exponents on the way (probe: plus the last
-    token's g, which its rows never add). Every exponent is a sum of the tokens it covers,
-    in base 2 (state_pass._exp)."""
+    row takes the suffixes from that row's exponents on the way. Every exponent is a sum of
+    the tokens it covers, in base 2 (state_pass._exp)."""
     x_refs, (y_ref, g_ref), d_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
     xq_refs, key_ref = refs[2 * a + 2:3 * a + 2], refs[3 * a + 2]
-    p = 1 if probe else 0
     C = y_ref.shape[0]
     t0, base, end = _row_group(rows)
     X = [x_ref[pl.ds(t0, rows), :] for x_ref in x_refs]
     f = X[0].dtype
     r = _iota((rows, 1), 0)
-    last = t0 - p + r  # each row's last key
-    top = t0 + rows - 1 - p  # the group's last key
+    last = t0 + r  # each row's last key: its own token
+    top = t0 + rows - 1  # the group's last key
     tail = (t0 + rows == base + SUB) & (end < C - 1)  # keys wanted: not the chunk's last
-    g_end = _log2_decay(g_ref, end, f) if probe else 0.0
 
     def step(k, d):
         s = top - k
@@ -214,27 +197,22 @@ def _diagonal_kernel(*refs, probe, rows, a):
             d_ref[pl.ds(t0, rows), pl.ds(s - base, 1)] = row.astype(d_ref.dtype)
 
         @pl.when(tail)
-        def _key():  # the sub-chunk's last row's exponent: the suffix (probe: less g_end)
+        def _key():  # the sub-chunk's last row's exponent: the suffix
             d_end = jnp.sum(jnp.where(r == rows - 1, d, 0.0), axis=0, keepdims=True)
-            key_ref[pl.ds(s, 1), :] = (y * jnp.exp2(d_end + g_end)).astype(key_ref.dtype)
+            key_ref[pl.ds(s, 1), :] = (y * jnp.exp2(d_end)).astype(key_ref.dtype)
 
         return d
 
     d = jax.lax.fori_loop(0, top - base + 1, step, jnp.full(X[0].shape, -jnp.inf, f))
-    if probe:  # the sub-chunk's last key, which no row reaches: no suffix
-
-        @pl.when(tail)
-        def _last_key():
-            key_ref[pl.ds(end, 1), :] = y_ref[pl.ds(end, 1), :].astype(key_ref.dtype)
 
     @pl.when(base > 0)  # the first sub-chunk's rows have no earlier keys
-    def _query():
-        e = jnp.exp2(_prefix(d, last, base, _log2_decay(g_ref, base, f)))
+    def _query():  # the prefix: the exponent after the sub-chunk's first key, plus its g
+        e = jnp.exp2(d + _log2_decay(g_ref, base, f))
         for Xi, xq_ref in zip(X, xq_refs):
             xq_ref[pl.ds(t0, rows), :] = (Xi * e).astype(xq_ref.dtype)
 
 
-def _forward_kernel(g_ref, *refs, probe, precision, strict):
+def _forward_kernel(g_ref, *refs, precision, strict):
     """The whole [C, C] D of one chunk per query side from _diagonal_kernel's outputs (refs:
     the sides' diagonal blocks, their query sides, the key side, then the sides' D): the
     diagonal blocks, and the blocks (i, j < i) as one [16, K] x [K, 16] dot of the query side
@@ -251,7 +229,7 @@ def _forward_kernel(g_ref, *refs, probe, precision, strict):
     for i in range(n):
         rows = pl.ds(i * SUB, SUB)
         for diag_ref, d_ref, s in zip(diag_refs, d_refs, strict):
-            d_ref[rows, rows] = jnp.where(u <= t - int(probe or s), diag_ref[rows, :],
+            d_ref[rows, rows] = jnp.where(u <= t - int(s), diag_ref[rows, :],
                                           0.0).astype(d_ref.dtype)
             for j in range(i + 1, n):
                 d_ref[rows, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), d_ref.dtype)
@@ -270,49 +248,45 @@ def _forward_kernel(g_ref, *refs, probe, precision, strict):
                                   keepdims=True))
 
 
-def _diagonal_backward_kernel(*refs, probe, rows, a):
+def _diagonal_backward_kernel(*refs, rows, a):
     """The diagonal blocks' part of the backward for `a` query sides, `rows` rows t0 .. t0 +
     rows - 1 of one sub-chunk per program, as _diagonal_kernel runs the forward. refs: the
     sides' x_refs, y_ref, g_ref, the sides' dD^T (ddt_refs), then the sides' dx_refs, dy_ref,
     eq_ref, ek_ref. dx_ref gets the rows' dX = sum_s dD[t, s] e^{decay(s, t)} Y_s over the
     keys s of their sub-chunk, and dy_ref their dY = sum_t dD[t, s] e^{decay(s, t)} X_t over
-    its queries and the sides, both without the pairs whose decay is empty (s = t; probe
-    s = t - 1: the wrapper's); eq_ref and ek_ref the factors e^{prefix} and e^{suffix} of
-    the off-diagonal blocks (_diagonal_kernel's exponents), for _backward_kernel. The
-    queries' loop runs the keys down from the group's last, as the forward does; the keys'
-    loop runs the queries up to the sub-chunk's last, each key row carrying
-    sum_{s < u <= t} g_u (probe: t - 1), which after the last query is the row's suffix
-    (probe: less the last token's g). One exp2 per step serves every side."""
+    its queries and the sides, both without the pairs whose decay is empty (s = t: the
+    wrapper's); eq_ref and ek_ref the factors e^{prefix} and e^{suffix} of the off-diagonal
+    blocks (_diagonal_kernel's exponents), for _backward_kernel. The queries' loop runs the
+    keys down from the group's last, as the forward does; the keys' loop runs the queries up
+    to the sub-chunk's last, each key row carrying sum_{s < u <= t} g_u, which after the
+    last query is the row's suffix. One exp2 per step serves every side."""
     x_refs, (y_ref, g_ref), ddt_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
     dx_refs, (dy_ref, eq_ref, ek_ref) = refs[2 * a + 2:3 * a + 2], refs[3 * a + 2:]
-    p = 1 if probe else 0
     C = y_ref.shape[0]
     t0, base, end = _row_group(rows)
     f = y_ref.dtype
     here = pl.ds(t0, rows)
     shape = (rows, y_ref.shape[1])
-    r = t0 + _iota((rows, 1), 0)  # the group's rows
-    last = r - p  # each row's last key as a query
-    top = t0 + rows - 1 - p
+    r = t0 + _iota((rows, 1), 0)  # the group's rows: as queries, each its own last key
+    top = t0 + rows - 1
     log2 = functools.partial(_log2_decay, g_ref, dtype=f)
 
     def queries(k, carry):  # key s = top - k, for the group's rows as queries
         d, accs = carry
         s = top - k
-        d = _advance(d, last > s, last == s, log2(jnp.minimum(s + 1, C - 1)))
+        d = _advance(d, r > s, r == s, log2(jnp.minimum(s + 1, C - 1)))
         ye = jnp.exp2(d) * y_ref[pl.ds(s, 1), :]
-        on = last > s
+        on = r > s
         return d, tuple(acc + jnp.where(on, ddt_ref[s, here][:, None].astype(f), 0.0) * ye
                         for acc, ddt_ref in zip(accs, ddt_refs))  # dD[rows, s]
 
-    def keys(k, carry):  # query t = t0 + p + k (its last key v = t - p), for the rows as keys
+    def keys(k, carry):  # query t = t0 + k, for the rows as keys
         d, acc = carry
-        t = t0 + p + k
-        v = t - p
-        d = _advance(d, r < v, r == v, log2(v))
+        t = t0 + k
+        d = _advance(d, r < t, r == t, log2(t))
         wx = sum(ddt_ref[here, pl.ds(t, 1)].astype(f) * x_ref[pl.ds(t, 1), :]
                  for ddt_ref, x_ref in zip(ddt_refs, x_refs))
-        return d, acc + jnp.where(r < v, jnp.exp2(d) * wx, 0.0)
+        return d, acc + jnp.where(r < t, jnp.exp2(d) * wx, 0.0)
 
     start = jnp.full(shape, -jnp.inf, f)
     d, dX = jax.lax.fori_loop(0, top - base + 1, queries,
@@ -321,19 +295,18 @@ def _diagonal_backward_kernel(*refs, probe, rows, a):
         dx_ref[here, :] = dXi.astype(dx_ref.dtype)
 
     @pl.when(base > 0)  # the first sub-chunk's rows have no earlier keys
-    def _query_factors():
-        eq_ref[here, :] = jnp.exp2(_prefix(d, last, base, log2(base))).astype(eq_ref.dtype)
+    def _query_factors():  # the prefix: the exponent after the first key, plus its g
+        eq_ref[here, :] = jnp.exp2(d + log2(base)).astype(eq_ref.dtype)
 
-    d, dY = jax.lax.fori_loop(0, end - t0 - p + 1, keys, (start, jnp.zeros(shape, f)))
+    d, dY = jax.lax.fori_loop(0, end - t0 + 1, keys, (start, jnp.zeros(shape, f)))
     dy_ref[here, :] = dY.astype(dy_ref.dtype)
 
     @pl.when(end < C - 1)  # the last sub-chunk's keys have no later queries
-    def _key_factors():
-        suffix = jnp.where(r <= end - p, d + log2(end) if probe else d, 0.0)
-        ek_ref[here, :] = jnp.exp2(suffix).astype(ek_ref.dtype)
+    def _key_factors():  # the suffix: the exponent after the last query
+        ek_ref[here, :] = jnp.exp2(d).astype(ek_ref.dtype)
 
 
-def _backward_kernel(*refs, a, probe, precision, exact, bounded, sync, kb):
+def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
     """dX (per query side), dY and dg of one chunk: the diagonal blocks' dX, dY and the
     off-diagonal factors from _diagonal_backward_kernel (bounded: computed here,
     _bounded_block), the blocks (i, j < i) by dots, the key side loaded once for all sides,
@@ -353,11 +326,11 @@ def _backward_kernel(*refs, a, probe, precision, exact, bounded, sync, kb):
         Xq = [x_ref[rows, cols] for x_ref in x_refs]
         g = g_ref[rows, cols].astype(Xq[0].dtype)
         if bounded:
-            eq, ek, pre, suffix, total = _bounded_block(probe, g, exact)
+            eq, ek, pre, suffix, total = _bounded_block(g, exact)
             key = y_ref[rows, cols] * ek
             dX, dY = [], 0.0
             for Xs, ddt_ref in zip(Xq, ddt_refs):
-                ddt = jnp.where(_decayed_pairs(probe), ddt_ref[rows, rows], 0.0)
+                ddt = jnp.where(_decayed_pairs(), ddt_ref[rows, rows], 0.0)
                 dX.append(_dot(ddt, key, precision, trans_a=True) * eq)
                 dY = dY + _dot(ddt, Xs * eq, precision)
             dY = dY * ek
@@ -374,8 +347,6 @@ def _backward_kernel(*refs, a, probe, precision, exact, bounded, sync, kb):
             dkey = 0.0
             for side, (Xs, ddt_ref) in enumerate(zip(Xq, ddt_refs)):
                 ddt_ji = ddt_ref[pl.ds(j * SUB, SUB), rows]  # (dD_ij)^T: [s in j, t in i]
-                if probe and j == i - 1:  # (first row of i, last of j): no decay, the wrapper's
-                    ddt_ji = jnp.where(_decayed_pairs(probe, boundary=True), ddt_ji, 0.0)
                 dX[side] = dX[side] + _dot(ddt_ji, key, precision, trans_a=True) * eq
                 dkey = dkey + _dot(ddt_ji, Xs * eq, precision)
             dkeys[j] = dkeys[j] + dkey * ek
@@ -387,7 +358,7 @@ def _backward_kernel(*refs, a, probe, precision, exact, bounded, sync, kb):
         decays.append(decay)
         totals.append(total)
         dkeys.append(dY)
-    # The log decays: dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s (probe: - R_u as well), by
+    # The log decays: dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s, by
     # sub-chunks from the last: the sum over the sub-chunk's rows t >= u, as its total less the
     # rows before u, plus the sub-chunks after it.
     if sync:  # the R rows come back to other threads than wrote them
@@ -400,7 +371,7 @@ def _backward_kernel(*refs, a, probe, precision, exact, bounded, sync, kb):
         rq = R - y_ref[rows, cols] * dkeys[j]
         total = jnp.sum(rq, axis=0, keepdims=True)
         dg = (later + total) - (jnp.cumsum(rq, axis=0) - rq)
-        dg_ref[rows, cols] = (dg - R if probe else dg).astype(dg_ref.dtype)
+        dg_ref[rows, cols] = dg.astype(dg_ref.dtype)
         later = later + total
 
 
@@ -408,51 +379,50 @@ def _acc(ref):
     return jnp.promote_types(ref.dtype, jnp.float32)  # float32 (float64 in interpret mode)
 
 
-def _scalar_factors(g_row, probe):
+def _scalar_factors(g_row):
     """[t, s] e^{S[t, s]} for scalar log decays g_row [1, C], S the sum of g_u over
-    s < u <= t (probe: s < u <= t - 1) by a scan over t (sums of the tokens each covers) on
-    the pairs s < t (probe s < t - 1); 1 elsewhere, for _scalar_decays to mask."""
+    s < u <= t by a scan over t (sums of the tokens each covers) on the pairs s < t; 1
+    elsewhere, for _scalar_decays to mask."""
     C = g_row.shape[1]
     t, s = _iota((C, C), 0), _iota((C, C), 1)
-    p = 1 if probe else 0
-    g_t = jnp.sum(jnp.where(s == t - p, g_row, 0.0), axis=1, keepdims=True)  # g[t - p]
-    return _exp(jnp.cumsum(jnp.where(t > s + p, g_t, 0.0), axis=0))
+    g_t = jnp.sum(jnp.where(s == t, g_row, 0.0), axis=1, keepdims=True)  # g[t]
+    return _exp(jnp.cumsum(jnp.where(t > s, g_t, 0.0), axis=0))
 
 
-def _scalar_decays(factors, probe, strict, every, exact):
+def _scalar_decays(factors, strict, every, exact):
     """One query side's [t, s] decay factors from _scalar_factors: 0 off its pairs (s <= t;
-    probe or strict s < t). every > 1: only the rows of the last of every `every` tokens,
+    strict s < t). every > 1: only the rows of the last of every `every` tokens,
     [C / every, C], picked by a one-hot 0/1 dot at float32 accuracy (`exact`; Triton has no
     strided slice of a value)."""
     C = factors.shape[0]
     t, s = _iota((C, C), 0), _iota((C, C), 1)
-    W = jnp.where(t >= s + (1 if probe or strict else 0), factors, 0.0)
+    W = jnp.where(t >= s + (1 if strict else 0), factors, 0.0)
     if every == 1:
         return W
     shape = (C // every, C)
     return _mask_dot(_iota(shape, 1) == _tokens(shape, every), W, exact)
 
 
-def _scalar_forward_kernel(*refs, probe, strict, precision, exact):
+def _scalar_forward_kernel(*refs, strict, precision, exact):
     """Scalar decays: per query side (refs: the sides' x_refs, y_ref, g_ref, the sides' d_refs)
     the whole chunk as one dot X Y^T times the pairs' decay factors, formed once for all
     sides (a side may hold only the rows of every n-th token: chunked.decayed_products)."""
     a = len(strict)
     x_refs, (y_ref, g_ref), d_refs = refs[:a], refs[a:a + 2], refs[a + 2:]
     C = y_ref.shape[0]
-    factors = _scalar_factors(g_ref[...].astype(_acc(y_ref)), probe)
+    factors = _scalar_factors(g_ref[...].astype(_acc(y_ref)))
     Y = y_ref[...]
     for x_ref, d_ref, s in zip(x_refs, d_refs, strict):
-        W = _scalar_decays(factors, probe, s, C // x_ref.shape[0], exact)
+        W = _scalar_decays(factors, s, C // x_ref.shape[0], exact)
         d_ref[...] = (_dot(x_ref[...], Y, precision, trans_b=True) * W).astype(d_ref.dtype)
 
 
-def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref, *, probe,
-                            strict, precision, exact):
+def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref, *, strict,
+                            precision, exact):
     """One query side, one program per block of BLOCK key columns: its columns of
     dX = (dD e^S) Y and dY = (dD e^S)^T X, and its share [1, C] of the log decays' gradient,
-    dg_u = the sum of dD D over the pairs whose decay spans u (s < u <= t; probe t - 1;
-    D = X Y^T e^S is a sum over the key columns), as a 0/1 dot over s and a masked sum over
+    dg_u = the sum of dD D over the pairs whose decay spans u (s < u <= t; D = X Y^T e^S
+    is a sum over the key columns), as a 0/1 dot over s and a masked sum over
     t; XLA adds the shares. The pairs without decay stay out of that sum (they span no
     token; their float32 rounding would enter it as a difference of large terms)."""
     f = _acc(x_ref)
@@ -462,16 +432,15 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
     j = pl.program_id(0)
     cols = pl.ds(j * kb, kb)
     X, Y = x_ref[:, cols], y_ref[:, cols]
-    A = dd_ref[...].astype(f) * _scalar_decays(_scalar_factors(g_ref[...].astype(f), probe),
-                                               probe, strict, every, exact)
+    A = dd_ref[...].astype(f) * _scalar_decays(_scalar_factors(g_ref[...].astype(f)), strict,
+                                               every, exact)
     dx_ref[:, cols] = _dot(A, Y, precision).astype(dx_ref.dtype)
     dy_ref[:, cols] = _dot(A, X, precision, trans_a=True).astype(dy_ref.dtype)
     t, u = _tokens((rows, C), every), _iota((rows, C), 1)
-    p = 1 if probe else 0
-    dS = jnp.where(t > u + p, A * _dot(X, Y, precision, trans_b=True), 0.0)  # [t, s]
+    dS = jnp.where(t > u, A * _dot(X, Y, precision, trans_b=True), 0.0)  # [t, s]
     later = (_iota((C, C), 0) < _iota((C, C), 1)).astype(f)  # [s, u]: s < u
     before = _dot(dS, later, precision)  # [t, u]: the sum over s < u
-    dg_ref[pl.ds(j, 1), :] = jnp.sum(jnp.where(t >= u + p, before, 0.0), axis=0,
+    dg_ref[pl.ds(j, 1), :] = jnp.sum(jnp.where(t >= u, before, 0.0), axis=0,
                                      keepdims=True).astype(dg_ref.dtype)
 
 
@@ -498,8 +467,8 @@ def _kernel_inputs(X, Y, g):
     return _pad_k(*X), *_pad_k(Y), *((g[None, :],) if g.ndim == 1 else _pad_k(g))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _products(X, Y, g, probe, strict, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _products(X, Y, g, strict, cfg):
     """The products of the query sides X (a tuple of [rows, K]; rows C, or for scalar decays
     C / n: every n-th token's) with the keys Y [C, K], one [rows, C] per side; strict: per
     side (chunked.decayed_products)."""
@@ -507,7 +476,7 @@ def _products(X, Y, g, probe, strict, cfg):
     a = len(X)
     Xp, Yp, gp = _kernel_inputs(X, Y, g)
     if g.ndim == 1:
-        kernel = functools.partial(_scalar_forward_kernel, probe=probe, strict=strict,
+        kernel = functools.partial(_scalar_forward_kernel, strict=strict,
                                    precision=cfg.precision, exact=cfg.exact)
         outs = [jax.ShapeDtypeStruct((x.shape[0], C), x.dtype) for x in X]
         return tuple(_call(kernel, Xp + (Yp, gp), outs, cfg.interpret, cfg.fwd,
@@ -515,21 +484,20 @@ def _products(X, Y, g, probe, strict, cfg):
     rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
     f = lambda *shape: jax.ShapeDtypeStruct(shape, X[0].dtype)
     Kp = Yp.shape[1]
-    parts = _call(functools.partial(_diagonal_kernel, probe=probe, rows=rows, a=a),
+    parts = _call(functools.partial(_diagonal_kernel, rows=rows, a=a),
                   Xp + (Yp, gp), [f(C, SUB)] * a + [f(C, Kp)] * (a + 1), cfg.interpret,
                   Launch(num_warps=DIAGONAL_WARPS, num_stages=1), "dplr_decayed_diag",
                   grid=(C // rows,))
-    kernel = functools.partial(_forward_kernel, probe=probe, precision=cfg.precision,
-                               strict=strict)
+    kernel = functools.partial(_forward_kernel, precision=cfg.precision, strict=strict)
     return tuple(_call(kernel, (gp,) + tuple(parts), [f(C, C)] * a, cfg.interpret, cfg.fwd,
                        "dplr_decayed_fwd"))
 
 
-def _products_fwd(X, Y, g, probe, strict, cfg):
-    return _products(X, Y, g, probe, strict, cfg), (X, Y, g)
+def _products_fwd(X, Y, g, strict, cfg):
+    return _products(X, Y, g, strict, cfg), (X, Y, g)
 
 
-def _products_bwd(probe, strict, cfg, res, dD):
+def _products_bwd(strict, cfg, res, dD):
     X, Y, g = res
     a = len(X)
     Xp, Yp, gp = _kernel_inputs(X, Y, g)
@@ -544,7 +512,7 @@ def _products_bwd(probe, strict, cfg, res, dD):
         n = max(Yp.shape[1] // BLOCK, 1)
         dX, dY, dg = [], 0.0, 0.0
         for x, d, s in zip(Xp, dD, strict):
-            kernel = functools.partial(_scalar_backward_kernel, probe=probe, strict=s,
+            kernel = functools.partial(_scalar_backward_kernel, strict=s,
                                        precision=cfg.precision, exact=cfg.exact)
             dx, dy, dgs = _call(kernel, (x, Yp, gp, d.astype(Y.dtype)),
                                 [f(x), f(Yp), jax.ShapeDtypeStruct((n, gp.shape[1]), g.dtype)],
@@ -556,8 +524,7 @@ def _products_bwd(probe, strict, cfg, res, dD):
     args = Xp + (Yp, gp) + ddt
     if not cfg.bounded:  # the diagonal blocks and the off-diagonal factors first
         rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
-        args += tuple(_call(functools.partial(_diagonal_backward_kernel, probe=probe, rows=rows,
-                                              a=a),
+        args += tuple(_call(functools.partial(_diagonal_backward_kernel, rows=rows, a=a),
                             args, [f(Yp)] * (a + 3), cfg.interpret,
                             Launch(num_warps=DIAGONAL_WARPS, num_stages=1),
                             "dplr_decayed_diag_bwd", grid=(Y.shape[0] // rows,)))
@@ -568,31 +535,30 @@ def _products_bwd(probe, strict, cfg, res, dD):
     # 15.25 against 14.66-14.83 unsplit in other calls; benchmarks/NOTES.md, fifteenth session).
     Kp = Yp.shape[1]
     kb = min(BLOCK, Kp) if cfg.bounded and a > 1 else Kp
-    kernel = functools.partial(_backward_kernel, a=a, probe=probe, precision=cfg.precision,
+    kernel = functools.partial(_backward_kernel, a=a, precision=cfg.precision,
                                exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret,
                                kb=kb)
     # dg's rows hold R first (the kernel reads it back): Y's dtype, cast to g's at the end.
     *dX, dY, dg = _call(kernel, args, [f(Yp)] * (a + 2), cfg.interpret, cfg.bwd,
                         "dplr_decayed_bwd", grid=(Kp // kb,))
-    # The pairs (t, t - p) without decay depend on no g: added here, after dg (see above);
-    # a strict side has none (probe=False: they are its dropped diagonal).
-    p = 1 if probe else 0
+    # The pairs (t, t) without decay depend on no g: added here, after dg (see above); a
+    # strict side drops them.
     dX = [x[:, :K] for x in dX]
     dY = dY[:, :K]
     for i, (Xi, dDi) in enumerate(zip(X, dD)):
-        if strict[i] and not probe:
+        if strict[i]:
             continue
-        d = jnp.pad(jnp.diagonal(dDi, offset=-p), (p, 0)).astype(Y.dtype)[:, None]  # dD[t,t-p]
-        dX[i] = dX[i] + d * jnp.pad(Y, ((p, 0), (0, 0)))[:Y.shape[0]]
-        dY = dY + jnp.pad((d * Xi)[p:], ((0, p), (0, 0)))
+        d = jnp.diagonal(dDi).astype(Y.dtype)[:, None]  # dD[t, t]
+        dX[i] = dX[i] + d * Y
+        dY = dY + d * Xi
     return tuple(dX), dY, dg[:, :K].astype(g.dtype)
 
 
 _products.defvjp(_products_fwd, _products_bwd)
 
 
-def decayed_products(X, Y, g, probe, bounded=False, strict=False, *, interpret, precision,
-                     exact, launch, scalar_launch=None):
+def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precision, exact,
+                     launch, scalar_launch=None):
     """Drop-in for chunked.decayed_products (one chunk): the kernels for per-channel and
     scalar decays, XLA's version without decay. precision: of the products; exact: a
     float32-accurate one for the bounded path's prefix sums; launch, scalar_launch: (forward,
@@ -604,7 +570,7 @@ def decayed_products(X, Y, g, probe, bounded=False, strict=False, *, interpret, 
     channel: the exponents and their exp2, the key side; scalar: the pairs' C x C factors,
     forward only)."""
     if g is None or (g.ndim == 1 and scalar_launch is None):
-        return chunked.decayed_products(X, Y, g, probe, bounded, strict)
+        return chunked.decayed_products(X, Y, g, bounded, strict)
     sides, flags = (X, strict) if isinstance(X, tuple) else ((X,), (strict,))
     cfg = _Cfg(interpret, precision, exact, bounded, *(scalar_launch if g.ndim == 1 else launch))
     C, b = Y.shape[:2]
@@ -613,7 +579,7 @@ def decayed_products(X, Y, g, probe, bounded=False, strict=False, *, interpret, 
     every = [1 if g.ndim == 1 else C // x.shape[0] for x in sides]
     cols = [c for x, n in zip(sides, every) for c in jnp.unstack(chunked.at_last(x, n), axis=1)]
     col_flags = tuple(s for x, s in zip(sides, flags) for _ in range(x.shape[1]))
-    per_key = [_products(tuple(cols), Y[:, j], g, probe, col_flags, cfg) for j in range(b)]
+    per_key = [_products(tuple(cols), Y[:, j], g, col_flags, cfg) for j in range(b)]
     outs, start = [], 0
     for x, n in zip(sides, every):
         a = x.shape[1]

@@ -5,9 +5,8 @@ chunk, they turn the intra-chunk products into the chunk's factored transition, 
 backward.
 
 chunked.chunk_factors computes, per chunk of C tokens with (inclusive, exclusive, suffix)
-sums of the log decays I, J, S (each a sum of the tokens it covers) and the products
-L = decayed(P, E, probe), QE = decayed(q, E), QF = decayed(q, F) and PF = decayed(P, F,
-probe) (decayed.py or XLA):
+sums of the log decays I, J, S (each a sum of the tokens it covers) and the intra-chunk
+products L, QE, QF and PF (chunked.intra_products; decayed.py or XLA):
 
     A = P e^J,  Tinv = (I + L)^-1,  W = Tinv A,  X0 = Tinv (y - PF Vk),
     Qs = q e^I - QE W,  O0 = QE X0 + QF Vk,  Z = [E; F] e^S,  X = [X0; Vk],
