@@ -13,7 +13,11 @@ One call does, on one GPU:
    and xla, FLA (fla-core 0.6.0 on PYTHONPATH: chunk_kda, chunk_gla, chunk_gated_delta_rule),
    causal softmax attention (torch SDPA, jax.nn.dot_product_attention), the Pallas state pass
    alone, and with --products phase 1's decayed-product kernels alone (decayed.py vs XLA);
-3. a table with ratios to FLA and to the memory/compute floor (benchmarks/NOTES.md), and JSON.
+3. a table with ratios to FLA and to the memory/compute floor (benchmarks/NOTES.md), and JSON;
+4. with --fla-checks, FLA's own errors on the bf16 checks' inputs (plain and hard resets)
+   against the same float64 reference (chunk_kda, chunk_gla, chunk_dplr_delta_rule: outputs, final states, every
+   gradient; chunk_gated_delta_rule: forward only), beside dplr_jax's, so that the speed
+   comparison says at what accuracy each side runs.
 
 JAX timing: 10 back-to-back calls of the jitted function then block_until_ready, per call;
 median of 7 such groups after 2 warm-up calls. torch timing: triton.testing.do_bench median
@@ -52,6 +56,7 @@ TOL_BF16 = {"o": 5e-3, "S": 5e-3, "q": 8e-3, "k": 8e-3, "v": 8e-3, "h0": 8e-3, "
 T0 = time.time()
 RESULTS = {"checks": [], "timings": []}
 OUT_DIR = None  # set by main(): where record() saves the JSON after every measurement
+FLA_CHECKS = False  # set by main(): also run FLA on the bf16 checks' inputs (fla_errors)
 
 
 def log(*a):
@@ -161,11 +166,56 @@ def check(op, dtype, case, key, bound=None, K_=64, chunk=C, n=2):
     if bound is not None or K_ != 64 or chunk != C or n != 2:
         case = (f"{case} K={K_} C={chunk}" + ("" if bound is None else f" bound={bound:g}")
                 + ("" if n == 2 else f" n={n}"))
-    RESULTS["checks"].append({"op": op, "dtype": jnp.dtype(dtype).name, "case": case,
-                              "pass": ok, "errors": out})
+    entry = {"op": op, "dtype": jnp.dtype(dtype).name, "case": case, "pass": ok, "errors": out}
+    # Not varlen: FLA's varlen kernels autotune anew (~4 minutes for chunk_kda on the H100).
+    if (FLA_CHECKS and dtype == jnp.bfloat16 and op in FLA_OPS and case != "varlen"
+            and bound is None and K_ == 64):
+        entry["fla_errors"] = guarded(f"fla check {op} {case}",
+                                      lambda: fla_errors(op, args, h0, do, dS, cu, ref, names))
+    RESULTS["checks"].append(entry)
     worst = max(out, key=lambda m: out[m]["rel_rmse"] / out[m]["tol"])
     log(f"check {op:17s} {jnp.dtype(dtype).name:8s} {case:7s} {'PASS' if ok else 'FAIL'} "
         f"worst {worst} {out[worst]['rel_rmse']:.2e} (tol {out[worst]['tol']:.0e})")
+
+
+FLA_OPS = ("kda", "gla", "gated_delta_rule", "dplr")
+
+
+def fla_errors(op, args, h0, do, dS, cu, ref, names):
+    """FLA's relative RMSE against the float64 reference `ref` (check's: o, S, the inputs'
+    gradients, dh0) on the same inputs (bf16 q, k, v, beta, a, b; float32 log decays, h0).
+    chunk_gated_delta_rule: o and S only (its backward refuses Triton 3.6 on Hopper)."""
+    import torch
+    from fla.ops import chunk_dplr_delta_rule, chunk_gated_delta_rule, chunk_gla, chunk_kda
+
+    def tensor(x):
+        dt = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
+        return torch.tensor(np.asarray(x, np.float32), device="cuda", dtype=dt)
+
+    backward = op != "gated_delta_rule"
+    xs = [tensor(x).requires_grad_(backward) for x in args]
+    h0_t = tensor(h0).requires_grad_(backward)
+    kw = dict(initial_state=h0_t, output_final_state=True,
+              cu_seqlens=None if cu is None else torch.tensor(np.asarray(cu), device="cuda",
+                                                                dtype=torch.long))
+    if op == "dplr":  # FLA's transition is Diag(e^g) + a b^T: its a is minus dplr_jax's
+        q, k, v, g, a, b = xs
+        a_fla = (-a).detach().requires_grad_(True)
+        o, S = chunk_dplr_delta_rule(q, k, v, a_fla, b, g, **kw)
+    else:
+        fn = {"kda": chunk_kda, "gla": chunk_gla, "gated_delta_rule": chunk_gated_delta_rule}[op]
+        o, S = fn(*xs, **kw)
+    got = {"o": o, "S": S}
+    if backward:
+        torch.autograd.backward([o, S], [tensor(np.asarray(do, np.float32)).to(o.dtype),
+                                         tensor(dS)])
+        got.update({n: x.grad for n, x in zip(names, xs)}, h0=h0_t.grad)
+        if op == "dplr":
+            got["a"] = -a_fla.grad
+    refs = {"o": ref[0], "S": ref[1], "h0": ref[3], **dict(zip(names, ref[2]))}
+    errs = {n: rel(x.detach().float().cpu().numpy(), refs[n]) for n, x in got.items()}
+    log(f"fla   {op:17s} " + " ".join(f"{n} {e:.2e}" for n, e in errs.items()))
+    return errs
 
 
 # ---- 2. timing ------------------------------------------------------------------------------
@@ -213,8 +263,9 @@ def record(name, T, mode, ms, mem, extra=None):
 
 
 def guarded(what, fn):
+    """fn()'s value; None, logged and recorded, if it raises."""
     try:
-        fn()
+        return fn()
     except Exception as e:  # noqa: BLE001 - one failing variant must not stop the benchmark
         log(f"FAILED {what}: {type(e).__name__}: {str(e)[:300]}")
         RESULTS.setdefault("failures", []).append({"what": what, "error": repr(e)[:2000]})
@@ -284,7 +335,7 @@ def _products_setup(T):
     ct = tuple(jax.random.normal(k, (N, C, 1, C, 1)) for k in jax.random.split(ks[4]))
 
     def fns(products):
-        fwd = jax.vmap(lambda X, Y, g: products(X, Y, g, False, strict=(False, True)))
+        fwd = jax.vmap(lambda X, Y, g: products(X, Y, g, strict=(False, True)))
 
         def fwd_bwd(X, Y, g):  # returns D too: else XLA drops the forward kernel (sixth session)
             D, pull = jax.vjp(fwd, X, Y, g)
@@ -534,6 +585,14 @@ def table():
         mem = "-" if r["mem_bytes"] is None else f"{r['mem_bytes'] / 2**30:.2f}"
         print(f"| {r['name']} | {r['T']} | {r['mode']} | {r['ms']:.3f} | {mem} | {vs_fla} | "
               f"{vs_floor} |")
+    fla_checks = [c for c in RESULTS["checks"] if c.get("fla_errors")]
+    if fla_checks:
+        print("\n| op (bf16) | case | relative RMSE vs float64: dplr_jax / FLA (tolerance) |")
+        print("|---|---|---|")
+        for c in fla_checks:
+            errs = ", ".join(f"{n} {c['errors'][n]['rel_rmse']:.1e} / {e:.1e} "
+                             f"({c['errors'][n]['tol']:.0e})" for n, e in c["fla_errors"].items())
+            print(f"| {c['op']} | {c['case']} | {errs} |")
 
 
 def save(out_dir):
@@ -583,11 +642,15 @@ def main():
                     help="skip the state-pass-alone and jax attention timings")
     ap.add_argument("--chunk", type=int, nargs="+", default=[C],
                     help="chunk sizes for the dplr_jax op timings (first T only beyond 64)")
+    ap.add_argument("--fla-checks", action="store_true",
+                    help="also run FLA on the bf16 checks' inputs of kda, gla, gated_delta_rule "
+                         "and dplr and record its errors (fla-core on PYTHONPATH)")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="print the table of earlier runs' JSON files and write their union "
                          "to --out; measures nothing")
     a = ap.parse_args()
-    global OUT_DIR
+    global OUT_DIR, FLA_CHECKS
+    FLA_CHECKS = a.fla_checks
     if a.combine:
         for path in a.combine:
             with open(path) as f:
