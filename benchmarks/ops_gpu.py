@@ -198,10 +198,12 @@ def fla_errors(op, args, h0, do, dS, cu, ref, names):
     kw = dict(initial_state=h0_t, output_final_state=True,
               cu_seqlens=None if cu is None else torch.tensor(np.asarray(cu), device="cuda",
                                                                 dtype=torch.long))
-    if op == "dplr":  # FLA's transition is Diag(e^g) + a b^T: its a is minus dplr_jax's
+    if op == "dplr":
+        # FLA's transition is Diag(e^g) + b a^T (its naive.py: a reads the state, b is
+        # written), dplr_jax's Diag(e^g) - a b^T: FLA's a is dplr_jax's b, its b minus a.
         q, k, v, g, a, b = xs
-        a_fla = (-a).detach().requires_grad_(True)
-        o, S = chunk_dplr_delta_rule(q, k, v, a_fla, b, g, **kw)
+        b_fla = (-a).detach().requires_grad_(True)
+        o, S = chunk_dplr_delta_rule(q, k, v, b, b_fla, g, **kw)
     else:
         fn = {"kda": chunk_kda, "gla": chunk_gla, "gated_delta_rule": chunk_gated_delta_rule}[op]
         o, S = fn(*xs, **kw)
@@ -211,7 +213,7 @@ def fla_errors(op, args, h0, do, dS, cu, ref, names):
                                          tensor(dS)])
         got.update({n: x.grad for n, x in zip(names, xs)}, h0=h0_t.grad)
         if op == "dplr":
-            got["a"] = -a_fla.grad
+            got["a"] = -b_fla.grad
     refs = {"o": ref[0], "S": ref[1], "h0": ref[3], **dict(zip(names, ref[2]))}
     errs = {n: rel(x.detach().float().cpu().numpy(), refs[n]) for n, x in got.items()}
     log(f"fla   {op:17s} " + " ".join(f"{n} {e:.2e}" for n, e in errs.items()))
@@ -501,7 +503,7 @@ def bench_torch(T, which, bound=-5.0):
         x.requires_grad_(True)
     from fla.ops import chunk_dplr_delta_rule, chunk_gated_delta_rule, chunk_gla, chunk_kda
     from fla.ops.gated_delta_product import chunk_gated_delta_product
-    if "dplr" in which:  # FLA's transition is Diag(e^gk) + a b^T: a = -beta k, b = k
+    if "dplr" in which:  # FLA's Diag(e^gk) + b a^T with a = -beta k, b = k: -beta k k^T
         a_ = (-beta.detach().float()[..., None] * k.detach().float()).to(k.dtype)
         a_.requires_grad_(True)
         measure("fla chunk_dplr_delta_rule", lambda: chunk_dplr_delta_rule(
