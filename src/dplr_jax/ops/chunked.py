@@ -231,27 +231,26 @@ def _rows_down(x):
 
 
 def intra_products(q1, g, E, P, F, decayed, own_decay):
-    """Phase 1's intra-chunk products of one chunk, as decayed's [rows, a, C, b]:
-    L = (P, E) probed, QE = (q, E), QF = (q, F), PF = (P, F) probed; None where the form
-    lacks a part. q1 [C / n, 1, K]. P's products come with q's from one pass over the keys
-    (decayed's query sides), with queries' decays:
+    """Phase 1's intra-chunk products of one chunk, as decayed's [rows, a, C, b]: the probes'
+    L = (P, E) and PF = (P, F), the queries' QE = (q, E) and QF = (q, F); None where the form
+    lacks a part. q1 [C / n, 1, K]. P's products come with q's from one pass over each key
+    kind (decayed's query sides):
 
-    - with own_decay (P holds p, chunked.chunked) P's products run under the queries' decays,
-      strict;
-    - otherwise a probe of token t reads the state before t's decay, as a query of token t - 1
-      would: its product with key s, decayed over s < u <= t - 1 for s < t, is the plain
-      product of row t - 1 when P moves up a row (_rows_up), and moves back down after. One
-      pass for QE and L and one for QF and PF instead of four (DPLR)."""
+    - with own_decay (P holds p; the probe p e^{g_t} reads the state after its token's
+      decay, chunked.chunked) they are p's strict products;
+    - otherwise a probe of token t reads the state before t's decay, as a query of token
+      t - 1 would: its product with key s, decayed over s < u < t for s < t, is the plain
+      product of row t - 1 once P moves up a row (_rows_up), moved back down after
+      (_rows_down; the zero row moved in last stands for the next chunk's first token, whose
+      products that drops). DPLR: one pass for QE and L and one for QF and PF, not four."""
+    if E is None:  # plain keys only (GLA)
+        return None, None, decayed(q1, F, g), None
     own = own_decay and g is not None
-    L = QE = QF = PF = None
-    if E is None:
-        return L, QE, None if F is None else decayed(q1, F, g), PF
-    sides = (q1, P) if own else (q1, _rows_up(P))
-    strict = (False, own)
-    back = (lambda D: D) if own else _rows_down
-    QE, L = decayed(sides, E, g, strict=strict)
+    sides, back = ((q1, P), lambda D: D) if own else ((q1, _rows_up(P)), _rows_down)
+    QE, L = decayed(sides, E, g, strict=(False, own))
+    QF = PF = None
     if F is not None:
-        QF, PF = decayed(sides, F, g, strict=strict)
+        QF, PF = decayed(sides, F, g, strict=(False, own))
         PF = back(PF)
     return back(L), QE, QF, PF
 
