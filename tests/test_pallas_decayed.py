@@ -53,9 +53,8 @@ def test_matches_xla_in_float64(C, a, b, K, strong, rng, x64):
     two programs of the backward's key-column blocks, the padded columns included."""
     xs = cast(chunk(rng, C=C, a=a, b=b, K=K, strong=strong), jnp.float64)
     ct = jnp.asarray(rng.standard_normal((C, a, C, b)))
-    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x), xs, ct)
-    got = jax.jit(lambda ct, *x: value_and_pullback(
-        lambda *y: KERNEL(*y), x, ct))(ct, *xs)
+    ref = value_and_pullback(chunked.decayed_products, xs, ct)
+    got = jax.jit(lambda ct, *x: value_and_pullback(KERNEL, x, ct))(ct, *xs)
     for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
         assert u.shape == v.shape and u.dtype == jnp.float64
         assert_close(u, v, 1e-12, name)
@@ -69,8 +68,8 @@ def test_diagonal_kernels_at_fewer_rows_per_program(rows, rng, x64, monkeypatch)
     monkeypatch.setattr(decayed, "INTERPRET_ROWS", rows)
     xs = cast(chunk(rng, C=32, K=24, strong=True), jnp.float64)
     ct = jnp.asarray(rng.standard_normal((32, 1, 32, 1)))
-    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x), xs, ct)
-    got = jax.jit(lambda ct, *x: value_and_pullback(lambda *y: KERNEL(*y), x, ct))(ct, *xs)
+    ref = value_and_pullback(chunked.decayed_products, xs, ct)
+    got = jax.jit(lambda ct, *x: value_and_pullback(KERNEL, x, ct))(ct, *xs)
     for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
         assert_close(u, v, 1e-12, name)
 
@@ -82,8 +81,8 @@ def test_scalar_decays_match_xla_in_float64(C, a, b, K, strong, rng, x64):
     two programs of the backward, their shares of dg added)."""
     xs = cast(chunk(rng, C=C, a=a, b=b, K=K, strong=strong, scalar=True), jnp.float64)
     ct = jnp.asarray(rng.standard_normal((C, a, C, b)))
-    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x), xs, ct)
-    fn = lambda ct, *x: value_and_pullback(lambda *y: KERNEL(*y), x, ct)
+    ref = value_and_pullback(chunked.decayed_products, xs, ct)
+    fn = lambda ct, *x: value_and_pullback(KERNEL, x, ct)
     text = str(jax.make_jaxpr(fn)(ct, *xs))
     assert "dplr_decayed_scalar_fwd" in text and "dplr_decayed_scalar_bwd" in text
     got = jax.jit(fn)(ct, *xs)
@@ -105,8 +104,7 @@ def test_rows_of_every_nth_token(n, scalar, rng, x64):
         jnp.zeros((64,) + X.shape[1:], X.dtype).at[n - 1::n].set(X), Y, g)[n - 1::n]
     ref = value_and_pullback(full, (X, Y, g), ct)
     for fn in (KERNEL, chunked.decayed_products):
-        got = jax.jit(lambda ct, *x: value_and_pullback(
-            lambda *y: fn(*y), x, ct))(ct, X, Y, g)
+        got = jax.jit(lambda ct, *x: value_and_pullback(fn, x, ct))(ct, X, Y, g)
         for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
             assert u.shape == v.shape
             assert_close(u, v, 1e-12, name)
@@ -122,7 +120,7 @@ def test_bounded_path_matches_exact_in_float64(impl, C, a, b, K, rng, x64):
     g = np.where(rng.random(g.shape) < 1 / 3, chunked.MIN_BOUND, g)
     xs = cast((X, Y, g), jnp.float64)
     ct = jnp.asarray(rng.standard_normal((C, a, C, b)))
-    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x), xs, ct)
+    ref = value_and_pullback(chunked.decayed_products, xs, ct)
     fn = KERNEL if impl == "pallas" else chunked.decayed_products
     got = jax.jit(lambda ct, *x: value_and_pullback(
         lambda *y: fn(*y, True), x, ct))(ct, *xs)
@@ -134,9 +132,9 @@ def test_bounded_path_matches_exact_in_float64(impl, C, a, b, K, rng, x64):
 def test_float32_against_float64_with_hard_resets(scalar, rng, x64):
     xs = chunk(rng, strong=True, scalar=scalar)
     ct = rng.standard_normal((64, 1, 64, 1))
-    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x),
+    ref = value_and_pullback(chunked.decayed_products,
                              cast(xs, jnp.float64), jnp.asarray(ct))
-    got = jax.jit(lambda ct, *x: value_and_pullback(lambda *y: KERNEL(*y), x, ct))(
+    got = jax.jit(lambda ct, *x: value_and_pullback(KERNEL, x, ct))(
         *cast((ct,) + xs, jnp.float32))
     for name, u, v in zip(("D", "dX", "dY", "dg"), got, ref):
         assert u.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(u))), name
@@ -151,7 +149,7 @@ def test_float32_log_decay_gradient_when_every_decay_is_strong(impl, rng, x64):
     X, Y, _ = chunk(rng)
     g = np.full((64, 32), chunked.MIN_BOUND)
     ct = rng.standard_normal((64, 1, 64, 1))
-    ref = value_and_pullback(lambda *x: chunked.decayed_products(*x),
+    ref = value_and_pullback(chunked.decayed_products,
                              cast((X, Y, g), jnp.float64), jnp.asarray(ct))
     bounded = impl.endswith("bounded")
     fn = KERNEL if impl.startswith("pallas") else chunked.decayed_products
@@ -166,8 +164,8 @@ def test_vmapped_over_chunks(rng):
     """Under vmap (as phase 1 calls it, once per batch row, head and chunk)."""
     xs = cast(tuple(np.stack(z) for z in zip(*(chunk(rng, C=32) for _ in range(3)))),
               jnp.float32)
-    got = jax.jit(jax.vmap(lambda *x: KERNEL(*x)))(*xs)
-    ref = jax.vmap(lambda *x: chunked.decayed_products(*x))(*xs)
+    got = jax.jit(jax.vmap(KERNEL))(*xs)
+    ref = jax.vmap(chunked.decayed_products)(*xs)
     assert_close(got, ref, 1e-5, "D")
 
 

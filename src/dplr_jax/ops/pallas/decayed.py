@@ -8,7 +8,8 @@ chunked.decayed_products needs, per chunk of C tokens and one head,
 or only s < t (strict). No exponent may be a difference of cumulative sums (chunked.py
 says why). In XLA that costs [16, 16, K] pairwise tensors for the diagonal 16 x 16 blocks
 and [n-1, C, K] decayed key factors for the off-diagonal ones, all written to HBM and read
-back, in the forward and again in the backward. Sub-chunks i = 0..n-1 (16 tokens); two kernels each way:
+back, in the forward and again in the backward. Sub-chunks i = 0..n-1 (16 tokens); two
+kernels each way:
 
 - the diagonal blocks (_diagonal_kernel), a few query rows of one sub-chunk per program (2
   on the GPU): the keys s of the sub-chunk run down from the rows' last, each row carrying
@@ -20,13 +21,14 @@ back, in the forward and again in the backward. Sub-chunks i = 0..n-1 (16 tokens
   dot of the query side, times e^{(whole sub-chunks between j and i)}, against the key side:
   every factor <= 1, and the exponents add up exactly to the pair's decay sum.
 
-Query sides: several X against the same Y and g run in one pass (a probe's ranks; phase 1's
-q with the probes, as chunked.intra_products forms them). Each step's exp2 and key row serve every side, the key side
-Y e^{suffix} is formed once, and the backward sums the sides' shares of dY and R; the scalar
-forward kernel likewise forms the pairs' decay factors once for all sides (its backward runs
-per side). A strict side drops its pairs s = t as well (L). On the H100 this took kda from
-9.19 to 8.06 ms forward+backward and hdla from 16.90 to 14.61 (benchmarks/NOTES.md,
-fifteenth session).
+Query sides: several X against the same Y and g run in one pass (a probe's ranks; phase
+1's q with the probes, as chunked.intra_products forms them). Each step's exp2 and key row
+serve every side, the key side Y e^{suffix} is formed once, and the backward sums the sides'
+shares of dY and R; the scalar forward kernel likewise forms the pairs' decay factors once
+for all sides (its backward runs per side). A strict side drops its pairs s = t as well
+(the delta family's L). On the H100 this took kda from 9.19 to 8.06 ms forward+backward and
+hdla from 16.90 to 14.61 (benchmarks/NOTES.md, fifteenth session), and dplr, whose probes
+became query sides too, from 13.72 to 12.53 (seventeenth session).
 
 Backward (custom_vjp): _diagonal_backward_kernel, by the same row groups, runs the keys down
 for its rows' dX (as queries) and the queries up for their dY (as keys), and writes the
@@ -37,9 +39,9 @@ g_u are those with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s, pe
 sub-chunk from the last: the sum over its rows t >= u (its total less a cumulative sum:
 Triton has no reverse one) plus the totals of the sub-chunks after it. R goes to dg's rows
 as each sub-chunk's dX is done and comes back after a barrier. R and Q leave out the pairs
-whose decay is empty (s = t): they cancel in dg, but their float32 rounding would not (with every g at -5, dg was off by 5e-5 to 1.4e-4 relative,
-benchmarks/decayed_dg_cpu.py); the wrapper adds their dX, dY. Nothing is saved but the
-inputs.
+whose decay is empty (s = t): they cancel in dg, but their float32 rounding would not (with
+every g at -5, dg was off by 5e-5 to 1.4e-4 relative, benchmarks/decayed_dg_cpu.py); the
+wrapper adds their dX, dY. Nothing is saved but the inputs.
 
 With the ops' log_decay_lower_bound (every g >= L >= -5, `bounded`), the backward's diagonal
 blocks are dots in _backward_kernel, with no diagonal kernel: the sub-chunk's prefix sums P
@@ -358,9 +360,9 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
         decays.append(decay)
         totals.append(total)
         dkeys.append(dY)
-    # The log decays: dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s, by
-    # sub-chunks from the last: the sum over the sub-chunk's rows t >= u, as its total less the
-    # rows before u, plus the sub-chunks after it.
+    # The log decays: dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s, by sub-chunks from the last:
+    # the sum over the sub-chunk's rows t >= u, as its total less the rows before u, plus the
+    # sub-chunks after it.
     if sync:  # the R rows come back to other threads than wrote them
         pl_triton.debug_barrier()
     later = 0.0
@@ -422,8 +424,8 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
     """One query side, one program per block of BLOCK key columns: its columns of
     dX = (dD e^S) Y and dY = (dD e^S)^T X, and its share [1, C] of the log decays' gradient,
     dg_u = the sum of dD D over the pairs whose decay spans u (s < u <= t; D = X Y^T e^S
-    is a sum over the key columns), as a 0/1 dot over s and a masked sum over
-    t; XLA adds the shares. The pairs without decay stay out of that sum (they span no
+    is a sum over the key columns), as a 0/1 dot over s and a masked sum over t; XLA adds
+    the shares. The pairs without decay stay out of that sum (they span no
     token; their float32 rounding would enter it as a difference of large terms)."""
     f = _acc(x_ref)
     (rows, K), C = x_ref.shape, y_ref.shape[0]
