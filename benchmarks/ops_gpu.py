@@ -16,8 +16,8 @@ One call does, on one GPU:
 3. a table with ratios to FLA and to the memory/compute floor (benchmarks/NOTES.md), and JSON;
 4. with --fla-checks, FLA's own errors on the bf16 checks' inputs (plain and hard resets)
    against the same float64 reference (chunk_kda, chunk_gla, chunk_dplr_delta_rule:
-   outputs, final states, every gradient; chunk_gated_delta_rule: forward only), beside dplr_jax's, so that the speed
-   comparison says at what accuracy each side runs.
+   outputs, final states, every gradient; chunk_gated_delta_rule: forward only), beside
+   dplr_jax's, so that the speed comparison says at what accuracy each side runs.
 
 JAX timing: 10 back-to-back calls of the jitted function then block_until_ready, per call;
 median of 7 such groups after 2 warm-up calls. torch timing: triton.testing.do_bench median
