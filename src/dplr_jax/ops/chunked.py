@@ -195,7 +195,8 @@ def decayed_products(X, Y, g, bounded=False, strict=False):
     out = diag[:, :, :, None] * jnp.eye(n, dtype=X.dtype)[:, None, None, :, None, None]
     if n > 1:
         # ...and off-diagonal blocks (query sub-chunk i > key sub-chunk j) through the boundary.
-        incl, _, suffix = prefix_suffix(gs, axis=1)  # inside each sub-chunk
+        incl = masked_sums(gs, 1, jnp.greater_equal)  # inclusive, inside each sub-chunk
+        suffix = masked_sums(gs, 1, jnp.less)  # exclusive suffix sums, likewise
         between = segment_sums(incl[:, -1], between=True)  # [i, j]: whole sub-chunks j < l < i
         Xh = Xs[1:] * jnp.exp(incl)[1:, :, None, :]
         # between[1:, t // c] as a repeat: the transpose of that gather is a colliding
