@@ -54,10 +54,11 @@ class Kernel(NamedTuple):
     operands: list
 
 
-def kernel_irs(op, B=1, T=256, H=2, chunk=64):
+def kernel_irs(op, B=1, T=256, H=2, chunk=64, bounded=False):
     """{kernel name: Kernel} of op's forward+backward at K = V = 128 (one entry per distinct
     name; a repeated name, e.g. kda's two decayed products, gets a suffix). The IR holds the
-    operands' strides, so it launches only on arrays of the shapes recorded with it."""
+    operands' strides, so it launches only on arrays of the shapes recorded with it. bounded:
+    the kernels of log_decay_lower_bound's path."""
     lowering = pallas_call_registration.lowering
     original, irs = lowering.lower_jaxpr_to_triton_module, {}
 
@@ -76,7 +77,7 @@ def kernel_irs(op, B=1, T=256, H=2, chunk=64):
 
     def loss(*a):
         o, S = fn(*a, scale=128 ** -0.5, initial_state=None, cu_seqlens=None, chunk_size=chunk,
-                  bounded=False)
+                  bounded=bounded)
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
 
     lowering.lower_jaxpr_to_triton_module = capture
@@ -185,6 +186,8 @@ def main():
     ap.add_argument("--ops", nargs="+", default=["kda", "gated_delta_rule", "gla"])
     ap.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--bounded", action="store_true",
+                    help="the kernels of the bounded path (log_decay_lower_bound)")
     ap.add_argument("--out", default="benchmarks/results/kernel_registers.json")
     ap.add_argument("--ttgir", metavar="DIR",
                     help="also write each kernel's Triton GPU IR to DIR/<op>_<kernel>_w<warps>")
@@ -202,7 +205,7 @@ def main():
           "warps/SM |")
     print("|---|---|---|---|---|---|---|---|")
     for op in a.ops:
-        for name, kernel in kernel_irs(op, chunk=a.chunk).items():
+        for name, kernel in kernel_irs(op, chunk=a.chunk, bounded=a.bounded).items():
             for w in a.warps:
                 tag = f"{op}_{name.replace('#', '_')}_w{w}"
                 s = compile_stats(kernel.ir, w, a.ttgir and os.path.join(a.ttgir, tag + ".ttgir"),
@@ -219,7 +222,7 @@ def main():
                     print(f"| | loop of {loop['instructions']} SASS instructions: {mix} "
                           "| | | | | | |")
     meta = {"jax": jax.__version__, "triton": triton.__version__, "target": "sm_90a",
-            "chunk": a.chunk,
+            "chunk": a.chunk, "bounded": a.bounded,
             "command": "python " + " ".join(sys.argv)}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:

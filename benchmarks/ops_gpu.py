@@ -179,6 +179,7 @@ def check(op, dtype, case, key, bound=None, K_=64, chunk=C, n=2):
 
 
 FLA_OPS = ("kda", "gla", "gated_delta_rule", "dplr")
+BOUNDED = tuple(name for name, spec in ops.api.SPECS.items() if spec.bounded)  # take --bound
 
 
 def fla_errors(op, args, h0, do, dS, cu, ref, names):
@@ -273,13 +274,13 @@ def guarded(what, fn):
 
 
 def bench_jax(T, jops, backends_, bound=None, chunk=C):
-    """Times the ops; with bound, the per-channel ones (kda, gla) with decays clipped to
+    """Times the ops; with bound, the per-channel ones (BOUNDED) with decays clipped to
     >= bound and passed as log_decay_lower_bound (the row name says "bound"); chunk: the
     chunk_size (named in the row when it is not 64)."""
     key = jax.random.PRNGKey(T)
     variants = [(op, n) for op in jops for n in ((2, 3) if op == "gated_delta_product" else (2,))]
     for op, n in variants:
-        b = bound if op in ("kda", "gla") else None
+        b = bound if op in BOUNDED else None
         args = inputs(op, B, T, H, K, V, key, jnp.bfloat16, bound=b, n=n)
         do = jax.random.normal(key, (B, T, H, V), jnp.bfloat16)
         for be in backends_:
@@ -632,8 +633,9 @@ def main():
                     choices=("kda", "kda_safe", "gla", "gdn", "sdpa", "dplr", "gdp2", "gdp3"),
                     help="torch variants to time (kda_safe: FLA's safe_gate at --bound)")
     ap.add_argument("--bound", type=float, default=None,
-                    help="also check and time kda and gla with log_decay_lower_bound=BOUND "
-                         "(decays clipped to >= BOUND), at the first T")
+                    help="also check and time the ops with per-channel decays (kda, gla, dplr, "
+                         "hdla) with log_decay_lower_bound=BOUND (decays clipped to >= BOUND), "
+                         "at the first T")
     ap.add_argument("--wide-checks", action="store_true",
                     help="also check kda at head dim 256 (bf16, fp32) and at chunk 128 (bf16)")
     ap.add_argument("--products", nargs="*", choices=("channel", "scalar"),
@@ -682,7 +684,7 @@ def main():
             if op != "delta_rule":
                 guarded(f"check {op} strong", lambda: check(op, jnp.bfloat16, "strong",
                                                             jax.random.fold_in(key, 20 + i)))
-            if a.bound is not None and op in ("kda", "gla"):
+            if a.bound is not None and op in BOUNDED:
                 for dtype, case in ((jnp.float32, "plain"), (jnp.bfloat16, "plain"),
                                     (jnp.bfloat16, "varlen")):
                     with jax.default_matmul_precision("highest"):
@@ -719,7 +721,7 @@ def main():
                 if chunk != C:
                     bench_jax(T, a.ops, a.backends, chunk=chunk)
             if a.bound is not None:
-                bench_jax(T, [o for o in a.ops if o in ("kda", "gla")] if first else ("kda",),
+                bench_jax(T, [o for o in a.ops if o in BOUNDED] if first else ("kda",),
                           a.backends if first else ("pallas",), bound=a.bound)
             products = ("channel", "scalar") if a.products == [] else (a.products or ())
             if first and "channel" in products:

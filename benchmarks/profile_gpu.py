@@ -2,10 +2,11 @@
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/profile_gpu.py \
         [--ops kda gated_delta_rule gla] [--backends pallas] [--T 4096] [--chunk 64] \
-        [--out FILE.json]
+        [--bound -5] [--out FILE.json]
 
 For every (op, backend, mode in fwd / fwd+bwd) at B=4, H=16, K=V=128, bf16 (float32 log
-decays; the inputs of ops_gpu.py), runs the jitted call `--calls` times under
+decays; the inputs of ops_gpu.py; --bound: the per-channel-decay ops with decays clipped
+to >= the bound, passed as log_decay_lower_bound), runs the jitted call `--calls` times under
 jax.profiler.trace, reads the trace back with jax.profiler.ProfileData and sums the durations
 of the events on the GPU planes by kernel name (per call). Prints the top kernels with their
 share and writes everything as JSON. The second grouping, by the events' `hlo_op`, is coarse
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from jax.profiler import ProfileData
 
 sys.path.insert(0, os.path.dirname(__file__))
-from ops_gpu import B, H, K, V, inputs, jax_op_fns  # noqa: E402
+from ops_gpu import BOUNDED, B, H, K, V, inputs, jax_op_fns  # noqa: E402
 
 
 def kernel_times(fn, args, calls, hlo_path=None):
@@ -66,6 +67,7 @@ def main():
     p.add_argument("--backends", nargs="+", default=["pallas"])
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--bound", type=float)
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out")
@@ -75,10 +77,11 @@ def main():
            "python": platform.python_version(), "command": " ".join(sys.argv), "cases": []}
     key = jax.random.PRNGKey(0)
     for op in a.ops:
-        args = inputs(op, B, a.T, H, K, V, key, jnp.bfloat16)
+        bound = a.bound if op in BOUNDED else None
+        args = inputs(op, B, a.T, H, K, V, key, jnp.bfloat16, bound=bound)
         do = jax.random.normal(key, (B, a.T, H, V), jnp.bfloat16)
         for backend in a.backends:
-            fwd, fwd_bwd = jax_op_fns(op, backend, chunk=a.chunk)
+            fwd, fwd_bwd = jax_op_fns(op, backend, bound, a.chunk)
             for mode, fn, fargs in (("fwd", fwd, args), ("fwd+bwd", fwd_bwd, (do,) + args)):
                 hlo = None
                 if a.hlo_dir:
@@ -94,7 +97,7 @@ def main():
                 for name, ms in sorted(by_hlo.items(), key=lambda kv: -kv[1])[:a.top]:
                     print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  {name[:110]}")
                 res["cases"].append({"op": op, "backend": backend, "mode": mode, "T": a.T,
-                                     "chunk": a.chunk,
+                                     "chunk": a.chunk, "bound": bound,
                                      "total_ms": total, "kernels_ms": t, "hlo_ops_ms": by_hlo})
     if a.out:
         with open(a.out, "w") as f:
