@@ -11,8 +11,8 @@ token's steps), backend ("auto", "pallas", "xla", "reference"); the ops
 with per-channel log decays (gla, kda, dplr, hdla) also take log_decay_lower_bound: None, or
 a promise L in [-5, 0) that every log decay is >= L. It lets the chunk paths form the
 diagonal 16 x 16 blocks of the intra-chunk decays as one product of factors of at most
-e^{8|L|} instead of token-by-token sums (backend "xla": forward and backward; "pallas": the
-backward kernel), at float32 rounding of those exponents. It is checked against log_decay
+e^{8|L|} instead of token-by-token sums (forward and backward, both backends), at float32
+rounding of those exponents. It is checked against log_decay
 when that is concrete, not under jit: decays below it are outside the contract (factors may
 overflow to inf/NaN or lose precision).
 `<op>_step` functions take one token (no T axis) and `state` [B, HV, K, V] and return

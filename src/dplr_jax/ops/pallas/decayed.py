@@ -48,7 +48,13 @@ blocks are dots in _backward_kernel, with no diagonal kernel: the sub-chunk's pr
 (one 0/1 dot at float32 precision) give factors X e^{P - m} and Y e^{m - P} around the
 middle row m, at most e^{8|L|} each, and dX, dY of the block are two [16, 16] x [16, K]
 dots (the off-diagonal blocks are unchanged; their suffix sums and totals are then
-differences of sums of <= 16 tokens). The forward is the same with or without the bound.
+differences of sums of <= 16 tokens). The forward under the bound is one kernel,
+_bounded_forward_kernel, one program per sub-chunk of rows: its diagonal block one
+[16, K] x [K, 16] dot of those factors (the prefix sums by a scan there), its blocks
+before the diagonal one dot each, with the key sides of the earlier sub-chunks formed
+again by every program that reads them. On the H100 that took kda's products forward from
+0.60 to 0.39 ms and dplr's two from 1.18 to 0.83 (benchmarks/NOTES.md, eighteenth session);
+one program per chunk, the key sides held, took 0.53 at 4 warps and 0.99 at 2.
 
 Cost per chunk (C = 64, K = 128, float32). Forward: the diagonal kernel reads X, Y, g (96
 KB, its programs' rows again from L2) and writes 2 C K factors and C x 16 (68 KB); the
@@ -108,7 +114,7 @@ class _Cfg(NamedTuple):
     interpret: object
     precision: object  # of the products
     exact: object  # float32-accurate: of the in-kernel prefix sums of the log decays
-    bounded: bool  # log decays >= chunked.MIN_BOUND: the backward's diagonal blocks as dots
+    bounded: bool  # log decays >= chunked.MIN_BOUND: the diagonal blocks as dots
     fwd: Launch
     bwd: Launch
 
@@ -129,13 +135,12 @@ def _decayed_pairs():
     return _iota((SUB, SUB), 0) < _iota((SUB, SUB), 1)
 
 
-def _bounded_block(g, exact):
-    """Under the bound (g [16, K] >= MIN_BOUND): the diagonal block's query and key factors
-    e^{P - m} and e^{m - P} (chunked.bounded_factors: P the prefix sums, by a 0/1 dot at
-    float32 precision, m its middle row), and the sub-chunk's query-side prefix sums,
-    exclusive suffix sums and total, which _diagonal_backward_kernel's loops yield as sums
-    of the tokens each covers, here as differences of sums of <= 16 tokens."""
-    incl = _mask_dot(_iota((SUB, SUB), 1) <= _iota((SUB, SUB), 0), g, exact)
+def _bounded_block(g, incl):
+    """Under the bound (g [16, K] >= MIN_BOUND, incl its inclusive prefix sums): the diagonal
+    block's query and key factors e^{P - m} and e^{m - P} (chunked.bounded_factors: P = incl,
+    m its middle row), and the sub-chunk's query-side prefix sums, exclusive suffix sums and
+    total, which _diagonal_backward_kernel's loops yield as sums of the tokens each covers,
+    here as differences of sums of <= 16 tokens."""
     total = jnp.sum(g, axis=0, keepdims=True)
     mid = jnp.sum(jnp.where(_iota(g.shape, 0) == SUB // 2 - 1, incl, 0.0), axis=0,
                   keepdims=True)
@@ -214,14 +219,27 @@ def _diagonal_kernel(*refs, rows, a):
             xq_ref[pl.ds(t0, rows), :] = (Xi * e).astype(xq_ref.dtype)
 
 
+def _off_diagonal(i, Xq, key, totals, d_refs, precision):
+    """The blocks (i, j < i) of every side's D: one [16, K] x [K, 16] dot of the query side
+    X_i e^{prefix_i} (Xq, per side) against the key side Y_j e^{suffix_j} (key(j)), the
+    query side taking e^{totals[j]} on its way past sub-chunk j: every factor <= 1, and the
+    exponents add up exactly to the pair's decay sum."""
+    rows = pl.ds(i * SUB, SUB)
+    for j in reversed(range(i)):  # between = totals of the sub-chunks j+1 .. i-1
+        key_j = key(j)
+        for Xs, d_ref in zip(Xq, d_refs):
+            d_ref[rows, pl.ds(j * SUB, SUB)] = _dot(Xs, key_j, precision,
+                                                    trans_b=True).astype(d_ref.dtype)
+        if j:
+            e = _exp(totals[j])
+            Xq = [Xs * e for Xs in Xq]
+
+
 def _forward_kernel(g_ref, *refs, precision, strict):
     """The whole [C, C] D of one chunk per query side from _diagonal_kernel's outputs (refs:
     the sides' diagonal blocks, their query sides, the key side, then the sides' D): the
-    diagonal blocks, and the blocks (i, j < i) as one [16, K] x [K, 16] dot of the query side
-    X_i e^{prefix_i}, times e^{(whole sub-chunks between j and i)}, against the key side
-    Y_j e^{suffix_j}, loaded once for all sides; every factor <= 1, and the exponents add up
-    exactly to the pair's decay sum. strict: per side, whether its diagonal (s = t) is
-    dropped as well."""
+    diagonal blocks, and the blocks (i, j < i) by _off_diagonal, the key side loaded once for
+    all sides. strict: per side, whether its diagonal (s = t) is dropped as well."""
     a = len(strict)
     diag_refs, xq_refs, key_ref, d_refs = refs[:a], refs[a:2 * a], refs[2 * a], refs[2 * a + 1:]
     C = d_refs[0].shape[0]
@@ -236,18 +254,58 @@ def _forward_kernel(g_ref, *refs, precision, strict):
             for j in range(i + 1, n):
                 d_ref[rows, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), d_ref.dtype)
         if i:
-            Xq = [xq_ref[rows, :] for xq_ref in xq_refs]
-            for j in reversed(range(i)):  # between = totals of the sub-chunks j+1 .. i-1
-                key = key_ref[pl.ds(j * SUB, SUB), :]
-                for Xs, d_ref in zip(Xq, d_refs):
-                    d_ref[rows, pl.ds(j * SUB, SUB)] = _dot(Xs, key, precision,
-                                                            trans_b=True).astype(d_ref.dtype)
-                if j:
-                    e = _exp(totals[j])
-                    Xq = [Xs * e for Xs in Xq]
+            _off_diagonal(i, [xq_ref[rows, :] for xq_ref in xq_refs],
+                          lambda j: key_ref[pl.ds(j * SUB, SUB), :], totals, d_refs, precision)
         if i < n - 1:
             totals.append(jnp.sum(g_ref[rows, :].astype(xq_refs[0].dtype), axis=0,
                                   keepdims=True))
+
+
+def _bounded_forward_kernel(*refs, precision, strict):
+    """Under the bound (`bounded`): the rows of one sub-chunk i of every side's [C, C] D per
+    program, from X, Y and g, with no diagonal kernel (refs: the sides' x_refs, y_ref, g_ref,
+    the sides' D). The diagonal block is one [16, K] x [K, 16] dot of _bounded_block's
+    factors for the pairs s < t, and the plain products X_t Y_t for s = t, as
+    chunked._diagonal_blocks has them; the blocks (i, j < i) one dot each of the query side
+    X_i e^{prefix_i} against the key side Y_j e^{suffix_j}, formed here (differences of sums
+    of <= 16 tokens, the bound's contract), the query side taking e^{total_j} on its way past
+    sub-chunk j."""
+    a = len(strict)
+    x_refs, (y_ref, g_ref), d_refs = refs[:a], refs[a:a + 2], refs[a + 2:]
+    C = y_ref.shape[0]
+    i = pl.program_id(0)
+    rows = pl.ds(i * SUB, SUB)
+    t, u = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
+    X = [x_ref[rows, :] for x_ref in x_refs]
+    Y = y_ref[rows, :]
+    g = g_ref[rows, :].astype(Y.dtype)
+    eq, ek, prefix, _, _ = _bounded_block(g, jnp.cumsum(g, axis=0))
+    Yk = Y * ek
+    for Xs, d_ref, s in zip(X, d_refs, strict):
+        D = jnp.where(u < t, _dot(Xs * eq, Yk, precision, trans_b=True), 0.0)
+        if not s:
+            D = D + jnp.where(u == t, jnp.sum(Xs * Y, axis=1, keepdims=True), 0.0)
+        d_ref[rows, rows] = D.astype(d_ref.dtype)
+
+    def later(j, carry):  # the blocks (i, j > i): zero
+        for d_ref in d_refs:
+            d_ref[rows, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), d_ref.dtype)
+        return carry
+
+    def earlier(k, Xq):  # the block (i, j = i - 1 - k)
+        j = i - 1 - k
+        keys = pl.ds(j * SUB, SUB)
+        gj = g_ref[keys, :].astype(Y.dtype)
+        total = jnp.sum(gj, axis=0, keepdims=True)
+        key = y_ref[keys, :] * _exp(total - jnp.cumsum(gj, axis=0))
+        for Xs, d_ref in zip(Xq, d_refs):
+            d_ref[rows, keys] = _dot(Xs, key, precision, trans_b=True).astype(d_ref.dtype)
+        e = _exp(total)
+        return [Xs * e for Xs in Xq]
+
+    jax.lax.fori_loop(i + 1, C // SUB, later, 0)
+    e = _exp(prefix)
+    jax.lax.fori_loop(0, i, earlier, [Xs * e for Xs in X])
 
 
 def _diagonal_backward_kernel(*refs, rows, a):
@@ -328,7 +386,10 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
         Xq = [x_ref[rows, cols] for x_ref in x_refs]
         g = g_ref[rows, cols].astype(Xq[0].dtype)
         if bounded:
-            eq, ek, pre, suffix, total = _bounded_block(g, exact)
+            # The prefix sums by a 0/1 dot at float32 precision: by a scan (the forward's)
+            # this kernel spilled more (kda 84 -> 152 B, gla 700 -> 1088).
+            eq, ek, pre, suffix, total = _bounded_block(
+                g, _mask_dot(_iota((SUB, SUB), 1) <= _iota((SUB, SUB), 0), g, exact))
             key = y_ref[rows, cols] * ek
             dX, dY = [], 0.0
             for Xs, ddt_ref in zip(Xq, ddt_refs):
@@ -483,8 +544,13 @@ def _products(X, Y, g, strict, cfg):
         outs = [jax.ShapeDtypeStruct((x.shape[0], C), x.dtype) for x in X]
         return tuple(_call(kernel, Xp + (Yp, gp), outs, cfg.interpret, cfg.fwd,
                            "dplr_decayed_scalar_fwd"))
-    rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
     f = lambda *shape: jax.ShapeDtypeStruct(shape, X[0].dtype)
+    if cfg.bounded:
+        kernel = functools.partial(_bounded_forward_kernel, precision=cfg.precision,
+                                   strict=strict)
+        return tuple(_call(kernel, Xp + (Yp, gp), [f(C, C)] * a, cfg.interpret, cfg.fwd,
+                           "dplr_decayed_fwd", grid=(C // SUB,)))
+    rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
     Kp = Yp.shape[1]
     parts = _call(functools.partial(_diagonal_kernel, rows=rows, a=a),
                   Xp + (Yp, gp), [f(C, SUB)] * a + [f(C, Kp)] * (a + 1), cfg.interpret,
