@@ -49,12 +49,14 @@ blocks are dots in _backward_kernel, with no diagonal kernel: the sub-chunk's pr
 middle row m, at most e^{8|L|} each, and dX, dY of the block are two [16, 16] x [16, K]
 dots (the off-diagonal blocks are unchanged; their suffix sums and totals are then
 differences of sums of <= 16 tokens). The forward under the bound is one kernel,
-_bounded_forward_kernel, one program per sub-chunk of rows: its diagonal block one
-[16, K] x [K, 16] dot of those factors (the prefix sums by a scan there), its blocks
-before the diagonal one dot each, with the key sides of the earlier sub-chunks formed
-again by every program that reads them. On the H100 that took kda's products forward from
-0.60 to 0.39 ms and dplr's two from 1.18 to 0.83 (benchmarks/NOTES.md, eighteenth session);
-one program per chunk, the key sides held, took 0.53 at 4 warps and 0.99 at 2.
+_bounded_forward_kernel, one program per sub-chunk of rows: its diagonal block one [16, K] x
+[K, 16] dot of those factors (the prefix sums by a scan there), its blocks before the
+diagonal one dot each, with the key sides of the earlier sub-chunks formed again by every
+program that reads them. With one query side it reads X, Y and g and writes D, 112 KB per
+chunk (0.15 ms at B=4, T=4096, H=16 at 3 TB/s), where the exact forward's two kernels below
+move 280 KB. On the H100 it took kda's products forward from 0.60 to 0.39 ms and dplr's two
+from 1.18 to 0.83 (benchmarks/NOTES.md, eighteenth session); one program per chunk, the key
+sides held, took 0.53 at 4 warps and 0.99 at 2.
 
 Cost per chunk (C = 64, K = 128, float32). Forward: the diagonal kernel reads X, Y, g (96
 KB, its programs' rows again from L2) and writes 2 C K factors and C x 16 (68 KB); the
@@ -219,27 +221,14 @@ def _diagonal_kernel(*refs, rows, a):
             xq_ref[pl.ds(t0, rows), :] = (Xi * e).astype(xq_ref.dtype)
 
 
-def _off_diagonal(i, Xq, key, totals, d_refs, precision):
-    """The blocks (i, j < i) of every side's D: one [16, K] x [K, 16] dot of the query side
-    X_i e^{prefix_i} (Xq, per side) against the key side Y_j e^{suffix_j} (key(j)), the
-    query side taking e^{totals[j]} on its way past sub-chunk j: every factor <= 1, and the
-    exponents add up exactly to the pair's decay sum."""
-    rows = pl.ds(i * SUB, SUB)
-    for j in reversed(range(i)):  # between = totals of the sub-chunks j+1 .. i-1
-        key_j = key(j)
-        for Xs, d_ref in zip(Xq, d_refs):
-            d_ref[rows, pl.ds(j * SUB, SUB)] = _dot(Xs, key_j, precision,
-                                                    trans_b=True).astype(d_ref.dtype)
-        if j:
-            e = _exp(totals[j])
-            Xq = [Xs * e for Xs in Xq]
-
-
 def _forward_kernel(g_ref, *refs, precision, strict):
     """The whole [C, C] D of one chunk per query side from _diagonal_kernel's outputs (refs:
     the sides' diagonal blocks, their query sides, the key side, then the sides' D): the
-    diagonal blocks, and the blocks (i, j < i) by _off_diagonal, the key side loaded once for
-    all sides. strict: per side, whether its diagonal (s = t) is dropped as well."""
+    diagonal blocks, and the blocks (i, j < i) as one [16, K] x [K, 16] dot of the query side
+    X_i e^{prefix_i}, times e^{(whole sub-chunks between j and i)}, against the key side
+    Y_j e^{suffix_j}, loaded once for all sides; every factor <= 1, and the exponents add up
+    exactly to the pair's decay sum. strict: per side, whether its diagonal (s = t) is
+    dropped as well."""
     a = len(strict)
     diag_refs, xq_refs, key_ref, d_refs = refs[:a], refs[a:2 * a], refs[2 * a], refs[2 * a + 1:]
     C = d_refs[0].shape[0]
@@ -254,8 +243,15 @@ def _forward_kernel(g_ref, *refs, precision, strict):
             for j in range(i + 1, n):
                 d_ref[rows, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), d_ref.dtype)
         if i:
-            _off_diagonal(i, [xq_ref[rows, :] for xq_ref in xq_refs],
-                          lambda j: key_ref[pl.ds(j * SUB, SUB), :], totals, d_refs, precision)
+            Xq = [xq_ref[rows, :] for xq_ref in xq_refs]
+            for j in reversed(range(i)):  # between = totals of the sub-chunks j+1 .. i-1
+                key = key_ref[pl.ds(j * SUB, SUB), :]
+                for Xs, d_ref in zip(Xq, d_refs):
+                    d_ref[rows, pl.ds(j * SUB, SUB)] = _dot(Xs, key, precision,
+                                                            trans_b=True).astype(d_ref.dtype)
+                if j:
+                    e = _exp(totals[j])
+                    Xq = [Xs * e for Xs in Xq]
         if i < n - 1:
             totals.append(jnp.sum(g_ref[rows, :].astype(xq_refs[0].dtype), axis=0,
                                   keepdims=True))
@@ -279,6 +275,9 @@ def _bounded_forward_kernel(*refs, precision, strict):
     X = [x_ref[rows, :] for x_ref in x_refs]
     Y = y_ref[rows, :]
     g = g_ref[rows, :].astype(Y.dtype)
+    # The prefix sums by a scan: as a 0/1 dot (the backward's) this kernel, in an earlier
+    # form of one program per chunk, spilled 2.4-6.0 KB at 2 or 4 warps, with the scan none
+    # (kernel_registers.py --bounded).
     eq, ek, prefix, _, _ = _bounded_block(g, jnp.cumsum(g, axis=0))
     Yk = Y * ek
     for Xs, d_ref, s in zip(X, d_refs, strict):
