@@ -3,11 +3,12 @@ measured without a GPU.
 
     pip install triton==3.6.0     # not a dependency of the project: this script only
     PYTHONPATH=src python benchmarks/kernel_registers.py [--ops kda gated_delta_rule] \
-        [--warps 1 2 4 8] [--chunk 64] [--out benchmarks/results/kernel_registers.json] \
-        [--ttgir DIR] [--sass DIR]
+        [--warps 1 2 4 8] [--chunk 64] [--bounded] \
+        [--out benchmarks/results/kernel_registers.json] [--ttgir DIR] [--sass DIR]
 
 Lowers each op's forward+backward for "cuda" on the CPU (abstract H100 mesh, as the lowering
-tests do, at K = V = 128, chunk 64 or --chunk, bf16) and keeps the Triton IR of every Pallas
+tests do, at K = V = 128, chunk 64 or --chunk, bf16; --bounded: with log_decay_lower_bound's
+kernels) and keeps the Triton IR of every Pallas
 kernel (by wrapping Pallas' private `lower_jaxpr_to_triton_module`, so this may need updating with JAX).
 Each kernel is then compiled by the `triton` package to PTX for sm_90 at several warp counts,
 and ptxas -v (shipped in the triton wheel) reports registers per thread, spill bytes and the
