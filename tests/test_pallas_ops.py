@@ -48,6 +48,37 @@ def test_pallas_runs_a_pallas_call():
     assert "pallas_call" in str(jax.make_jaxpr(jax.grad(lambda *a: fn(*a).sum()))(*args))
 
 
+def _moves(jaxpr, shape):
+    """How many transposes of an array of `shape` the jaxpr (and the ones inside it) holds."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "transpose" and eqn.invars[0].aval.shape == shape
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _moves(inner, shape)
+    return n
+
+
+def test_float32_log_decays_reach_the_kernels_unmoved():
+    """api.run_chunked: log decays as given (float32) go to the Pallas phase 1 in their
+    [B, NC, C, H, K] chunks, where q (the same shape for gla) is moved to [B, H, NC, C, K]
+    with the rest; cast decays (bf16 in, float32 out) are a copy anyway and move with it."""
+    B, T, H, K, C = 1, 64, 2, 16, 16
+    args = make_inputs("gla", np.random.default_rng(0), B=B, T=T, H=H, K=K, V=K)
+    chunks = (B, T // C, C, H, K)
+
+    def moves(decay_dtype):
+        a = list(cast(args, jnp.float32))
+        a[3] = a[3].astype(decay_dtype)
+        fn = lambda *x: ops.gla(*x, backend="pallas", chunk_size=C)[0]
+        return _moves(jax.make_jaxpr(fn)(*a).jaxpr, chunks)
+
+    assert moves(jnp.bfloat16) == 2  # q's and the decays'
+    assert moves(jnp.float32) == 1  # q's
+
+
 FP32_CASES = [
     ("kda", dict(G=2)),
     ("gated_delta_rule", dict(G=2)),

@@ -181,8 +181,14 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     # otherwise every virtual token's, and keeps the last.
     whole = chunk_size % n == 0 and chunk_size // n >= 16
     q, *rest = form.engine_inputs()
+    # Log decays as given (in the accumulation dtype: not cast, not formed by the op) go to
+    # the Pallas kernels in their chunks, where the move to the chunk-major layout would be a
+    # copy of its own (chunked.chunked's decays_in_place); a cast or formed g is written by
+    # XLA anyway and moves on the way.
+    in_place = (decayed is not None or factors is not None) and any(
+        rest[0] is x and x0.dtype == dtype for x, x0 in zip(xs, inputs) if x is not None)
     o, S = chunked.chunked(q if whole else chunked.at_last(q, n, axis=1), *rest, h0,
-                           chunk_size=chunk_size,
+                           chunk_size=chunk_size, decays_in_place=in_place,
                            cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
                            own_decay=form.own_decay,
                            decayed=functools.partial(decayed or chunked.decayed_products,

@@ -329,16 +329,21 @@ def checkpointed(summary, *, decayed, own_decay=False):
                           policy=jax.checkpoint_policies.save_only_these_names(SAVED))
 
 
-def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk):
+def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, g_in_place=False):
     """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...] (q in
-    q_layout's chunks). summary: a function of one chunk's (q, g, E, y, P, F, Vk)."""
-    def chunks(x, layout=layout):
-        return None if x is None else jnp.moveaxis(layout.to_chunks(x), 3, 1)
+    q_layout's chunks). summary: a function of one chunk's (q, g, E, y, P, F, Vk).
 
-    fn = summary
-    for _ in range(3):
-        fn = jax.vmap(fn)
-    return fn(chunks(q, q_layout), *(chunks(x) for x in (g, E, y, P, F, Vk)))
+    g_in_place: g stays [B, NC, C, H, ...] (chunked.chunked's decays_in_place), which a Pallas
+    kernel under vmap reads where it lies; the other inputs are moved."""
+    def chunks(x, layout=layout, move=True):
+        if x is None:
+            return None
+        x = layout.to_chunks(x)
+        return jnp.moveaxis(x, 3, 1) if move else x
+
+    fn = jax.vmap(jax.vmap(jax.vmap(summary), in_axes=(0, 2 if g_in_place else 0) + (0,) * 5))
+    return fn(chunks(q, q_layout), chunks(g, move=not g_in_place),
+              *(chunks(x) for x in (E, y, P, F, Vk)))
 
 
 def _scan_outputs(layout, M, Bc, Qs, O0, h0):
@@ -356,7 +361,7 @@ def _scan_outputs(layout, M, Bc, Qs, O0, h0):
 
 
 def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=False,
-            decayed=decayed_products, scan=None, factors=None):
+            decayed=decayed_products, scan=None, factors=None, decays_in_place=False):
     """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype but q
     [B, T / n, H, K]: the queries of the last of every n tokens (n = 1: every token; n must
     divide chunk_size, so that a chunk holds whole groups); h0 [N, H, K, V]; cu_seqlens
@@ -373,6 +378,13 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     decayed=...) replaces the checkpointed chunk_factors of one chunk (the Pallas kernels of
     the delta family). Without scan, phase 1 multiplies the transitions out (chunk_summary)
     for XLA's scan (_scan_outputs).
+
+    decays_in_place: phase 1 reads g in its [B, NC, C, H, ...] chunks rather than moved to
+    [B, H, NC, C, ...] with the other inputs: for Pallas phases and a g that would be copied
+    for the move alone (api.run_chunked). On the H100 at B=4, T=4096, H=16, K=128 that copy
+    of a float32 g took 0.09 ms; reading its rows 8 KB apart cost the exact products forward
+    0.015 ms and gla's bounded products backward 0.11 (benchmarks/NOTES.md, nineteenth
+    session).
     """
     B, T = (E if E is not None else F).shape[:2]
     n = T // q.shape[1]
@@ -386,7 +398,7 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     if scan is None:
         M, Bc, Qs, O0 = _summaries(
             layout, q_layout, checkpointed(chunk_summary, decayed=decayed, own_decay=own_decay),
-            *inputs)
+            *inputs, g_in_place=decays_in_place)
         o, S_in = _scan_outputs(layout, M, Bc, Qs, O0, h0)
         r, c = layout.final_row, layout.final_chunk
         finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
@@ -394,5 +406,6 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
         summary = (checkpointed(chunk_factors, decayed=decayed, own_decay=own_decay)
                    if factors is None
                    else functools.partial(factors, decayed=decayed, own_decay=own_decay))
-        o, finals = scan(layout, _summaries(layout, q_layout, summary, *inputs), h0)
+        o, finals = scan(layout, _summaries(layout, q_layout, summary, *inputs,
+                                            g_in_place=decays_in_place), h0)
     return q_layout.from_chunks(jnp.moveaxis(o, 1, 3)), finals

@@ -367,10 +367,14 @@ def _diagonal_backward_kernel(*refs, rows, a):
 
 def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
     """dX (per query side), dY and dg of one chunk: the diagonal blocks' dX, dY and the
-    off-diagonal factors from _diagonal_backward_kernel (bounded: computed here,
+    off-diagonal factors from _diagonal_backward_kernel (bounded: computed here from g,
     _bounded_block), the blocks (i, j < i) by dots, the key side loaded once for all sides,
     dg after them (see the module docstring; R sums over the sides). Every step is per key
-    channel (the dots contract over tokens): one program per block of kb key columns."""
+    channel (the dots contract over tokens): one program per block of kb key columns.
+    Without the bound g is not read: a sub-chunk's e^{total} is its last row of e^{prefix}
+    (when g's rows lay 8 KB apart, chunked.chunked's decays_in_place, reading g for the
+    totals took kda's kernel from 1.17 to 1.44 ms on the H100; benchmarks/NOTES.md,
+    nineteenth session)."""
     x_refs, (y_ref, g_ref), ddt_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
     rest = refs[2 * a + 2:]
     if not bounded:
@@ -383,8 +387,8 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
     for i in range(n):
         rows = pl.ds(i * SUB, SUB)
         Xq = [x_ref[rows, cols] for x_ref in x_refs]
-        g = g_ref[rows, cols].astype(Xq[0].dtype)
         if bounded:
+            g = g_ref[rows, cols].astype(Xq[0].dtype)
             # The prefix sums by a 0/1 dot at float32 precision: by a scan (the forward's)
             # this kernel spilled more (kda 84 -> 152 B, gla 700 -> 1088).
             eq, ek, pre, suffix, total = _bounded_block(
@@ -401,7 +405,9 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
             dX, dY = [dxd_ref[rows, cols] for dxd_ref in dxd_refs], dyd_ref[rows, cols]
             eq = eq_ref[rows, cols] if i else None
             decay = None  # ek_ref's rows, loaded where used
-            total = jnp.sum(g, axis=0, keepdims=True)
+            # e^{total}: the last row's e^{prefix} (the diagonal kernel's sum of the tokens it
+            # covers), where the first sub-chunk, which has none, needs none
+            total = eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols] if i else None
         for j in reversed(range(i)):
             # (ek_ref's rows reloaded: kept, they spilled)
             ek = decays[j] if bounded else ek_ref[pl.ds(j * SUB, SUB), cols]
@@ -413,7 +419,7 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
                 dkey = dkey + _dot(ddt_ji, Xs * eq, precision)
             dkeys[j] = dkeys[j] + dkey * ek
             if j:
-                eq = eq * _exp(totals[j])
+                eq = eq * (_exp(totals[j]) if bounded else totals[j])
         dg_ref[rows, cols] = sum(Xs * dXs for Xs, dXs in zip(Xq, dX)).astype(dg_ref.dtype)  # R
         for dx_ref, dXs in zip(dx_refs, dX):
             dx_ref[rows, cols] = dXs.astype(dx_ref.dtype)
@@ -595,13 +601,13 @@ def _products_bwd(strict, cfg, res, dD):
                             args, [f(Yp)] * (a + 3), cfg.interpret,
                             Launch(num_warps=DIAGONAL_WARPS, num_stages=1),
                             "dplr_decayed_diag_bwd", grid=(Y.shape[0] // rows,)))
-    # Bounded with several query sides, the kernel forms each side's diagonal blocks by dots
-    # and holds a dX per side: a program per BLOCK key columns (kda 8.11 -> 7.47 ms forward+
-    # backward on the H100). Otherwise one program per chunk, which reads the C x C
-    # cotangents once (per BLOCK columns gla bounded went 4.69 -> 4.86 in one call; dplr took
-    # 15.25 against 14.66-14.83 unsplit in other calls; benchmarks/NOTES.md, fifteenth session).
+    # Bounded, the kernel forms each side's diagonal blocks by dots from g: a program per
+    # BLOCK key columns (kda 8.11 -> 7.47 ms forward+backward on the H100, fifteenth
+    # session; with one side and g read in place, gla's kernel 0.89 -> 0.77 ms, nineteenth).
+    # Otherwise one program per chunk, which reads the C x C cotangents once (per BLOCK
+    # columns dplr took 15.25 against 14.66-14.83 unsplit; benchmarks/NOTES.md).
     Kp = Yp.shape[1]
-    kb = min(BLOCK, Kp) if cfg.bounded and a > 1 else Kp
+    kb = min(BLOCK, Kp) if cfg.bounded else Kp
     kernel = functools.partial(_backward_kernel, a=a, precision=cfg.precision,
                                exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret,
                                kb=kb)
