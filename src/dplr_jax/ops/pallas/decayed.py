@@ -371,8 +371,8 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
     _bounded_block), the blocks (i, j < i) by dots, the key side loaded once for all sides,
     dg after them (see the module docstring; R sums over the sides). Every step is per key
     channel (the dots contract over tokens): one program per block of kb key columns.
-    Without the bound g is not read: a sub-chunk's e^{total} is its last row of e^{prefix}
-    (when g's rows lay 8 KB apart, chunked.chunked's decays_in_place, reading g for the
+    Without the bound g is not read: a sub-chunk's e^{total} is the e^{prefix} of its last
+    row (with g's rows 8 KB apart, chunked.chunked's decays_in_place, reading g for the
     totals took kda's kernel from 1.17 to 1.44 ms on the H100; benchmarks/NOTES.md,
     nineteenth session)."""
     x_refs, (y_ref, g_ref), ddt_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
@@ -405,8 +405,9 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
             dX, dY = [dxd_ref[rows, cols] for dxd_ref in dxd_refs], dyd_ref[rows, cols]
             eq = eq_ref[rows, cols] if i else None
             decay = None  # ek_ref's rows, loaded where used
-            # e^{total}: the last row's e^{prefix} (the diagonal kernel's sum of the tokens it
-            # covers), where the first sub-chunk, which has none, needs none
+            # e^{total}: the e^{prefix} of the sub-chunk's last row (the diagonal kernel's sum
+            # of the tokens it covers); the first sub-chunk's, which that kernel does not
+            # write, is never used
             total = eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols] if i else None
         for j in reversed(range(i)):
             # (ek_ref's rows reloaded: kept, they spilled)
