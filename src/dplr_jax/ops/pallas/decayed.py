@@ -59,8 +59,8 @@ from 1.18 to 0.83 (benchmarks/NOTES.md, eighteenth session); one program per chu
 sides held, took 0.53 at 4 warps and 0.99 at 2.
 
 Cost per chunk (C = 64, K = 128, float32). Forward: the diagonal kernel reads X, Y, g (96
-KB, its programs' rows again from L2) and writes 2 C K factors and C x 16 (68 KB); the
-other reads those and g and writes C^2 (16 KB); C 8.5 K exps on average on the diagonal
+KB, its programs' rows again from L2) and writes 2 C K factors, C x 16 and the sub-chunks'
+e^{total} (70 KB); the other reads those and writes C^2 (16 KB); C 8.5 K exps on average on the diagonal
 blocks, off-diagonal dots n(n-1)/2 x 2 * 16^2 K = 0.4 MFLOP. At B=4, T=4096, H=16 (4096
 chunks) ~1 GB in all (0.33 ms at 3 TB/s). Backward: the diagonal kernel reads 112 KB and
 writes 128 (dX, dY and the two factors), the other reads 240 and writes 96: 2.4 GB, 0.8 ms
@@ -172,11 +172,12 @@ def _diagonal_kernel(*refs, rows, a):
     """A chunk's diagonal 16 x 16 blocks of D, and the factors of its off-diagonal ones, for
     `a` query sides X against the same keys Y: `rows` query rows t0 .. t0 + rows - 1 of one
     sub-chunk per program. refs: the sides' x_refs, y_ref, g_ref, then per side d_ref and
-    xq_ref, and key_ref. d_ref [C, 16] gets, in row t, D[t, s] for the keys s of t's
+    xq_ref, key_ref and tot_ref. d_ref [C, 16] gets, in row t, D[t, s] for the keys s of t's
     sub-chunk up to t (the entries past them are left unwritten); xq_ref row t the query
     side X_t e^{prefix_t}, prefix_t the sum of g over the sub-chunk's tokens up to t; key_ref
     row s the key side Y_s e^{suffix_s}, suffix_s the sum over the tokens after s in its
-    sub-chunk.
+    sub-chunk; tot_ref [C / 16, K] row i e^{total_i}, the prefix of sub-chunk i's last row
+    (rows 1 .. n - 1; _forward_kernel's factors between sub-chunks).
 
     The keys run from the group's last down to the sub-chunk's first, each row carrying its
     exponent sum_{s < u <= t} g_u (one add of g_{s+1} per key; -inf until the row's own last
@@ -186,7 +187,7 @@ def _diagonal_kernel(*refs, rows, a):
     row takes the suffixes from that row's exponents on the way. Every exponent is a sum of
     the tokens it covers, in base 2 (state_pass._exp)."""
     x_refs, (y_ref, g_ref), d_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
-    xq_refs, key_ref = refs[2 * a + 2:3 * a + 2], refs[3 * a + 2]
+    xq_refs, (key_ref, tot_ref) = refs[2 * a + 2:3 * a + 2], refs[3 * a + 2:]
     C = y_ref.shape[0]
     t0, base, end = _row_group(rows)
     X = [x_ref[pl.ds(t0, rows), :] for x_ref in x_refs]
@@ -220,10 +221,15 @@ def _diagonal_kernel(*refs, rows, a):
         for Xi, xq_ref in zip(X, xq_refs):
             xq_ref[pl.ds(t0, rows), :] = (Xi * e).astype(xq_ref.dtype)
 
+        @pl.when(t0 + rows == base + SUB)
+        def _total():
+            e_end = jnp.sum(jnp.where(r == rows - 1, e, 0.0), axis=0, keepdims=True)
+            tot_ref[pl.ds(base // SUB, 1), :] = e_end.astype(tot_ref.dtype)
 
-def _forward_kernel(g_ref, *refs, precision, strict):
-    """The whole [C, C] D of one chunk per query side from _diagonal_kernel's outputs (refs:
-    the sides' diagonal blocks, their query sides, the key side, then the sides' D): the
+
+def _forward_kernel(tot_ref, *refs, precision, strict):
+    """The whole [C, C] D of one chunk per query side from _diagonal_kernel's outputs (tot_ref,
+    then refs: the sides' diagonal blocks, their query sides, the key side, then the sides' D): the
     diagonal blocks, and the blocks (i, j < i) as one [16, K] x [K, 16] dot of the query side
     X_i e^{prefix_i}, times e^{(whole sub-chunks between j and i)}, against the key side
     Y_j e^{suffix_j}, loaded once for all sides; every factor <= 1, and the exponents add up
@@ -234,7 +240,6 @@ def _forward_kernel(g_ref, *refs, precision, strict):
     C = d_refs[0].shape[0]
     n = C // SUB
     t, u = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
-    totals = []  # per earlier sub-chunk j: the sum of its log decays [1, K]
     for i in range(n):
         rows = pl.ds(i * SUB, SUB)
         for diag_ref, d_ref, s in zip(diag_refs, d_refs, strict):
@@ -249,12 +254,10 @@ def _forward_kernel(g_ref, *refs, precision, strict):
                 for Xs, d_ref in zip(Xq, d_refs):
                     d_ref[rows, pl.ds(j * SUB, SUB)] = _dot(Xs, key, precision,
                                                             trans_b=True).astype(d_ref.dtype)
-                if j:
-                    e = _exp(totals[j])
+                if j:  # e^{total_j}: g itself is not read (with its rows 8 KB apart,
+                    # chunked.chunked's decays_in_place, summing them cost 0.015 ms for kda)
+                    e = tot_ref[pl.ds(j, 1), :]
                     Xq = [Xs * e for Xs in Xq]
-        if i < n - 1:
-            totals.append(jnp.sum(g_ref[rows, :].astype(xq_refs[0].dtype), axis=0,
-                                  keepdims=True))
 
 
 def _bounded_forward_kernel(*refs, precision, strict):
@@ -558,12 +561,12 @@ def _products(X, Y, g, strict, cfg):
                            "dplr_decayed_fwd", grid=(C // SUB,)))
     rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
     Kp = Yp.shape[1]
-    parts = _call(functools.partial(_diagonal_kernel, rows=rows, a=a),
-                  Xp + (Yp, gp), [f(C, SUB)] * a + [f(C, Kp)] * (a + 1), cfg.interpret,
-                  Launch(num_warps=DIAGONAL_WARPS, num_stages=1), "dplr_decayed_diag",
-                  grid=(C // rows,))
+    *parts, tot = _call(functools.partial(_diagonal_kernel, rows=rows, a=a),
+                        Xp + (Yp, gp), [f(C, SUB)] * a + [f(C, Kp)] * (a + 1) + [f(C // SUB, Kp)],
+                        cfg.interpret, Launch(num_warps=DIAGONAL_WARPS, num_stages=1),
+                        "dplr_decayed_diag", grid=(C // rows,))
     kernel = functools.partial(_forward_kernel, precision=cfg.precision, strict=strict)
-    return tuple(_call(kernel, (gp,) + tuple(parts), [f(C, C)] * a, cfg.interpret, cfg.fwd,
+    return tuple(_call(kernel, (tot,) + tuple(parts), [f(C, C)] * a, cfg.interpret, cfg.fwd,
                        "dplr_decayed_fwd"))
 
 
