@@ -382,8 +382,8 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     decays_in_place: phase 1 reads g in its [B, NC, C, H, ...] chunks rather than moved to
     [B, H, NC, C, ...] with the other inputs: for Pallas phases and a g that would be copied
     for the move alone (api.run_chunked). On the H100 at B=4, T=4096, H=16, K=128 that copy
-    of a float32 g took 0.09 ms; reading its rows 8 KB apart cost the exact products forward
-    0.015 ms and gla's bounded products backward 0.11 (benchmarks/NOTES.md, nineteenth
+    of a float32 g took 0.09 ms; reading its rows 8 KB apart cost gla's bounded products
+    backward 0.11 ms (the exact products kernels read no g; benchmarks/NOTES.md, nineteenth
     session).
     """
     B, T = (E if E is not None else F).shape[:2]
