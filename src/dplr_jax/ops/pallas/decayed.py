@@ -60,20 +60,20 @@ sides held, took 0.53 at 4 warps and 0.99 at 2.
 
 Cost per chunk (C = 64, K = 128, float32). Forward: the diagonal kernel reads X, Y, g (96
 KB, its programs' rows again from L2) and writes 2 C K factors, C x 16 and the sub-chunks'
-e^{total} (70 KB); the other reads those and writes C^2 (16 KB); C 8.5 K exps on average on the diagonal
-blocks, off-diagonal dots n(n-1)/2 x 2 * 16^2 K = 0.4 MFLOP. At B=4, T=4096, H=16 (4096
-chunks) ~1 GB in all (0.33 ms at 3 TB/s). Backward: the diagonal kernel reads 112 KB and
-writes 128 (dX, dY and the two factors), the other reads 240 and writes 96: 2.4 GB, 0.8 ms
-at 3 TB/s, so the split pays for its parallel loops in bytes. The forward's row-group loop
-is instruction-bound (113-121 SASS instructions per key step for the [2, 128] float32 tiles
-of one warp, the backward's loops 63-75: `kernel_registers.py --ops kda --warps 1 --sass
-DIR`; 49-56 registers, 32 programs per SM); the backward's diagonal kernel runs at its
-bytes' time. Measured on the H100 for kda's two products (benchmarks/NOTES.md,
-twelfth session): forward 0.25 + 0.15 ms each, backward 0.36 + 0.69, where one program per
-chunk with 16-row loops took 0.72-0.77 forward and 1.17 backward (255 registers, 2 warps
-per scheduler: latency-bound at low occupancy, tenth session). With both of kda's products
-in one pass as query sides (fifteenth session): forward 0.34 + 0.27, backward 0.47 + 1.17,
-the last against ~0.65 ms of bytes (480 KB per chunk).
+e^{total} (70 KB); the other reads those and writes C^2 (16 KB); C 8.5 K exps on average on
+the diagonal blocks, off-diagonal dots n(n-1)/2 x 2 * 16^2 K = 0.4 MFLOP. At B=4, T=4096,
+H=16 (4096 chunks) ~1 GB in all (0.33 ms at 3 TB/s). Backward: the diagonal kernel reads 112
+KB and writes 128 (dX, dY and the two factors), the other reads 240 and writes 96: 2.4 GB,
+0.8 ms at 3 TB/s, so the split pays for its parallel loops in bytes. The forward's row-group
+loop is instruction-bound (113-121 SASS instructions per key step for the [2, 128] float32
+tiles of one warp, the backward's loops 63-75: `kernel_registers.py --ops kda --warps 1
+--sass DIR`; 49-56 registers, 32 programs per SM); the backward's diagonal kernel runs at
+its bytes' time. Measured on the H100 for kda's two products (benchmarks/NOTES.md, twelfth
+session): forward 0.25 + 0.15 ms each, backward 0.36 + 0.69, where one program per chunk
+with 16-row loops took 0.72-0.77 forward and 1.17 backward (255 registers, 2 warps per
+scheduler: latency-bound at low occupancy, tenth session). With both of kda's products in
+one pass as query sides (fifteenth session): forward 0.34 + 0.27, backward 0.47 + 1.17, the
+last against ~0.65 ms of bytes (480 KB per chunk).
 
 Scalar decays (one per token: gated_delta_rule, gated_delta_product) need no sub-chunks: the
 chunk's pairwise decay sums S [C, C] are one scan over t of the masked per-token decays
@@ -229,12 +229,12 @@ def _diagonal_kernel(*refs, rows, a):
 
 def _forward_kernel(tot_ref, *refs, precision, strict):
     """The whole [C, C] D of one chunk per query side from _diagonal_kernel's outputs (tot_ref,
-    then refs: the sides' diagonal blocks, their query sides, the key side, then the sides' D): the
-    diagonal blocks, and the blocks (i, j < i) as one [16, K] x [K, 16] dot of the query side
-    X_i e^{prefix_i}, times e^{(whole sub-chunks between j and i)}, against the key side
-    Y_j e^{suffix_j}, loaded once for all sides; every factor <= 1, and the exponents add up
-    exactly to the pair's decay sum. strict: per side, whether its diagonal (s = t) is
-    dropped as well."""
+    then refs: the sides' diagonal blocks, their query sides, the key side, then the sides'
+    D): the diagonal blocks, and the blocks (i, j < i) as one [16, K] x [K, 16] dot of the
+    query side X_i e^{prefix_i}, times e^{(whole sub-chunks between j and i)}, against the
+    key side Y_j e^{suffix_j}, loaded once for all sides; every factor <= 1, and the
+    exponents add up exactly to the pair's decay sum. strict: per side, whether its diagonal
+    (s = t) is dropped as well."""
     a = len(strict)
     diag_refs, xq_refs, key_ref, d_refs = refs[:a], refs[a:2 * a], refs[2 * a], refs[2 * a + 1:]
     C = d_refs[0].shape[0]
@@ -254,8 +254,8 @@ def _forward_kernel(tot_ref, *refs, precision, strict):
                 for Xs, d_ref in zip(Xq, d_refs):
                     d_ref[rows, pl.ds(j * SUB, SUB)] = _dot(Xs, key, precision,
                                                             trans_b=True).astype(d_ref.dtype)
-                if j:  # e^{total_j}: g itself is not read (with its rows 8 KB apart,
-                    # chunked.chunked's decays_in_place, summing them cost 0.015 ms for kda)
+                if j:  # e^{total_j}: g is not read (loading and summing it cost kda's two
+                    # forward kernels 0.05 ms on the H100; NOTES, nineteenth session)
                     e = tot_ref[pl.ds(j, 1), :]
                     Xq = [Xs * e for Xs in Xq]
 
