@@ -386,7 +386,7 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
     C = y_ref.shape[0]
     cols = pl.ds(pl.program_id(0) * kb, kb)
     n = C // SUB
-    decays, totals, dkeys = [], [], []  # per key sub-chunk j: e^{suffix_j}, total, dY_j so far
+    decays, totals, dkeys = [], [], []  # per key sub-chunk j: e^{suffix_j}, e^{total_j}, dY_j
     for i in range(n):
         rows = pl.ds(i * SUB, SUB)
         Xq = [x_ref[rows, cols] for x_ref in x_refs]
@@ -403,7 +403,7 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
                 dX.append(_dot(ddt, key, precision, trans_a=True) * eq)
                 dY = dY + _dot(ddt, Xs * eq, precision)
             dY = dY * ek
-            eq, decay = _exp(pre), _exp(suffix)
+            eq, decay, total = _exp(pre), _exp(suffix), _exp(total)
         else:
             dX, dY = [dxd_ref[rows, cols] for dxd_ref in dxd_refs], dyd_ref[rows, cols]
             eq = eq_ref[rows, cols] if i else None
@@ -423,7 +423,7 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
                 dkey = dkey + _dot(ddt_ji, Xs * eq, precision)
             dkeys[j] = dkeys[j] + dkey * ek
             if j:
-                eq = eq * (_exp(totals[j]) if bounded else totals[j])
+                eq = eq * totals[j]
         dg_ref[rows, cols] = sum(Xs * dXs for Xs, dXs in zip(Xq, dX)).astype(dg_ref.dtype)  # R
         for dx_ref, dXs in zip(dx_refs, dX):
             dx_ref[rows, cols] = dXs.astype(dx_ref.dtype)
