@@ -33,8 +33,9 @@ def transition(gamma, Z, W, X, S):
 
 
 def scan_reference(gamma, Z, W, X, Qs, O0, h0, src, dst):
-    """o [B, H, NC, C, V] and the final states [B, Nb, H, K, V] by a plain scan per batch row:
-    finals[b, dst[b, c]] is the state leaving chunk c where dst[b, c] >= 0."""
+    """o [B, NC, C, H, V] (state_pass's layout) and the final states [B, Nb, H, K, V] by a
+    plain scan per batch row: finals[b, dst[b, c]] is the state leaving chunk c where
+    dst[b, c] >= 0."""
     B, H, NC = Qs.shape[:3]
 
     def row(b):
@@ -48,7 +49,7 @@ def scan_reference(gamma, Z, W, X, Qs, O0, h0, src, dst):
 
         _, (o, S_out) = jax.lax.scan(body, jnp.zeros(h0.shape[2:], h0.dtype), jnp.arange(NC))
         order = np.argsort(np.where(np.asarray(dst[b]) >= 0, np.asarray(dst[b]), NC + 1))
-        return jnp.moveaxis(o, 0, 1), S_out[order[:h0.shape[1]]]
+        return jnp.moveaxis(o, 1, 2), S_out[order[:h0.shape[1]]]
 
     o, finals = zip(*[row(b) for b in range(B)])
     return jnp.stack(o), jnp.stack(finals)

@@ -373,7 +373,8 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     diagonal, and both come from one pass over the keys (decayed_products' query sides).
 
     decayed (decayed_products' signature) replaces phase 1's intra-chunk products, and
-    scan(layout, factors, h0) -> (o, final states) phases 2+3 on the factored transitions
+    scan(layout, factors, h0) -> (o [B, NC, C, H, V], final states) phases 2+3 on the factored
+    transitions
     (chunk_factors; the Pallas state pass plugs in here), and factors(q, g, E, y, P, F, Vk,
     decayed=...) replaces the checkpointed chunk_factors of one chunk (the Pallas kernels of
     the delta family). Without scan, phase 1 multiplies the transitions out (chunk_summary)
@@ -400,6 +401,7 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
             layout, q_layout, checkpointed(chunk_summary, decayed=decayed, own_decay=own_decay),
             *inputs, g_in_place=decays_in_place)
         o, S_in = _scan_outputs(layout, M, Bc, Qs, O0, h0)
+        o = jnp.moveaxis(o, 1, 3)
         r, c = layout.final_row, layout.final_chunk
         finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
     else:
@@ -408,4 +410,4 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
                    else functools.partial(factors, decayed=decayed, own_decay=own_decay))
         o, finals = scan(layout, _summaries(layout, q_layout, summary, *inputs,
                                             g_in_place=decays_in_place), h0)
-    return q_layout.from_chunks(jnp.moveaxis(o, 1, 3)), finals
+    return q_layout.from_chunks(o), finals

@@ -28,8 +28,9 @@ from dplr_jax.ops.pallas.state_pass import Config, _pow2, state_pass
 
 
 def _scan(layout, factors, h0, *, cfg, o_dtype):
-    """Phases 2 and 3 in the state-pass kernel: (o in o_dtype, final states) from phase 1's
-    factored transitions (chunked.chunk_factors) and the initial states h0 [N, H, K, V]."""
+    """Phases 2 and 3 in the state-pass kernel: (o [B, NC, C, H, V] in o_dtype, final states)
+    from phase 1's factored transitions (chunked.chunk_factors) and the initial states h0
+    [N, H, K, V]."""
     N = h0.shape[0]
     B, NC = factors[4].shape[0], layout.NC
     Nb = N // B  # states per batch row: 1, or the N packed sequences

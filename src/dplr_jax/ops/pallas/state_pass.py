@@ -163,6 +163,7 @@ _BWD_IN = ("src", "dst", "gam", "z", "w", "qs", "do", "dfin")
 _GRAD_IN = ("sin", "g", "z", "w", "x", "do")
 _GRAD_OUT = ("dgam", "dz", "dw", "dx", "dqs")
 _V_BLOCKED = ("x", "o0", "o", "sin", "do", "g")
+_TOKEN_ROWS = ("o", "do")  # "loop" form: blocks of [B, NC * C, H, V], the tokens' layout
 _STATES = ("h0", "dh0", "fin", "dfin")  # [B, Nb, H, K, V]: one state per sequence a row holds
 
 
@@ -183,6 +184,13 @@ def _query_blocks(C, rb):
     return [pl.ds(i, rb) for i in range(0, C, rb)]
 
 
+def _chunk_rows(ref, c, rows, C):
+    """The index of chunk c's query rows `rows` (a static pl.ds of its C) in o or its
+    cotangent: a [NC, C, BV] block (the "grid" form's [1, C, BV]), or the "loop" form's
+    [NC * C, BV] (one batch row and head of the tokens' layout, _TOKEN_ROWS)."""
+    return (c, rows) if ref.ndim == 3 else (pl.ds(c * C + rows.start, rows.size),)
+
+
 def _forward_chunk(c, src, dst, S, r, *, rb, precision):
     """One chunk of the forward recurrence: reset, save S_c (when "sin" is an output), write
     o_c, and S_{c+1} as final state dst if dst >= 0; returns S_{c+1}. r: the kernel's refs by
@@ -190,9 +198,10 @@ def _forward_chunk(c, src, dst, S, r, *, rb, precision):
     S = jnp.where(src >= 0, r["h0"][jnp.maximum(src, 0)].astype(jnp.float32), S)
     if "sin" in r:
         r["sin"][c] = S
-    for rows in _query_blocks(r["qs"].shape[-2], rb):
-        r["o"][c, rows] = (_dot(r["qs"][c, rows], S, precision)
-                           + r["o0"][c, rows]).astype(r["o"].dtype)
+    C = r["qs"].shape[-2]
+    for rows in _query_blocks(C, rb):
+        r["o"][_chunk_rows(r["o"], c, rows, C)] = (
+            _dot(r["qs"][c, rows], S, precision) + r["o0"][c, rows]).astype(r["o"].dtype)
     out = r["gam"][c] * S
     for rows, probed in _row_blocks(r, rb):
         U = r["x"][c, rows]
@@ -213,8 +222,9 @@ def _backward_chunk(c, src, dst, G, r, *, rb, precision):
     G = jax.lax.cond(dst >= 0, lambda: G + r["dfin"][jnp.maximum(dst, 0)], lambda: G)
     r["g"][c] = G
     dS = r["gam"][c] * G
-    for rows in _query_blocks(r["qs"].shape[-2], rb):
-        do = r["do"][c, rows].astype(jnp.float32)  # in o's dtype
+    C = r["qs"].shape[-2]
+    for rows in _query_blocks(C, rb):
+        do = r["do"][_chunk_rows(r["do"], c, rows, C)].astype(jnp.float32)  # in o's dtype
         dS = dS + _dot(r["qs"][c, rows], do, precision, trans_a=True)
     for rows, _ in _row_blocks(r, rb, probed_only=True):
         dU = _dot(r["z"][c, rows], G, precision)
@@ -342,9 +352,9 @@ def _params(cfg, launch, semantics):
 def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
     """pallas_call of the forward (reverse=False) or backward sequential kernel over named
     [BH, NC, a, b] inputs (and src, dst [B, NC], the states h0, dh0, fin, dfin [B, Nb, H, K,
-    V]) and (name, shape, dtype) outputs, for a state of shape `state` = (K, V): grid (BH,
-    V/BV) with the whole chunk axis per program ("loop"), or (BH, V/BV, NC) with one chunk per
-    step, descending if reverse ("grid")."""
+    V], and in the "loop" form o, do [B, NC * C, H, V]) and (name, shape, dtype) outputs, for
+    a state of shape `state` = (K, V): grid (BH, V/BV) with the whole chunk axis per program
+    ("loop"), or (BH, V/BV, NC) with one chunk per step, descending if reverse ("grid")."""
     BH, NC = ins["z"].shape[:2]
     K, V = state
     BV = launch.block_v
@@ -363,6 +373,9 @@ def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
         if grid_form:
             return pl.BlockSpec((None, 1, shape[2], bv),
                                 lambda bh, j, i: (bh, at(i), 0, j if vj else 0))
+        if name in _TOKEN_ROWS:
+            return pl.BlockSpec((None, shape[1], None, BV),
+                                lambda bh, j: (_div(bh, H), 0, _rem(bh, H), j))
         return pl.BlockSpec((None, NC, shape[2], bv), lambda bh, j: (bh, 0, 0, j if vj else 0))
 
     names = tuple(ins) + tuple(n for n, *_ in outs)
@@ -383,13 +396,16 @@ def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
         name="dplr_state_pass_" + ("bwd" if reverse else "fwd"))(*ins.values())
 
 
-def _grads(cfg, ins, rb):
+def _grads(cfg, ins, rb, H, qs_shape):
     """The parallel half of the backward: one program per (batch * head, chunk)."""
     BH, NC, K, V = ins["sin"].shape
+    C = qs_shape[2]
     shapes = {"dgam": (BH, NC, K, 1), "dz": ins["z"].shape, "dx": ins["x"].shape,
-              "dqs": ins["do"].shape[:3] + (K,), "dw": None if "w" not in ins else ins["w"].shape}
+              "dqs": qs_shape, "dw": None if "w" not in ins else ins["w"].shape}
     names = _names(_GRAD_OUT, "w" in ins)
-    spec = lambda shape: pl.BlockSpec((None, None) + shape[2:], lambda bh, c: (bh, c, 0, 0))
+    chunk = lambda shape: pl.BlockSpec((None, None) + shape[2:], lambda bh, c: (bh, c, 0, 0))
+    tokens = pl.BlockSpec((None, C, None, V), lambda bh, c: (_div(bh, H), c, _rem(bh, H), 0))
+    spec = lambda name, x: tokens if name == "do" and cfg.form == "loop" else chunk(x.shape)
     # Column blocks (cfg.grads.block_v, None: 64) keep the GPU's tiles small; on the TPU a
     # 64-lane slice of a 128-lane tile would cost relayouts, so it takes all of V at once.
     bv = V if cfg.form == "grid" else min(V, cfg.grads.block_v or 64)
@@ -397,8 +413,8 @@ def _grads(cfg, ins, rb):
                                precision=cfg.precision)
     res = pl.pallas_call(
         kernel, out_shape=[jax.ShapeDtypeStruct(shapes[n], jnp.float32) for n in names],
-        grid=(BH, NC), in_specs=[spec(x.shape) for x in ins.values()],
-        out_specs=[spec(shapes[n]) for n in names], interpret=cfg.interpret,
+        grid=(BH, NC), in_specs=[spec(n, x) for n, x in ins.items()],
+        out_specs=[chunk(shapes[n]) for n in names], interpret=cfg.interpret,
         compiler_params=_params(cfg, cfg.grads, ("parallel", "parallel")),
         name="dplr_state_pass_grads")(*ins.values())
     return dict(zip(names, res))
@@ -410,14 +426,24 @@ def _pick(names, **arrays):
     return {n: arrays[n] for n in _names(names, arrays.get("w") is not None)}
 
 
+def _o_shape(cfg, H, qs_shape, V):
+    """o, and its cotangent: in the "loop" form (GPU) written in the tokens' layout [B, NC * C,
+    H, V] that the op returns (for T a multiple of C a reshape away; the move to it took 0.046
+    ms of kda's forward at B=4, T=4096, H=16 on the H100 and do's 0.045 of its backward), in
+    the "grid" form (TPU: Mosaic's blocks keep the head axis out of their last two) [B * H, NC,
+    C, V]."""
+    BH, NC, C, _ = qs_shape
+    return (BH // H, NC * C, H, V) if cfg.form == "loop" else (BH, NC, C, V)
+
+
 def _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, h0, src, dst, save):
-    """The forward kernel: o (in o_dtype), the final states and, with save, every S_c (for the
-    backward; 268 MB at B=4, T=4096, H=16, K=V=128, so a call without gradients does not write
-    them)."""
+    """The forward kernel: o (in o_dtype; _o_shape), the final states and, with save, every S_c
+    (for the backward; 268 MB at B=4, T=4096, H=16, K=V=128, so a call without gradients does
+    not write them)."""
     BH, NC, C, K = Qs.shape
     V = X.shape[-1]
     ins = _pick(_FWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, x=X, qs=Qs, o0=O0, h0=h0)
-    outs = [("o", (BH, NC, C, V), o_dtype), ("fin", h0.shape, jnp.float32)]
+    outs = [("o", _o_shape(cfg, H, Qs.shape, V), o_dtype), ("fin", h0.shape, jnp.float32)]
     if save:
         outs.append(("sin", (BH, NC, K, V), jnp.float32))
     return _sequential(cfg, cfg.fwd, ins, outs, (K, V), H, rb, reverse=False)
@@ -440,9 +466,12 @@ def _state_pass_bwd(cfg, H, rb, o_dtype, res, cts):
     G, dh0 = _sequential(cfg, cfg.bwd, ins, [("g", S_in.shape, jnp.float32),
                                              ("dh0", h0_shape, jnp.float32)],
                          S_in.shape[-2:], H, rb, reverse=True)
-    d = _grads(cfg, _pick(_GRAD_IN, sin=S_in, g=G, z=Z, w=W, x=X, do=do), rb)
-    return (d["dgam"], d["dz"], d.get("dw"), d["dx"], d["dqs"], do.astype(jnp.float32), dh0,
-            None, None)
+    d = _grads(cfg, _pick(_GRAD_IN, sin=S_in, g=G, z=Z, w=W, x=X, do=do), rb, H, Qs.shape)
+    BH, NC, C, _ = Qs.shape
+    dO0 = do.astype(jnp.float32)
+    if cfg.form == "loop":  # O0's layout
+        dO0 = jnp.moveaxis(dO0.reshape(BH // H, NC, C, H, -1), 3, 1).reshape(BH, NC, C, -1)
+    return d["dgam"], d["dz"], d.get("dw"), d["dx"], d["dqs"], dO0, dh0, None, None
 
 
 _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
@@ -490,10 +519,10 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config, o_dtype=jnp.fl
     reset; chunk 0 of every row must reset); dst [B, NC] int32: the index into the final states of
     row b that the state leaving chunk c is written to, or -1 (the engine names each
     sequence's last chunk; an index no chunk names stays zero). K and V are zero-padded to
-    powers of two >= 16. Returns o [B, H, NC, C, V] in o_dtype (the caller's output dtype:
-    o rounded once, by the kernel, and half the bytes of float32 for 16-bit outputs, written
-    here and read by the layout move after; its cotangent arrives in the same dtype) and the
-    final states [B, Nb, H, K, V], float32.
+    powers of two >= 16. Returns o [B, NC, C, H, V] (the tokens' layout in chunks) in o_dtype
+    (the caller's output dtype: o rounded once, by the kernel, and half the bytes of float32
+    for 16-bit outputs; its cotangent arrives in the same dtype) and the final states [B, Nb,
+    H, K, V], float32.
     """
     B, H, NC, C, K = Qs.shape
     V = X.shape[-1]
@@ -513,4 +542,6 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config, o_dtype=jnp.fl
     flat = lambda x: None if x is None else x.reshape((B * H,) + x.shape[2:])
     o, finals = _state_pass(cfg, H, rb, jnp.dtype(o_dtype),
                             *(flat(x) for x in (gamma, Z, W, X, Qs, O0)), h0, src, dst)
-    return o.reshape(B, H, NC, C, Vp)[..., :V], finals[..., :K, :V]
+    o = (o.reshape(B, NC, C, H, Vp) if cfg.form == "loop"
+         else jnp.moveaxis(o.reshape(B, H, NC, C, Vp), 1, 3))
+    return o[..., :V], finals[..., :K, :V]
