@@ -3,7 +3,7 @@
     JAX_PLATFORMS=cpu PYTHONPATH=src python benchmarks/factor_rounding.py [--T 300 1200] \
         [--ops delta_rule gated_delta_rule kda gla] [--out benchmarks/results/x.json]
 
-The Pallas state pass reads, per chunk, the factors (gamma, Z, W, X, Qs, O0) of
+The Pallas state pass reads, per chunk, the factors (gamma, Z, W, X, Qs, O0 or QF) of
 chunked.chunk_factors in float32, and its backward writes their cotangents in float32: at
 C=64, K=V=128 that interface is ~half of the state pass's bytes. Rounding it to bfloat16
 halves them (the thirteenth session measured -6% for kda's forward+backward on the H100 with
@@ -32,8 +32,8 @@ from _ops_inputs import call_vjp, cast, make_inputs, make_state, rel_rmse  # noq
 
 from dplr_jax.ops import api, chunked  # noqa: E402
 
-FACTORS = ("gamma", "Z", "W", "X", "Qs", "O0")
-SUBSETS = ((), ("Qs", "O0"), ("W",), ("X",), ("Z",), ("Z", "W", "X", "Qs", "O0"))
+FACTORS = ("gamma", "Z", "W", "X", "Qs", "O0", "QF")
+SUBSETS = ((), ("Qs", "O0", "QF"), ("W",), ("X",), ("Z",), ("Z", "W", "X", "Qs", "O0", "QF"))
 
 
 @jax.custom_vjp

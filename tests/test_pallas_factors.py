@@ -1,7 +1,8 @@
 """The Pallas kernels for the rest of phase 1 (pallas/factors.py).
 
 `factors.low_rank_factors` (CPU interpret mode) against XLA's `chunked.chunk_factors` on one
-chunk: the six factors and the cotangents of every input, for the delta family's form (probed
+chunk: the factors (gamma, Z, W, X, Qs and O0, or without probed keys QF for the state pass)
+and the cotangents of every input, for the delta family's form (probed
 keys), GLA's (plain keys) and rank-1 DPLR's (both), per-channel, per-token and no decay, K
 and V over one and several 64-column programs (padded), hard resets; float64 to rounding and
 float32 against float64; which ops take the kernels; what the backward keeps.
@@ -88,17 +89,19 @@ def run_both(xs, cts, own=False):
 
 
 def cotangents(rng, xs):
-    """Random cotangents of the factors (gamma, Z, W, X, Qs, O0) of a chunk's inputs; None
-    for W without probed keys."""
+    """Random cotangents of the factors (gamma, Z, W, X, Qs, O0, QF) of a chunk's inputs;
+    without probed keys None for W and O0, else for QF."""
     q, _, E, y, _, F, Vk = xs
     C, K = q.shape
     V = (y if Vk is None else Vk).shape[-1]
     ne, nf = (0 if x is None else C * x.shape[1] for x in (E, F))
-    shapes = [(K,), (ne + nf, K), None if E is None else (ne, K), (ne + nf, V), (C, K), (C, V)]
+    probed = E is not None
+    shapes = [(K,), (ne + nf, K), (ne, K) if probed else None, (ne + nf, V), (C, K),
+              (C, V) if probed else None, None if probed else (C, nf)]
     return tuple(None if s is None else rng.standard_normal(s) for s in shapes)
 
 
-NAMES = ("gamma", "Z", "W", "X", "Qs", "O0")
+NAMES = ("gamma", "Z", "W", "X", "Qs", "O0", "QF")
 
 
 def close(x, ref, tol, what):
@@ -207,7 +210,7 @@ def test_float32_against_float64(form, decay, rng):
                           if x is not None)
     pairs = [(n, u, v) for n, u, v in zip(names, tuple(f_got) + tuple(d_got),
                                           tuple(f_ref) + tuple(d_ref)) if v is not None]
-    assert len(pairs) == len(names) - (xs[2] is None)  # all but W without probed keys
+    assert len(pairs) == len(names) - 1 - (xs[2] is None)  # QF or O0, and W without E
     for name, u, v in pairs:
         assert u.dtype == jnp.float32
         close(u, v, 1e-5, name)

@@ -1,13 +1,13 @@
 """The state-pass kernels alone (ops/pallas/state_pass.py) against a jnp scan over each chunk's
 factored transition, on random factored transitions: outputs, final states and every gradient
-(gamma, Z, W, X, Qs, O0, h0), float32 to 1e-5.
+(gamma, Z, W, X, Qs, O0 or QF, h0), float32 to 1e-5.
 
 The op tests reach the kernels only at C <= 64 and V <= 64; these cover what they do not:
 several V blocks (block_v < V, V padded from 160 to 256), chunks of 128 rows (two row blocks
-of Z and of Qs), no probed rows (GLA: W is None), probed and plain rows together (DPLR-like,
-m = 2 probed and r = 1 plain rows per token), resets to several initial states with final
-states leaving from several chunks of a row (in any order), and the TPU form under the TPU
-interpreter.
+of Z and of Qs), no probed rows (GLA: W is None, and O0 = QF X formed in the kernels),
+probed and plain rows together (DPLR-like, m = 2 probed and r = 1 plain rows per token),
+resets to several initial states with final states leaving from several chunks of a row (in
+any order), and the TPU form under the TPU interpreter.
 """
 
 import dataclasses
@@ -32,10 +32,10 @@ def transition(gamma, Z, W, X, S):
     return gamma[..., None] * S + jnp.swapaxes(Z, -1, -2) @ U
 
 
-def scan_reference(gamma, Z, W, X, Qs, O0, h0, src, dst):
+def scan_reference(gamma, Z, W, X, Qs, O0, QF, h0, src, dst):
     """o [B, NC, C, H, V] (state_pass's layout) and the final states [B, Nb, H, K, V] by a
     plain scan per batch row: finals[b, dst[b, c]] is the state leaving chunk c where
-    dst[b, c] >= 0."""
+    dst[b, c] >= 0. O0 None: O0 = QF X."""
     B, H, NC = Qs.shape[:3]
 
     def row(b):
@@ -43,7 +43,8 @@ def scan_reference(gamma, Z, W, X, Qs, O0, h0, src, dst):
             i = src[b, c]
             S = jnp.where(i >= 0, h0[b, jnp.maximum(i, 0)], S)
             at = lambda x: None if x is None else x[b, :, c]
-            o = jnp.einsum("hck,hkv->hcv", Qs[b, :, c], S) + O0[b, :, c]
+            o0 = QF[b, :, c] @ X[b, :, c] if O0 is None else O0[b, :, c]
+            o = jnp.einsum("hck,hkv->hcv", Qs[b, :, c], S) + o0
             S = transition(at(gamma), at(Z), at(W), at(X), S)
             return S, (o, S)
 
@@ -78,14 +79,16 @@ def test_state_pass_matches_scan(case):
     Z = 0.05 * normal(B, H, NC, C * (m + r), K)
     W = None if m == 0 else 0.05 * normal(B, H, NC, C * m, K)
     X = normal(B, H, NC, C * (m + r), V)
-    Qs, O0 = normal(B, H, NC, C, K), normal(B, H, NC, C, V)
+    Qs = normal(B, H, NC, C, K)
+    O0 = None if m == 0 else normal(B, H, NC, C, V)
+    QF = None if m else 0.1 * normal(B, H, NC, C, C * r)
     h0 = normal(B, Nb, H, K, V)
     # Resets to both states; row 0 ends its sequences at chunks 1 and 2, row 1 at 0 and 2. At
     # NC = 2, row 0 also exports the state leaving chunk 0, which chunk 1 goes on from (its
     # gradient adds to the one flowing back from chunk 1).
     src = jnp.asarray([[0, -1, 1], [1, 0, -1]], jnp.int32)[:, :NC]
     dst = jnp.asarray([[-1, 1, 0], [0, -1, 1]] if NC == 3 else [[1, 0], [0, 1]], jnp.int32)
-    args = (gamma, Z, W, X, Qs, O0, h0)
+    args = (gamma, Z, W, X, Qs, O0, QF, h0)
     out, pull = jax.vjp(lambda *a: state_pass(*a, src, dst, cfg), *args)
     with jax.default_matmul_precision("highest"):
         ref, pull_ref = jax.vjp(lambda *a: scan_reference(*a, src, dst), *args)
@@ -93,7 +96,7 @@ def test_state_pass_matches_scan(case):
         grads_ref = pull_ref(cts)
     for got, want, what in zip(out, ref, ("o", "final states")):
         assert_close(got, want, 1e-5, what)
-    names = ("gamma", "Z", "W", "X", "Qs", "O0", "h0")
+    names = ("gamma", "Z", "W", "X", "Qs", "O0", "QF", "h0")
     for got, want, what in zip(pull(cts), grads_ref, names):
         assert (got is None) == (want is None), what
         if want is not None:

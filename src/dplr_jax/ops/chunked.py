@@ -26,7 +26,7 @@ the Pallas backend's kernels for the delta family keep their own residuals),
 phase 2 scans S over chunks (O(T/C) states saved), phase 3 is a batched matmul.
 M = Diag(e^{G_C}) - Z_E^T W and Bc = Z^T X need not be formed: the Pallas state pass takes
 the factors (chunk_factors), which are C x K where M is K x K, and applies them to S inside
-its scan.
+its scan (and for forms without E forms O0 = QF X from the X it reads).
 
 Numerics: all of this runs in float32 (float64 if inputs are float64). No exponent is ever
 positive, and no exponent is a difference of two cumulative sums: after a hard reset (log
@@ -257,7 +257,7 @@ def intra_products(q1, g, E, P, F, decayed, own_decay):
 
 
 def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products, own_decay=False):
-    """One chunk of one head -> its transition in factored form, (gamma, Z, W, X, Qs, O0):
+    """One chunk of one head -> its transition in factored form, (gamma, Z, W, X, Qs, O0, QF):
 
         S_C = gamma * S_0 + Z^T (X - W' S_0),      o = Qs S_0 + O0,
 
@@ -267,8 +267,11 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products, own_decay=Fals
     multi-factor ops read only their real tokens' outputs, forms.py); g None, [C] or [C, K];
     E, P [C, m, K] and y [C, m, V] (or None; y None with E: zero values, which needs F);
     F [C, r, K] and Vk [C, r, V] (or None). gamma [K]; Z [C*(m+r), K]; W [C*m, K] or None
-    (no E); X [C*(m+r), V]; Qs [C / n, K]; O0 [C / n, V]. The Pallas state pass takes this
-    form (its K x K transition matrix is never formed); chunk_summary multiplies it out.
+    (no E); X [C*(m+r), V]; Qs [C / n, K]; O0 [C / n, V] and QF None, or without E (X is
+    then Vk itself) O0 None and QF [C / n, C*r], the queries' products with the plain keys:
+    O0 = QF X. The Pallas state pass takes this form (its K x K transition matrix is never
+    formed; O0 = QF X it forms from the X it reads, where phase 1 would have only that to
+    do with the values); chunk_summary multiplies it out.
     decayed: the function for the intra-chunk products (the Pallas backend passes its kernels).
     own_decay: P holds p, the probes being P_t = p_t e^{g_t} (chunked.chunked).
     """
@@ -286,7 +289,7 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products, own_decay=Fals
     L, QE, QF, PF = (None if x is None else _saved(x)
                      for x in intra_products(q1, g, E, P, F, decayed, own_decay))
     Qs = _rowscale(q1, None if e_q is None else e_q[n - 1::n])[:, 0]
-    O0 = 0.0
+    O0 = None
     Z, X, W = [], [], None
     if E is not None:
         m = E.shape[1]
@@ -303,19 +306,21 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products, own_decay=Fals
         Z.append(_rowscale(E, e_end).reshape(C * m, K))
         X.append(X0)
     if F is not None:
-        O0 = O0 + jnp.einsum("tsi,siv->tv", QF[:, 0], Vk)  # QF [C / n, 1, C, r]
+        QF = QF[:, 0].reshape(C // n, -1)  # [C / n, 1, C, r]
+        if O0 is not None:
+            O0, QF = O0 + QF @ Vk.reshape(-1, Vk.shape[-1]), None
         Z.append(_rowscale(F, e_end).reshape(-1, K))
         X.append(Vk.reshape(-1, Vk.shape[-1]))
     cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
-    return gamma, cat(Z), W, cat(X), Qs, O0
+    return gamma, cat(Z), W, cat(X), Qs, O0, QF
 
 
 def chunk_summary(q, g, E, y, P, F, Vk, decayed=decayed_products, own_decay=False):
     """One chunk of one head -> (M, Bc, Qs, O0): S_C = M S_0 + Bc and o = Qs S_0 + O0.
     M is [K, K], or [K] (diagonal) when there is no E. Arguments as chunk_factors."""
-    gamma, Z, W, X, Qs, O0 = chunk_factors(q, g, E, y, P, F, Vk, decayed, own_decay)
+    gamma, Z, W, X, Qs, O0, QF = chunk_factors(q, g, E, y, P, F, Vk, decayed, own_decay)
     M = gamma if W is None else jnp.diag(gamma) - Z[:W.shape[0]].T @ W
-    return M, Z.T @ X, Qs, O0
+    return M, Z.T @ X, Qs, QF @ X if O0 is None else O0
 
 
 def _apply(M, S):

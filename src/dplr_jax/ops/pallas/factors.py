@@ -12,9 +12,11 @@ products L, QE, QF and PF (chunked.intra_products; decayed.py or XLA):
     Qs = q e^I - QE W,  O0 = QE X0 + QF Vk,  Z = [E; F] e^S,  X = [X0; Vk],
     gamma = e^{sum of the chunk's g}
 
-(the terms of a part the form lacks drop out; without E, X is Vk itself; DPLR's y is zero
-and absent). Where P holds p and the probes are p e^g (own_decay: the delta family),
-A = p e^I, and with one probe and one query per token the kernels take P's sums from q's.
+(the terms of a part the form lacks drop out; DPLR's y is zero and absent). Without E, X is
+Vk itself and O0 = QF Vk is left to the state pass (state_pass.py, which reads X anyway):
+the kernels then have no value columns to write, and run no value programs. Where P holds p
+and the probes are p e^g (own_decay: the delta family), A = p e^I, and with one probe and
+one query per token the kernels take P's sums from q's.
 In XLA these are ~30 kernels over [C, K] float32 tensors per chunk, each written to HBM and
 read back, plus their transposes and the layout moves between them: at
 B=4, T=4096, H=16, K=V=128 on the H100 about 2 ms of kda's 4.5 ms forward and ~6 ms of its
@@ -122,9 +124,10 @@ def _scaled(x, e):
 
 def _blocks(Kp, Vp, key_block=None):
     """(key block, value block, key-block programs, programs per chunk): program j < nk takes
-    key columns [j bk, (j + 1) bk) (bk: key_block, None: BLOCK), the others value columns."""
+    key columns [j bk, (j + 1) bk) (bk: key_block, None: BLOCK), the others value columns;
+    none with Vp = 0 (forms without probed keys)."""
     bk, bv = min(key_block or BLOCK, Kp), min(BLOCK, Vp)
-    return bk, bv, Kp // bk, Kp // bk + Vp // bv
+    return bk, bv, Kp // bk, Kp // bk + (Vp // bv if Vp else 0)
 
 
 class _Form(NamedTuple):
@@ -200,7 +203,7 @@ def _rhs(r, vs, Vk, precision):
 def _forward_kernel(*refs, names, n, own, decay, precision, exact):
     r = dict(zip(names, refs))
     fm = _Form.of(r, n)
-    bk, bv, nk, _ = _blocks(r["q"].shape[1], r["o0"].shape[1])
+    bk, bv, nk, _ = _blocks(r["q"].shape[1], r["o0"].shape[1] if fm.m else 0)
     j = pl.program_id(0)
 
     @pl.when(j < nk)
@@ -220,20 +223,21 @@ def _forward_kernel(*refs, names, n, own, decay, precision, exact):
         gam = jnp.ones((1, 1), r["gam"].dtype) if total is None else _exp(total)
         r["gam"][:, ks] = jnp.broadcast_to(gam, (1, bk)).astype(r["gam"].dtype)
 
+    if not fm.m:  # X is Vk itself, O0 the state pass's
+        return
+
     @pl.when(j >= nk)
-    def _values():
+    def _values():  # X = [X0; Vk], O0 = QE X0 + QF Vk
         vs = pl.ds((j - nk) * bv, bv)
         O0 = 0.0
         Vk = None
         if fm.rk:
             Vk = r["vk"][:, vs]
             O0 = _dot(r["qf"][...], Vk, precision)
-            if fm.m:
-                r["x"][fm.f_rows, vs] = Vk.astype(r["x"].dtype)
-        if fm.m:
-            X0 = _dot(r["ti"][...], _rhs(r, vs, Vk, precision), precision)
-            r["x"][fm.e_rows, vs] = X0.astype(r["x"].dtype)
-            O0 = O0 + _dot(r["qe"][...], X0, precision)
+            r["x"][fm.f_rows, vs] = Vk.astype(r["x"].dtype)
+        X0 = _dot(r["ti"][...], _rhs(r, vs, Vk, precision), precision)
+        r["x"][fm.e_rows, vs] = X0.astype(r["x"].dtype)
+        O0 = O0 + _dot(r["qe"][...], X0, precision)
         r["o0"][:, vs] = O0.astype(r["o0"].dtype)
 
 
@@ -241,7 +245,7 @@ def _backward_kernel(*refs, names, n, own, decay, precision, exact, key_block):
     r = dict(zip(names, refs))
     fm = _Form.of(r, n)
     C, m, rk, _ = fm
-    bk, bv, nk, _ = _blocks(r["q"].shape[1], r["do0"].shape[1], key_block)
+    bk, bv, nk, _ = _blocks(r["q"].shape[1], r["do0"].shape[1] if m else 0, key_block)
     j = pl.program_id(0)
 
     def partial(name, d, mask, program):  # this program's rows of a C x C cotangent
@@ -309,6 +313,9 @@ def _backward_kernel(*refs, names, n, own, decay, precision, exact, key_block):
             r["dg"][pl.ds(j, 1), :] = (dg + jnp.sum(dtotal, axis=1, keepdims=True)).astype(
                 r["dg"].dtype)
 
+    if not m:  # X is Vk itself, O0 the state pass's: dVk is dX
+        return
+
     @pl.when(j >= nk)
     def _values():  # X0 = Tinv (y - PF Vk), O0 = QE X0 + QF Vk
         vs = pl.ds((j - nk) * bv, bv)
@@ -319,23 +326,21 @@ def _backward_kernel(*refs, names, n, own, decay, precision, exact, key_block):
             dVk = _dot(r["qf"][...], dO0, precision, trans_a=True)
             dQF = _dot(dO0, Vk, precision, trans_b=True)
             partial("dqf", dQF, _pairs(dQF.shape, 1, rk, False, n), j - nk)
-        if m:
-            Tinv = r["ti"][...]
-            X0 = _dot(Tinv, _rhs(r, vs, Vk, precision), precision)
-            drhs = _dot(Tinv, r["dx"][fm.e_rows, vs]
-                        + _dot(r["qe"][...], dO0, precision, trans_a=True),
-                        precision, trans_a=True)
-            if "dy" in r:
-                r["dy"][:, vs] = drhs.astype(r["dy"].dtype)
-            probed_partials(_dot(dO0, X0, precision, trans_b=True),
-                            _dot(drhs, X0, precision, trans_b=True))
-            if rk:
-                dVk = dVk + r["dx"][fm.f_rows, vs] - _dot(r["pf"][...], drhs, precision,
-                                                          trans_a=True)
-                dPF = -_dot(drhs, Vk, precision, trans_b=True)
-                partial("dpf", dPF, _pairs(dPF.shape, m, rk, True), j - nk)
+        Tinv = r["ti"][...]
+        X0 = _dot(Tinv, _rhs(r, vs, Vk, precision), precision)
+        drhs = _dot(Tinv, r["dx"][fm.e_rows, vs]
+                    + _dot(r["qe"][...], dO0, precision, trans_a=True),
+                    precision, trans_a=True)
+        if "dy" in r:
+            r["dy"][:, vs] = drhs.astype(r["dy"].dtype)
+        probed_partials(_dot(dO0, X0, precision, trans_b=True),
+                        _dot(drhs, X0, precision, trans_b=True))
         if rk:
+            dVk = dVk + r["dx"][fm.f_rows, vs] - _dot(r["pf"][...], drhs, precision,
+                                                      trans_a=True)
             r["dvk"][:, vs] = dVk.astype(r["dvk"].dtype)
+            dPF = -_dot(drhs, Vk, precision, trans_b=True)
+            partial("dpf", dPF, _pairs(dPF.shape, m, rk, True), j - nk)
 
 
 def _backward_key_block(fm, decay, own):
@@ -362,8 +367,10 @@ _IN = ("q", "g", "e", "p", "y", "qe", "ti", "f", "vk", "qf", "pf")
 
 def _kernel_inputs(q, g, E, y, P, QE, Tinv, F, Vk, QF, PF):
     """(names, arrays, Kp, Vp) of the present inputs: K and V padded to powers of two >= 16
-    (zeros add nothing; padded decays are 0), a per-token decay as a row."""
-    Kp, Vp = _pow2(q.shape[-1]), _pow2((y if Vk is None else Vk).shape[-1])
+    (zeros add nothing; padded decays are 0), a per-token decay as a row; Vp = 0 without
+    values (y and Vk None: no value programs, _blocks)."""
+    values = Vk if Vk is not None else y
+    Kp, Vp = _pow2(q.shape[-1]), 0 if values is None else _pow2(values.shape[-1])
     pk = lambda x: None if x is None else _pad_to(x, 1, Kp)
     pv = lambda x: None if x is None else _pad_to(x, 1, Vp)
     if g is not None:
@@ -434,38 +441,38 @@ def _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n, own):
 
 def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n, own):
     Cq, K = q.shape  # query rows: one token in n
-    V = (y if Vk is None else Vk).shape[-1]
     ne, nf = (0 if x is None else x.shape[0] for x in (E, F))  # probed and plain rows
     Tinv = None if E is None else _inverse(L, cfg)
-    res = (q, g, E, y, P, QE, Tinv, F, Vk, QF, PF)
+    # Without probed keys X is the plain values themselves and O0 the state pass's
+    # (chunked.chunk_factors): the kernels read no values (QF is None).
+    res = (q, g, E, y, P, QE, Tinv, F, Vk if ne else None, QF, PF)
     names, ins, Kp, Vp = _kernel_inputs(*res)
     f = lambda *s: jax.ShapeDtypeStruct(s, q.dtype)
-    outs = {"gam": f(1, Kp), "z": f(ne + nf, Kp), "qs": f(Cq, Kp), "o0": f(Cq, Vp)}
+    outs = {"gam": f(1, Kp), "z": f(ne + nf, Kp), "qs": f(Cq, Kp)}
     if ne:
-        outs.update(w=f(ne, Kp), x=f(ne + nf, Vp))
+        outs.update(w=f(ne, Kp), x=f(ne + nf, Vp), o0=f(Cq, Vp))
     kernel = functools.partial(_forward_kernel, names=names + tuple(outs), n=n, own=own,
                                decay=_decay_mode(g), precision=cfg.precision, exact=cfg.exact)
     got = dict(zip(outs, _launch(kernel, ins, list(outs.values()), cfg.interpret, cfg.fwd,
                                  Kp, Vp, "dplr_factors_fwd")))
-    # Without probed keys X is the plain values themselves (chunked.chunk_factors).
-    X = got["x"][:, :V] if ne else Vk
-    W = got["w"][:, :K] if ne else None
-    out = (got["gam"][0, :K], got["z"][:, :K], W, X, got["qs"][:, :K], got["o0"][:, :V])
-    return out, res
+    if not ne:
+        return (got["gam"][0, :K], got["z"][:, :K], None, Vk, got["qs"][:, :K], None), res
+    V = (y if Vk is None else Vk).shape[-1]
+    return (got["gam"][0, :K], got["z"][:, :K], got["w"][:, :K], got["x"][:, :V],
+            got["qs"][:, :K], got["o0"][:, :V]), res
 
 
 def _tail_bwd(cfg, n, own, res, cts):
     q, g, E, y, P, QE, Tinv, F, Vk, QF, PF = res
     Cq, K = q.shape
     C = Cq * n  # tokens
-    V = (y if Vk is None else Vk).shape[-1]
     ne, nf = (0 if x is None else x.shape[0] for x in (E, F))
     names, ins, Kp, Vp = _kernel_inputs(*res)
     dgam, dZ, dW, dX, dQs, dO0 = cts
     pk = lambda x: _pad_to(x, x.ndim - 1, Kp)
     pv = lambda x: _pad_to(x, 1, Vp)
     cts = {"dgam": pk(dgam[None, :]), "dz": pk(dZ), "dw": pk(dW) if ne else None,
-           "dx": pv(dX) if ne else None, "dqs": pk(dQs), "do0": pv(dO0)}
+           "dx": pv(dX) if ne else None, "dqs": pk(dQs), "do0": pv(dO0) if ne else None}
     cts = {name: x for name, x in cts.items() if x is not None}
     f = lambda *s: jax.ShapeDtypeStruct(s, q.dtype)
     decay = _decay_mode(g)
@@ -478,9 +485,10 @@ def _tail_bwd(cfg, n, own, res, cts):
         if y is not None:
             outs["dy"] = f(ne, Vp)
     if nf:
-        outs.update(df=f(nf, Kp), dvk=f(nf, Vp), dqf=f((progs - nk) * Cq, nf))
+        outs["df"] = f(nf, Kp)
         if ne:
-            outs["dpf"] = f((progs - nk) * ne, nf)
+            outs.update(dvk=f(nf, Vp), dqf=f((progs - nk) * Cq, nf),
+                        dpf=f((progs - nk) * ne, nf))
     if decay is not None:
         outs["dg"] = f(C, Kp) if decay == "channel" else f(nk, C)
     kernel = functools.partial(_backward_kernel, names=names + tuple(cts) + tuple(outs), n=n,
@@ -497,10 +505,10 @@ def _tail_bwd(cfg, n, own, res, cts):
     key = lambda name: got[name][:, :K] if name in got else None
     dg = None if decay is None else (got["dg"][:, :K] if decay == "channel"
                                      else jnp.sum(got["dg"], axis=0))
-    dy = got["dy"][:, :V] if "dy" in got else None
+    dy = got["dy"][:, :y.shape[-1]] if "dy" in got else None
     dVk = None
     if nf:  # plain values without probed keys are X itself: dX reaches them directly
-        dVk = got["dvk"][:, :V] + (0.0 if ne else dX)
+        dVk = got["dvk"][:, :Vk.shape[-1]] if ne else dX
     return (key("dq"), dg, key("de"), dy, key("dp"), total("dl", ne), total("dqe", Cq),
             key("df"), dVk, total("dqf", Cq), total("dpf", ne))
 
@@ -547,5 +555,8 @@ def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, own_decay=False, interpre
     E, y, P, F, Vk = map(flat, (E, y, P, F, Vk))
     L, QE, QF, PF = jax.checkpoint(products, policy=jax.checkpoint_policies.nothing_saveable)(
         q, g, E, P, F)
-    return _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, _Cfg(interpret, precision, exact, *launch),
-                 n, own_decay and g is not None)
+    # Without E, QF goes to the state pass (chunked.chunk_factors).
+    probed = E is not None
+    cfg = _Cfg(interpret, precision, exact, *launch)
+    return _tail(q, g, E, y, P, L, QE, F, Vk, QF if probed else None, PF, cfg, n,
+                 own_decay and g is not None) + (None if probed else QF,)

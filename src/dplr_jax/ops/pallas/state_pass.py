@@ -7,14 +7,24 @@ it:
     S_{c+1} = gamma_c * S_c + Z_c^T U_c,   U_c = X_c - [W_c; 0] S_c,   o_c = Qs_c S_c + O0_c,
 
 gamma_c [K] (the decay across the chunk), Z_c [n, K] (keys decayed to the chunk end), W_c
-[ne, K] (the probes of Z's first ne rows; absent for GLA), X_c [n, V], Qs_c [C, K], O0_c
-[C, V]. At a chunk that starts a sequence (src_c >= 0) the state is reset to the initial
-state h0[src_c] instead, and at a sequence's last chunk (dst_c >= 0) S_{c+1} is that
-sequence's final state. The forward kernel runs this recurrence with S in float32, parallel
-over (batch * heads, V blocks), and writes o, the final states and, for the backward, every
-S_c. The rows of Z, W and X, and the query rows of Qs and o, go through the dots in blocks of
-RB = min(C, 64) (one or two blocks for the delta family, more for rank-r ops), so the tiles
-on chip grow neither with the rank nor with the chunk.
+[ne, K] (the probes of Z's first ne rows; absent for GLA), X_c [n, V], Qs_c [C, K], O0_c [C,
+V], or where W is absent O0_c = QF_c X_c from the products QF_c [C, n]. At a chunk that
+starts a sequence (src_c >= 0) the state is reset to the initial state h0[src_c] instead,
+and at a sequence's last chunk (dst_c >= 0) S_{c+1} is that sequence's final state. The
+forward kernel runs this recurrence with S in float32, parallel over (batch * heads, V
+blocks), and writes o, the final states and, for the backward, every S_c. The rows of Z, W
+and X, and the query rows of Qs and o, go through the dots in blocks of RB = min(C, 64) (one
+or two blocks for the delta family, more for rank-r ops), so the tiles on chip grow neither
+with the rank nor with the chunk.
+
+O0_c = QF_c X_c (GLA: X_c is the values) is formed here rather than in phase 1, whose
+programs would otherwise read the values only for it: on the H100 at B=4, T=4096, H=16,
+K=V=128 this took GLA from 1.40 to 1.35 ms forward and from 4.91 to 4.64 forward+backward
+(phase 1's kernels -0.35 ms, XLA's copy of dO0 and sums of the dQF partials -0.14, this
+file's kernels +0.21, of which the gradient kernel +0.17). For the forms with probed rows
+phase 1 forms O0 with X0 (X's probed rows), and forming [QE | QF] X here instead cost more
+than it saved: kda 7.58 -> 8.07 ms, the gradient kernel 1.02 -> 1.50 and the forward 0.51
+-> 0.71 (benchmarks/NOTES.md, twentieth session).
 
 Why factors and not M = Diag(gamma) - Z_E^T W: at C=64, K=V=128 the factors Z, W, X are
 96 KB of float32 per chunk where M and Bc are 128 KB, and forming M, Bc was two batched
@@ -43,7 +53,8 @@ chunks (a 268 MB zero-filled array at the shape above, written and read per call
 Then one program per chunk (all of V, so nothing is left to sum over V blocks) forms
 
     dX_c = Z_c G_c,  U_c = X_c - [W_c; 0] S_c,  dZ_c = U_c G_c^T,  dW_c = -dX_c[:ne] S_c^T,
-    dgamma_c = rowsum(G_c * S_c),  dQs_c = do_c S_c^T,  dO0_c = do_c.
+    dgamma_c = rowsum(G_c * S_c),  dQs_c = do_c S_c^T,  dO0_c = do_c
+    (with QF_c: dX_c += QF_c^T do_c and dQF_c = do_c X_c^T instead of dO0_c).
 
 One kernel doing both (each V block writing partial dZ, dW, dQs for XLA to sum) took 2.2 ms
 on the H100 at B=4, T=4096, H=16, K=V=128 against 0.7 for the forward: seven dependent dots
@@ -157,18 +168,20 @@ def _mask_dot(mask, x, exact, trans_a=False):
     return _dot(m, hi, tf32, trans_a) + _dot(m, x - hi, tf32, trans_a)
 
 
-# Operand names of the kernels, in call order ("w", "dw" only when the op has probed rows).
-_FWD_IN = ("src", "dst", "gam", "z", "w", "x", "qs", "o0", "h0")
+# Operand names of the kernels, in call order; each op has "o0" or "qf", and "w" (with "dw")
+# only with probed rows.
+_FWD_IN = ("src", "dst", "gam", "z", "w", "x", "qs", "o0", "qf", "h0")
 _BWD_IN = ("src", "dst", "gam", "z", "w", "qs", "do", "dfin")
-_GRAD_IN = ("sin", "g", "z", "w", "x", "do")
-_GRAD_OUT = ("dgam", "dz", "dw", "dx", "dqs")
+_GRAD_IN = ("sin", "g", "z", "w", "x", "qf", "do")
+_GRAD_OUT = ("dgam", "dz", "dw", "dx", "dqs", "dqf")
 _V_BLOCKED = ("x", "o0", "o", "sin", "do", "g")
 _TOKEN_ROWS = ("o", "do")  # "loop" form: blocks of [B, NC * C, H, V], the tokens' layout
 _STATES = ("h0", "dh0", "fin", "dfin")  # [B, Nb, H, K, V]: one state per sequence a row holds
 
 
-def _names(names, has_w):
-    return tuple(n for n in names if has_w or n not in ("w", "dw"))
+def _outputs(names, ins):
+    """names less the cotangents d<x> of parts x the op lacks (w, qf)."""
+    return tuple(n for n in names if n not in ("dw", "dqf") or n[1:] in ins)
 
 
 def _row_blocks(r, rb, probed_only=False):
@@ -199,15 +212,30 @@ def _forward_chunk(c, src, dst, S, r, *, rb, precision):
     if "sin" in r:
         r["sin"][c] = S
     C = r["qs"].shape[-2]
-    for rows in _query_blocks(C, rb):
-        r["o"][_chunk_rows(r["o"], c, rows, C)] = (
-            _dot(r["qs"][c, rows], S, precision) + r["o0"][c, rows]).astype(r["o"].dtype)
+    queries = _query_blocks(C, rb)
+
+    def write(q, o):
+        r["o"][_chunk_rows(r["o"], c, q, C)] = o.astype(r["o"].dtype)
+
+    o = []  # with QF, the rows' Qs S, to which O0 = QF X adds with X's blocks
+    for q in queries:
+        oq = _dot(r["qs"][c, q], S, precision)
+        if "qf" in r:
+            o.append(oq)
+        else:  # written now: no o tile live through the update (kda: 0.05 ms on the H100)
+            write(q, oq + r["o0"][c, q])
     out = r["gam"][c] * S
+    # X's blocks loaded once (o first, loading them twice, took gla's forward kernel 1.35 ->
+    # 1.42 ms on the H100)
     for rows, probed in _row_blocks(r, rb):
         U = r["x"][c, rows]
+        if "qf" in r:
+            o = [oq + _dot(r["qf"][c, q, rows], U, precision) for oq, q in zip(o, queries)]
         if probed:
             U = U - _dot(r["w"][c, rows], S, precision)
         out = out + _dot(r["z"][c, rows], U, precision, trans_a=True)
+    for q, oq in zip(queries, o):
+        write(q, oq)
 
     @pl.when(dst >= 0)
     def _():
@@ -242,28 +270,33 @@ def _backward_chunk(c, src, dst, G, r, *, rb, precision):
 def _grads_kernel(*refs, names, rb, bv, precision):
     """The factors' and Qs's gradients of one chunk from its S_c and G_c, all of V in blocks of
     bv columns. One [rb, K] float32 accumulator is live at a time (dQs of each query row block,
-    then dW and dZ of each row block of Z); S and G are re-read per pass (from L2) rather than
-    held."""
+    then dW and dZ of each row block of Z, then QF's of each query block); S and G are
+    re-read per pass (from L2) rather than held."""
     r = dict(zip(names, refs))
     V = r["sin"].shape[1]
     cols = [pl.ds(j, bv) for j in range(0, V, bv)]
+    queries = _query_blocks(r["dqs"].shape[-2], rb)
     load = lambda name, col: r[name][:, col]
+    do = lambda rows, col: r["do"][rows, col].astype(jnp.float32)  # in o's dtype
     dgam = 0.0
     for col in cols:
         dgam = dgam + jnp.sum(load("g", col) * load("sin", col), axis=1, keepdims=True)
     r["dgam"][...] = dgam
-    for rows in _query_blocks(r["dqs"].shape[-2], rb):
+    for rows in queries:
         dqs = 0.0
         for col in cols:
-            do = r["do"][rows, col].astype(jnp.float32)  # in o's dtype
-            dqs = dqs + _dot(do, load("sin", col), precision, trans_b=True)
+            dqs = dqs + _dot(do(rows, col), load("sin", col), precision, trans_b=True)
         r["dqs"][rows] = dqs
     for rows, probed in _row_blocks(r, rb):
         Zb = r["z"][rows]
         dW = 0.0
         for col in cols:
             dU = _dot(Zb, load("g", col), precision)
-            r["dx"][rows, col] = dU
+            dX = dU
+            if "qf" in r:  # through O0 = QF X
+                for q in queries:
+                    dX = dX + _dot(r["qf"][q, rows], do(q, col), precision, trans_a=True)
+            r["dx"][rows, col] = dX
             if probed:
                 dW = dW - _dot(dU, load("sin", col), precision, trans_b=True)
         if probed:
@@ -276,6 +309,12 @@ def _grads_kernel(*refs, names, rb, bv, precision):
                 U = U - _dot(Wb, load("sin", col), precision)
             dZ = dZ + _dot(U, load("g", col), precision, trans_b=True)
         r["dz"][rows] = dZ
+        if "qf" in r:
+            for q in queries:
+                dQ = 0.0
+                for col in cols:
+                    dQ = dQ + _dot(do(q, col), r["x"][rows, col], precision, trans_b=True)
+                r["dqf"][q, rows] = dQ
 
 
 # ---- sequential kernels: "loop" form (Triton on GPU, interpret mode on the CPU) and "grid"
@@ -400,9 +439,9 @@ def _grads(cfg, ins, rb, H, qs_shape):
     """The parallel half of the backward: one program per (batch * head, chunk)."""
     BH, NC, K, V = ins["sin"].shape
     C = qs_shape[2]
-    shapes = {"dgam": (BH, NC, K, 1), "dz": ins["z"].shape, "dx": ins["x"].shape,
-              "dqs": qs_shape, "dw": None if "w" not in ins else ins["w"].shape}
-    names = _names(_GRAD_OUT, "w" in ins)
+    shapes = {"dgam": (BH, NC, K, 1), "dqs": qs_shape,
+              **{"d" + n: ins[n].shape for n in ("z", "x", "w", "qf") if n in ins}}
+    names = _outputs(_GRAD_OUT, ins)
     chunk = lambda shape: pl.BlockSpec((None, None) + shape[2:], lambda bh, c: (bh, c, 0, 0))
     tokens = pl.BlockSpec((None, C, None, V), lambda bh, c: (_div(bh, H), c, _rem(bh, H), 0))
     spec = lambda name, x: tokens if name == "do" and cfg.form == "loop" else chunk(x.shape)
@@ -423,7 +462,7 @@ def _grads(cfg, ins, rb, H, qs_shape):
 # ---- differentiable entry point ----------------------------------------------------------------
 
 def _pick(names, **arrays):
-    return {n: arrays[n] for n in _names(names, arrays.get("w") is not None)}
+    return {n: arrays[n] for n in names if arrays[n] is not None}
 
 
 def _o_shape(cfg, H, qs_shape, V):
@@ -436,13 +475,13 @@ def _o_shape(cfg, H, qs_shape, V):
     return (BH // H, NC * C, H, V) if cfg.form == "loop" else (BH, NC, C, V)
 
 
-def _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, h0, src, dst, save):
+def _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, QF, h0, src, dst, save):
     """The forward kernel: o (in o_dtype; _o_shape), the final states and, with save, every S_c
     (for the backward; 268 MB at B=4, T=4096, H=16, K=V=128, so a call without gradients does
     not write them)."""
     BH, NC, C, K = Qs.shape
     V = X.shape[-1]
-    ins = _pick(_FWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, x=X, qs=Qs, o0=O0, h0=h0)
+    ins = _pick(_FWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, x=X, qs=Qs, o0=O0, qf=QF, h0=h0)
     outs = [("o", _o_shape(cfg, H, Qs.shape, V), o_dtype), ("fin", h0.shape, jnp.float32)]
     if save:
         outs.append(("sin", (BH, NC, K, V), jnp.float32))
@@ -450,28 +489,33 @@ def _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, h0, src, dst, save):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _state_pass(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, h0, src, dst):
-    return tuple(_forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, h0, src, dst, save=False))
+def _state_pass(cfg, H, rb, o_dtype, *args):
+    return tuple(_forward(cfg, H, rb, o_dtype, *args, save=False))
 
 
-def _state_pass_fwd(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, h0, src, dst):
-    o, fin, S_in = _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, h0, src, dst, save=True)
-    return (o, fin), (gam, Z, W, X, Qs, S_in, src, dst, h0.shape)
+def _state_pass_fwd(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, QF, h0, src, dst):
+    o, fin, S_in = _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, QF, h0, src, dst,
+                            save=True)
+    return (o, fin), (gam, Z, W, X, Qs, QF, S_in, src, dst, h0.shape)
 
 
 def _state_pass_bwd(cfg, H, rb, o_dtype, res, cts):
-    gam, Z, W, X, Qs, S_in, src, dst, h0_shape = res
+    gam, Z, W, X, Qs, QF, S_in, src, dst, h0_shape = res
     do, dfin = cts
     ins = _pick(_BWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, qs=Qs, do=do, dfin=dfin)
     G, dh0 = _sequential(cfg, cfg.bwd, ins, [("g", S_in.shape, jnp.float32),
                                              ("dh0", h0_shape, jnp.float32)],
                          S_in.shape[-2:], H, rb, reverse=True)
-    d = _grads(cfg, _pick(_GRAD_IN, sin=S_in, g=G, z=Z, w=W, x=X, do=do), rb, H, Qs.shape)
-    BH, NC, C, _ = Qs.shape
-    dO0 = do.astype(jnp.float32)
-    if cfg.form == "loop":  # O0's layout
-        dO0 = jnp.moveaxis(dO0.reshape(BH // H, NC, C, H, -1), 3, 1).reshape(BH, NC, C, -1)
-    return d["dgam"], d["dz"], d.get("dw"), d["dx"], d["dqs"], dO0, dh0, None, None
+    d = _grads(cfg, _pick(_GRAD_IN, sin=S_in, g=G, z=Z, w=W, x=X, qf=QF, do=do), rb, H,
+               Qs.shape)
+    dO0 = None
+    if QF is None:  # O0 was given
+        BH, NC, C, _ = Qs.shape
+        dO0 = do.astype(jnp.float32)
+        if cfg.form == "loop":  # O0's layout
+            dO0 = jnp.moveaxis(dO0.reshape(BH // H, NC, C, H, -1), 3, 1).reshape(BH, NC, C, -1)
+    return (d["dgam"], d["dz"], d.get("dw"), d["dx"], d["dqs"], dO0, d.get("dqf"), dh0, None,
+            None)
 
 
 _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
@@ -508,13 +552,14 @@ def fit_launches(cfg, rows, probed_rows, Kp, Vp, rb):
     return dataclasses.replace(cfg, fwd=fit(cfg.fwd, rows), bwd=fit(cfg.bwd, probed_rows))
 
 
-def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config, o_dtype=jnp.float32):
+def state_pass(gamma, Z, W, X, Qs, O0, QF, h0, src, dst, cfg: Config, o_dtype=jnp.float32):
     """The inter-chunk state pass on factored transitions; differentiable in (gamma, Z, W, X,
-    Qs, O0, h0).
+    Qs, O0 or QF, h0).
 
     gamma [B, H, NC, K], Z [B, H, NC, n, K], W [B, H, NC, ne, K] or None, X [B, H, NC, n, V],
-    Qs [B, H, NC, C, K], O0 [B, H, NC, C, V] (float32; chunked.chunk_factors per chunk; C
-    query rows, n and ne multiples of 16); h0 [B, Nb, H, K, V] the initial states that batch
+    Qs [B, H, NC, C, K], and O0 [B, H, NC, C, V] or (only where W is None) QF [B, H, NC, C, n],
+    the other None: O0 = QF X (float32; chunked.chunk_factors per chunk; C query rows, n and
+    ne multiples of 16); h0 [B, Nb, H, K, V] the initial states that batch
     row b can load; src [B, NC] int32: the index into h0[b] that chunk c resets to, or -1 (no
     reset; chunk 0 of every row must reset); dst [B, NC] int32: the index into the final states of
     row b that the state leaving chunk c is written to, or -1 (the engine names each
@@ -534,6 +579,13 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config, o_dtype=jnp.fl
         raise ValueError(f"state_pass: rows of Z {Z.shape} and W "
                          f"{None if W is None else W.shape} must be multiples of 16, and "
                          f"Qs's {C} rows a multiple of the block {rb} or less")
+    shape = lambda x: None if x is None else x.shape
+    if (O0 is None) == (QF is None) or (QF is not None and W is not None) or (
+            shape(O0) not in (None, Qs.shape[:4] + (V,))
+            or shape(QF) not in (None, Qs.shape[:4] + (Z.shape[-2],))):
+        raise ValueError(f"state_pass: O0 {shape(O0)} [B, H, NC, C, V] or (without W, here "
+                         f"{shape(W)}) QF {shape(QF)} [B, H, NC, C, n] must be given, not both; "
+                         f"Qs {Qs.shape}, Z {Z.shape}, X {X.shape}")
     gamma = _pad_to(gamma, 3, Kp)[..., None]
     Z, W, Qs = (_pad_to(x, 4, Kp) for x in (Z, W, Qs))
     X, O0 = _pad_to(X, 4, Vp), _pad_to(O0, 4, Vp)
@@ -541,7 +593,7 @@ def state_pass(gamma, Z, W, X, Qs, O0, h0, src, dst, cfg: Config, o_dtype=jnp.fl
     cfg = fit_launches(cfg, Z.shape[-2], 0 if W is None else W.shape[-2], Kp, Vp, rb)
     flat = lambda x: None if x is None else x.reshape((B * H,) + x.shape[2:])
     o, finals = _state_pass(cfg, H, rb, jnp.dtype(o_dtype),
-                            *(flat(x) for x in (gamma, Z, W, X, Qs, O0)), h0, src, dst)
+                            *(flat(x) for x in (gamma, Z, W, X, Qs, O0, QF)), h0, src, dst)
     o = (o.reshape(B, NC, C, H, Vp) if cfg.form == "loop"
          else jnp.moveaxis(o.reshape(B, H, NC, C, Vp), 1, 3))
     return o[..., :V], finals[..., :K, :V]
