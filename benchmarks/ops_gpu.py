@@ -305,15 +305,16 @@ def bench_state_pass(T, configs):
     Qs = jax.random.normal(ks[3], (B, H, NC, C, K))
     O0 = jax.random.normal(ks[4], (B, H, NC, C, V))
     h0 = jnp.zeros((B, 1, H, K, V))
-    src = jnp.where(jnp.arange(NC)[None] == 0, 0, -1).astype(jnp.int32) + jnp.zeros((B, 1),
-                                                                                  jnp.int32)
-    args = (gamma, Z, W, X, Qs, O0)
+    at = lambda c: jnp.broadcast_to(jnp.where(jnp.arange(NC) == c, 0, -1).astype(jnp.int32),
+                                    (B, NC))
+    src, dst = at(0), at(NC - 1)  # one sequence per row
+    args = (gamma, Z, W, X, Qs, O0, None)
     for cfg in configs:
         launch = lambda x: f"{x.block_v}/{x.num_warps}/{x.num_stages}"
         tag = (f"state_pass {getattr(cfg.precision, 'name', cfg.precision)} fwd "
                f"{launch(cfg.fwd)} bwd {launch(cfg.bwd)} "
                f"grads {cfg.grads.num_warps}/{cfg.grads.num_stages}")
-        f = lambda *a: state_pass(*a, h0, src, cfg)[0]
+        f = lambda *a: state_pass(*a, h0, src, dst, cfg)[0]
 
         def fb(*a):
             o, pull = jax.vjp(f, *a)
