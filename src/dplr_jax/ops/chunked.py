@@ -26,7 +26,7 @@ the Pallas backend's kernels for the delta family keep their own residuals),
 phase 2 scans S over chunks (O(T/C) states saved), phase 3 is a batched matmul.
 M = Diag(e^{G_C}) - Z_E^T W and Bc = Z^T X need not be formed: the Pallas state pass takes
 the factors (chunk_factors), which are C x K where M is K x K, and applies them to S inside
-its scan (and for forms without E forms O0 = QF X from the X it reads).
+its scan (and, for forms without E, O0 = QF X from the X it reads).
 
 Numerics: all of this runs in float32 (float64 if inputs are float64). No exponent is ever
 positive, and no exponent is a difference of two cumulative sums: after a hard reset (log
@@ -378,12 +378,11 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     diagonal, and both come from one pass over the keys (decayed_products' query sides).
 
     decayed (decayed_products' signature) replaces phase 1's intra-chunk products, and
-    scan(layout, factors, h0) -> (o [B, NC, C, H, V], final states) phases 2+3 on the factored
-    transitions
-    (chunk_factors; the Pallas state pass plugs in here), and factors(q, g, E, y, P, F, Vk,
-    decayed=...) replaces the checkpointed chunk_factors of one chunk (the Pallas kernels of
-    the delta family). Without scan, phase 1 multiplies the transitions out (chunk_summary)
-    for XLA's scan (_scan_outputs).
+    scan(layout, factors, h0) -> (o [B, NC, C, H, V], final states) phases 2+3 on the
+    factored transitions (chunk_factors; the Pallas state pass plugs in here), and
+    factors(q, g, E, y, P, F, Vk, decayed=...) replaces the checkpointed chunk_factors of
+    one chunk (the Pallas kernels of the delta family). Without scan, phase 1 multiplies the
+    transitions out (chunk_summary) for XLA's scan (_scan_outputs).
 
     decays_in_place: phase 1 reads g in its [B, NC, C, H, ...] chunks rather than moved to
     [B, H, NC, C, ...] with the other inputs: for Pallas phases and a g that would be copied
