@@ -7,7 +7,7 @@ several V blocks (block_v < V, V padded from 160 to 256), chunks of 128 rows (tw
 of Z and of Qs), no probed rows (GLA: W is None, and O0 = QF X formed in the kernels),
 probed and plain rows together (DPLR-like, m = 2 probed and r = 1 plain rows per token),
 resets to several initial states with final states leaving from several chunks of a row (in
-any order), and the TPU form under the TPU interpreter.
+any order), and the TPU form under the TPU interpreter (with O0, and with QF).
 """
 
 import dataclasses
@@ -63,6 +63,8 @@ CASES = {  # name: (config, C, K, V, m probed rows per token, r plain rows per t
     "loop-no-probes": (LOOP, 64, 16, 48, 0, 1, 3),
     "loop-m2-r1": (LOOP, 32, 16, 80, 2, 1, 3),
     "grid-m1-r1": (Config(form="grid", interpret=pltpu.InterpretParams()), 32, 16, 80, 1, 1, 3),
+    "grid-no-probes": (Config(form="grid", interpret=pltpu.InterpretParams()), 32, 16, 48, 0, 1,
+                       3),
     "grid-vblocks-C128": (Config(form="grid", interpret=pltpu.InterpretParams(),
                                  fwd=Launch(block_v=32), bwd=Launch(block_v=32)),
                           128, 16, 64, 1, 1, 2),
