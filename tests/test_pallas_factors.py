@@ -2,10 +2,10 @@
 
 `factors.low_rank_factors` (CPU interpret mode) against XLA's `chunked.chunk_factors` on one
 chunk: the factors (gamma, Z, W, X, Qs and O0, or without probed keys QF for the state pass)
-and the cotangents of every input, for the delta family's form (probed
-keys), GLA's (plain keys) and rank-1 DPLR's (both), per-channel, per-token and no decay, K
-and V over one and several 64-column programs (padded), hard resets; float64 to rounding and
-float32 against float64; which ops take the kernels; what the backward keeps.
+and the cotangents of every input, for the delta family's form (probed keys), GLA's (plain
+keys) and rank-1 DPLR's (both), per-channel, per-token and no decay, K and V over one and
+several 64-column programs (padded), hard resets; float64 to rounding and float32 against
+float64; which ops take the kernels; what the backward keeps.
 """
 
 import dataclasses

@@ -105,6 +105,19 @@ def test_state_pass_matches_scan(case):
             assert_close(got, want, 1e-5, f"d{what}")
 
 
+def test_o0_or_qf_exactly_one():
+    """state_pass takes O0, or (without probed rows) QF, not both or neither, and says so."""
+    B, H, NC, C, K, V = 1, 1, 2, 16, 16, 16
+    z = lambda *s: jnp.zeros(s, jnp.float32)
+    gamma, Z, X, Qs = z(B, H, NC, K), z(B, H, NC, C, K), z(B, H, NC, C, V), z(B, H, NC, C, K)
+    h0, idx = z(B, 1, H, K, V), jnp.zeros((B, NC), jnp.int32)
+    O0, QF = z(B, H, NC, C, V), z(B, H, NC, C, C)
+    for o0, qf, W in ((O0, QF, None), (None, None, None), (None, QF, z(B, H, NC, C, K)),
+                      (None, z(B, H, NC, C, C + 16), None)):
+        with pytest.raises(ValueError, match="QF"):
+            state_pass(gamma, Z, W, X, Qs, o0, qf, h0, idx, idx, LOOP)
+
+
 @pytest.mark.parametrize("rows, probed, Kp, sixteen_bit, want", [
     (64, 64, 128, True, (2, 2)),    # kda, gated_delta_rule: one row block of Z and of W
     (64, 0, 64, True, (2, 2)),      # gla: no probed rows
