@@ -306,11 +306,12 @@ def chunk_factors(q, g, E, y, P, F, Vk, decayed=decayed_products, own_decay=Fals
         Z.append(_rowscale(E, e_end).reshape(C * m, K))
         X.append(X0)
     if F is not None:
+        Vf = Vk.reshape(-1, Vk.shape[-1])
         QF = QF[:, 0].reshape(C // n, -1)  # [C / n, 1, C, r]
         if O0 is not None:
-            O0, QF = O0 + QF @ Vk.reshape(-1, Vk.shape[-1]), None
+            O0, QF = O0 + QF @ Vf, None
         Z.append(_rowscale(F, e_end).reshape(-1, K))
-        X.append(Vk.reshape(-1, Vk.shape[-1]))
+        X.append(Vf)
     cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
     return gamma, cat(Z), W, cat(X), Qs, O0, QF
 

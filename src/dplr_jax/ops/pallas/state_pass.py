@@ -444,7 +444,8 @@ def _grads(cfg, ins, rb, H, qs_shape):
     names = _outputs(_GRAD_OUT, ins)
     chunk = lambda shape: pl.BlockSpec((None, None) + shape[2:], lambda bh, c: (bh, c, 0, 0))
     tokens = pl.BlockSpec((None, C, None, V), lambda bh, c: (_div(bh, H), c, _rem(bh, H), 0))
-    spec = lambda name, x: tokens if name == "do" and cfg.form == "loop" else chunk(x.shape)
+    spec = lambda name, x: (tokens if name in _TOKEN_ROWS and cfg.form == "loop"
+                            else chunk(x.shape))
     # Column blocks (cfg.grads.block_v, None: 64) keep the GPU's tiles small; on the TPU a
     # 64-lane slice of a 128-lane tile would cost relayouts, so it takes all of V at once.
     bv = V if cfg.form == "grid" else min(V, cfg.grads.block_v or 64)
