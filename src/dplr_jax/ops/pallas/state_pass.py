@@ -32,11 +32,17 @@ XLA matmuls forward (0.7 ms of 3.0 for gated_delta_rule at B=4, T=4096, H=16 on 
 and more in the backward. The kernel does the same dot FLOPs either way (W S and Z^T U are
 C x K x V each, M S is K x K x V, with C = K/2).
 
-Saved for the backward: the factors and Qs (phase 1's outputs, already in memory) and S_in,
-K*V*4 bytes per chunk (64 KB at K=V=128; 268 MB at B=4, T=4096, H=16, C=64). Recomputing S_in
-instead would need a second forward scan (the reverse recurrence needs S_c in descending c)
-or storing every (1/r)-th state and re-scanning segments; at these sizes one extra fp32 state
-per chunk is the cheaper choice.
+Saved for the backward: the factors and Qs (phase 1's outputs, already in memory; X only
+where the gradient kernel reads it: plain rows or QF), S_in, K*V*4 bytes per chunk (64 KB at
+K=V=128; 268 MB at B=4, T=4096, H=16, C=64), and U_c = X_c - W_c S_c on the probed rows (ne*V*4
+bytes per chunk, in place of X's for the delta family: no more memory at that shape).
+Recomputing S_in instead would need a second forward scan (the reverse recurrence needs S_c
+in descending c) or storing every (1/r)-th state and re-scanning segments; at these sizes one
+extra fp32 state per chunk is the cheaper choice. U is the forward's own intermediate: saved,
+the gradient kernel forms no W S and holds no W rows (on the H100 at the shape above: the
+gradient kernel 1.02 -> 0.89 ms for kda, 1.41 -> 1.26 for rank-1 dplr, 1.95 -> 1.66 for
+hdla; the forward kernel, writing it, +0.06 to +0.07; benchmarks/NOTES.md, twenty-first
+session).
 
 The backward has a sequential half and a parallel half. With G_c the cotangent of S_{c+1} as
 produced by chunk c (at a sequence's last chunk the final state's cotangent dfin[dst_c]: its
@@ -52,7 +58,7 @@ chunks (a 268 MB zero-filled array at the shape above, written and read per call
 
 Then one program per chunk (all of V, so nothing is left to sum over V blocks) forms
 
-    dX_c = Z_c G_c,  U_c = X_c - [W_c; 0] S_c,  dZ_c = U_c G_c^T,  dW_c = -dX_c[:ne] S_c^T,
+    dX_c = Z_c G_c,  dZ_c = U_c G_c^T (U_c: X_c on rows without probes),  dW_c = -dX_c[:ne] S_c^T,
     dgamma_c = rowsum(G_c * S_c),  dQs_c = do_c S_c^T,  dO0_c = do_c
     (with QF_c: dX_c += QF_c^T do_c and dQF_c = do_c X_c^T instead of dO0_c).
 
@@ -168,26 +174,27 @@ def _mask_dot(mask, x, exact, trans_a=False):
     return _dot(m, hi, tf32, trans_a) + _dot(m, x - hi, tf32, trans_a)
 
 
-# Operand names of the kernels, in call order; each op has "o0" or "qf", and "w" (with "dw")
-# only with probed rows.
+# Operand names of the kernels, in call order; each op has "o0" or "qf", and "w" (with "dw",
+# and the forward's saved U: "u") only with probed rows.
 _FWD_IN = ("src", "dst", "gam", "z", "w", "x", "qs", "o0", "qf", "h0")
 _BWD_IN = ("src", "dst", "gam", "z", "w", "qs", "do", "dfin")
-_GRAD_IN = ("sin", "g", "z", "w", "x", "qf", "do")
+_GRAD_IN = ("sin", "g", "z", "u", "x", "qf", "do")
 _GRAD_OUT = ("dgam", "dz", "dw", "dx", "dqs", "dqf")
-_V_BLOCKED = ("x", "o0", "o", "sin", "do", "g")
+_GRAD_OF = {"dw": "u", "dqf": "qf"}  # a part's cotangent, and the input that says it exists
+_V_BLOCKED = ("x", "u", "o0", "o", "sin", "do", "g")
 _TOKEN_ROWS = ("o", "do")  # "loop" form: blocks of [B, NC * C, H, V], the tokens' layout
 _STATES = ("h0", "dh0", "fin", "dfin")  # [B, Nb, H, K, V]: one state per sequence a row holds
 
 
 def _outputs(names, ins):
-    """names less the cotangents d<x> of parts x the op lacks (w, qf)."""
-    return tuple(n for n in names if n not in ("dw", "dqf") or n[1:] in ins)
+    """names less the cotangents of parts the op lacks (dw: probed rows, dqf: QF)."""
+    return tuple(n for n in names if n not in _GRAD_OF or _GRAD_OF[n] in ins)
 
 
 def _row_blocks(r, rb, probed_only=False):
-    """Static (rows, probed) per block of rb rows of Z / X: probed rows also have W."""
+    """Static (rows, probed) per block of rb rows of Z / X: probed rows also have W (and U)."""
     n = r["z"].shape[-2]
-    ne = r["w"].shape[-2] if "w" in r else 0
+    ne = next((r[p].shape[-2] for p in ("w", "u") if p in r), 0)
     return [(pl.ds(i, rb), i < ne) for i in range(0, ne if probed_only else n, rb)]
 
 
@@ -233,6 +240,8 @@ def _forward_chunk(c, src, dst, S, r, *, rb, precision):
             o = [oq + _dot(r["qf"][c, q, rows], U, precision) for oq, q in zip(o, queries)]
         if probed:
             U = U - _dot(r["w"][c, rows], S, precision)
+            if "u" in r:  # saved for the gradient kernel
+                r["u"][c, rows] = U
         out = out + _dot(r["z"][c, rows], U, precision, trans_a=True)
     for q, oq in zip(queries, o):
         write(q, oq)
@@ -267,11 +276,13 @@ def _backward_chunk(c, src, dst, G, r, *, rb, precision):
     return jnp.where(reset, jnp.zeros_like(dS), dS)
 
 
-def _grads_kernel(*refs, names, rb, bv, precision):
-    """The factors' and Qs's gradients of one chunk from its S_c and G_c, all of V in blocks of
-    bv columns. One [rb, K] float32 accumulator is live at a time (dQs of each query row block,
-    then dW and dZ of each row block of Z, then QF's of each query block); S and G are
-    re-read per pass (from L2) rather than held."""
+def _grads_kernel(*refs, names, rb, bv, precision, sync):
+    """The factors' and Qs's gradients of one chunk from its S_c and G_c (and the forward's U_c
+    on the probed rows), all of V in blocks of bv columns. One [rb, K] float32 accumulator is
+    live at a time (dQs of each query row block, dZ of each row block of Z, dW of each probed
+    one, then QF's of each query block); S and G are re-read per pass (from L2) rather than
+    held, and dW = -dX S^T reads dX back from its output (sync: on the GPU, after a barrier,
+    since other threads wrote it) rather than keeping Z's rows live beside dW's accumulator."""
     r = dict(zip(names, refs))
     V = r["sin"].shape[1]
     cols = [pl.ds(j, bv) for j in range(0, V, bv)]
@@ -287,27 +298,19 @@ def _grads_kernel(*refs, names, rb, bv, precision):
         for col in cols:
             dqs = dqs + _dot(do(rows, col), load("sin", col), precision, trans_b=True)
         r["dqs"][rows] = dqs
-    for rows, probed in _row_blocks(r, rb):
+    for rows, _ in _row_blocks(r, rb):
         Zb = r["z"][rows]
-        dW = 0.0
         for col in cols:
-            dU = _dot(Zb, load("g", col), precision)
-            dX = dU
+            dX = _dot(Zb, load("g", col), precision)
             if "qf" in r:  # through O0 = QF X
                 for q in queries:
                     dX = dX + _dot(r["qf"][q, rows], do(q, col), precision, trans_a=True)
             r["dx"][rows, col] = dX
-            if probed:
-                dW = dW - _dot(dU, load("sin", col), precision, trans_b=True)
-        if probed:
-            r["dw"][rows] = dW
-            Wb = r["w"][rows]
+    for rows, probed in _row_blocks(r, rb):
         dZ = 0.0
-        for col in cols:
-            U = r["x"][rows, col]
-            if probed:
-                U = U - _dot(Wb, load("sin", col), precision)
-            dZ = dZ + _dot(U, load("g", col), precision, trans_b=True)
+        for col in cols:  # U = X - W S on the probed rows, X on the others
+            dZ = dZ + _dot(r["u" if probed else "x"][rows, col], load("g", col), precision,
+                           trans_b=True)
         r["dz"][rows] = dZ
         if "qf" in r:
             for q in queries:
@@ -315,6 +318,15 @@ def _grads_kernel(*refs, names, rb, bv, precision):
                 for col in cols:
                     dQ = dQ + _dot(do(q, col), r["x"][rows, col], precision, trans_b=True)
                 r["dqf"][q, rows] = dQ
+    if "u" not in r:
+        return
+    if sync:
+        pl_triton.debug_barrier()
+    for rows, _ in _row_blocks(r, rb, probed_only=True):
+        dW = 0.0
+        for col in cols:
+            dW = dW - _dot(r["dx"][rows, col], load("sin", col), precision, trans_b=True)
+        r["dw"][rows] = dW
 
 
 # ---- sequential kernels: "loop" form (Triton on GPU, interpret mode on the CPU) and "grid"
@@ -439,8 +451,12 @@ def _grads(cfg, ins, rb, H, qs_shape):
     """The parallel half of the backward: one program per (batch * head, chunk)."""
     BH, NC, K, V = ins["sin"].shape
     C = qs_shape[2]
-    shapes = {"dgam": (BH, NC, K, 1), "dqs": qs_shape,
-              **{"d" + n: ins[n].shape for n in ("z", "x", "w", "qf") if n in ins}}
+    shapes = {"dgam": (BH, NC, K, 1), "dqs": qs_shape, "dz": ins["z"].shape,
+              "dx": ins["z"].shape[:3] + (V,)}
+    if "u" in ins:
+        shapes["dw"] = ins["u"].shape[:3] + (K,)
+    if "qf" in ins:
+        shapes["dqf"] = ins["qf"].shape
     names = _outputs(_GRAD_OUT, ins)
     chunk = lambda shape: pl.BlockSpec((None, None) + shape[2:], lambda bh, c: (bh, c, 0, 0))
     tokens = pl.BlockSpec((None, C, None, V), lambda bh, c: (_div(bh, H), c, _rem(bh, H), 0))
@@ -450,7 +466,8 @@ def _grads(cfg, ins, rb, H, qs_shape):
     # 64-lane slice of a 128-lane tile would cost relayouts, so it takes all of V at once.
     bv = V if cfg.form == "grid" else min(V, cfg.grads.block_v or 64)
     kernel = functools.partial(_grads_kernel, names=tuple(ins) + names, rb=rb, bv=bv,
-                               precision=cfg.precision)
+                               precision=cfg.precision,
+                               sync=cfg.form == "loop" and not cfg.interpret)
     res = pl.pallas_call(
         kernel, out_shape=[jax.ShapeDtypeStruct(shapes[n], jnp.float32) for n in names],
         grid=(BH, NC), in_specs=[spec(n, x) for n, x in ins.items()],
@@ -484,8 +501,10 @@ def _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, QF, h0, src, dst, save):
     V = X.shape[-1]
     ins = _pick(_FWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, x=X, qs=Qs, o0=O0, qf=QF, h0=h0)
     outs = [("o", _o_shape(cfg, H, Qs.shape, V), o_dtype), ("fin", h0.shape, jnp.float32)]
-    if save:
+    if save:  # and U = X - W S on the probed rows, for the gradient kernel
         outs.append(("sin", (BH, NC, K, V), jnp.float32))
+        if W is not None:
+            outs.append(("u", (BH, NC, W.shape[-2], V), jnp.float32))
     return _sequential(cfg, cfg.fwd, ins, outs, (K, V), H, rb, reverse=False)
 
 
@@ -495,19 +514,23 @@ def _state_pass(cfg, H, rb, o_dtype, *args):
 
 
 def _state_pass_fwd(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, QF, h0, src, dst):
-    o, fin, S_in = _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, QF, h0, src, dst,
-                            save=True)
-    return (o, fin), (gam, Z, W, X, Qs, QF, S_in, src, dst, h0.shape)
+    o, fin, S_in, *U = _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, QF, h0, src, dst,
+                                save=True)
+    U = U[0] if U else None
+    # The gradient kernel reads X only where U does not cover it: plain rows, or QF.
+    if U is not None and U.shape[-2] == X.shape[-2] and QF is None:
+        X = None
+    return (o, fin), (gam, Z, W, U, X, Qs, QF, S_in, src, dst, h0.shape)
 
 
 def _state_pass_bwd(cfg, H, rb, o_dtype, res, cts):
-    gam, Z, W, X, Qs, QF, S_in, src, dst, h0_shape = res
+    gam, Z, W, U, X, Qs, QF, S_in, src, dst, h0_shape = res
     do, dfin = cts
     ins = _pick(_BWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, qs=Qs, do=do, dfin=dfin)
     G, dh0 = _sequential(cfg, cfg.bwd, ins, [("g", S_in.shape, jnp.float32),
                                              ("dh0", h0_shape, jnp.float32)],
                          S_in.shape[-2:], H, rb, reverse=True)
-    d = _grads(cfg, _pick(_GRAD_IN, sin=S_in, g=G, z=Z, w=W, x=X, qf=QF, do=do), rb, H,
+    d = _grads(cfg, _pick(_GRAD_IN, sin=S_in, g=G, z=Z, u=U, x=X, qf=QF, do=do), rb, H,
                Qs.shape)
     dO0 = None
     if QF is None:  # O0 was given
