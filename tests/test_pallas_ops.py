@@ -48,16 +48,20 @@ def test_pallas_runs_a_pallas_call():
     assert "pallas_call" in str(jax.make_jaxpr(jax.grad(lambda *a: fn(*a).sum()))(*args))
 
 
-def _moves(jaxpr, shape):
-    """How many transposes of an array of `shape` the jaxpr (and the ones inside it) holds."""
+def _moves(jaxpr, shape, prims=("transpose",), dtype=None):
+    """How many eqns of `prims` (transposes) the jaxpr (and the ones inside it) applies to an
+    array of `shape` (an int: of that size) and, if given, `dtype`."""
     n = 0
     for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "transpose" and eqn.invars[0].aval.shape == shape
+        aval = eqn.invars[0].aval if eqn.invars else None
+        n += (eqn.primitive.name in prims
+              and (aval.size if isinstance(shape, int) else aval.shape) == shape
+              and dtype in (None, aval.dtype))
         for p in eqn.params.values():
             for sub in p if isinstance(p, (tuple, list)) else (p,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    n += _moves(inner, shape)
+                    n += _moves(inner, shape, prims, dtype)
     return n
 
 
@@ -77,6 +81,22 @@ def test_float32_log_decays_reach_the_kernels_unmoved():
 
     assert moves(jnp.bfloat16) == 2  # q's and the decays'
     assert moves(jnp.float32) == 1  # q's
+
+
+@pytest.mark.parametrize("name", ["kda", "gated_delta_rule", "delta_rule"])
+def test_16bit_values_reach_the_kernels_unmoved_and_uncast(name):
+    """api.run_chunked: where phase 1's kernels take the form, the values v go to them as
+    given, bf16 in their [B, NC, C, H, V] chunks (the kernels cast them), and their cotangent
+    comes back bf16: no convert and no transpose of a bf16 array of v's size in the forward
+    (o, the only other one, is written in place); the backend "xla" casts v (one convert)."""
+    B, T, H, K, V, C = 1, 64, 2, 16, 32, 16
+    args = cast(make_inputs(name, np.random.default_rng(0), B=B, T=T, H=H, K=K, V=V),
+                jnp.bfloat16)
+    fn = lambda backend: lambda *a: getattr(ops, name)(*a, backend=backend, chunk_size=C)[0]
+    count = lambda backend: _moves(jax.make_jaxpr(fn(backend))(*args).jaxpr, B * T * H * V,
+                                   ("transpose", "convert_element_type"), jnp.bfloat16)
+    assert count("pallas") == 0
+    assert count("xla") == 1
 
 
 FP32_CASES = [

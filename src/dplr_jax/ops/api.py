@@ -169,7 +169,10 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     are >= chunked.MIN_BOUND (checked by the caller).
     Returns o (accumulation dtype) and the final states."""
     dtype = acc_dtype(*inputs, initial_state)
-    xs = _cast(inputs, dtype)
+    # With phase 1's kernels the values v stay as given (16-bit: half the bytes, and no
+    # float32 copy): the kernels cast them on chip.
+    as_given = (2,) if factors is not None else ()
+    xs = [x if i in as_given else _cast([x], dtype)[0] for i, x in enumerate(inputs)]
     xs[0] = xs[0] * scale
     q, v = xs[0], xs[2]
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -181,14 +184,20 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     # otherwise every virtual token's, and keeps the last.
     whole = chunk_size % n == 0 and chunk_size // n >= 16
     q, *rest = form.engine_inputs()
-    # Log decays as given (in the accumulation dtype: not cast, not formed by the op) go to
-    # the Pallas kernels in their chunks, where the move to the chunk-major layout would be a
-    # copy of its own (chunked.chunked's decays_in_place); a cast or formed g is written by
-    # XLA anyway and moves on the way.
-    in_place = (decayed is not None or factors is not None) and any(
-        rest[0] is x and x0.dtype == dtype for x, x0 in zip(xs, inputs) if x is not None)
+    # Inputs as given go to the Pallas kernels in their chunks, where the move to the
+    # chunk-major layout would be a copy of its own (chunked.chunked's in_place): log decays
+    # in the accumulation dtype (not cast, not formed by the op; a cast or formed g is
+    # written by XLA anyway and moves on the way), and the values y of one-factor forms (v
+    # itself with a rank axis, forms.delta_rule) where phase 1's kernels take them.
+    in_place = ()
+    if (decayed is not None or factors is not None) and any(
+            rest[0] is x and x0.dtype == dtype for x, x0 in zip(xs, inputs) if x is not None):
+        in_place += ("g",)
+    y = rest[2]
+    if factors is not None and n == 1 and y is not None and y.shape[3] == 1:
+        in_place += ("y",)
     o, S = chunked.chunked(q if whole else chunked.at_last(q, n, axis=1), *rest, h0,
-                           chunk_size=chunk_size, decays_in_place=in_place,
+                           chunk_size=chunk_size, in_place=in_place,
                            cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
                            own_decay=form.own_decay,
                            decayed=functools.partial(decayed or chunked.decayed_products,

@@ -335,21 +335,27 @@ def checkpointed(summary, *, decayed, own_decay=False):
                           policy=jax.checkpoint_policies.save_only_these_names(SAVED))
 
 
-def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, g_in_place=False):
+def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, in_place=()):
     """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...] (q in
     q_layout's chunks). summary: a function of one chunk's (q, g, E, y, P, F, Vk).
 
-    g_in_place: g stays [B, NC, C, H, ...] (chunked.chunked's decays_in_place), which a Pallas
-    kernel under vmap reads where it lies; the other inputs are moved."""
+    in_place: names of inputs ("g", "y") that stay [B, NC, C, H, ...] (chunked.chunked's
+    in_place), which a Pallas kernel under vmap reads where they lie; y then loses its rank
+    axis (of size 1) here, where that is a reshape, and each chunk's is [C, V]. The other
+    inputs are moved."""
     def chunks(x, layout=layout, move=True):
         if x is None:
             return None
         x = layout.to_chunks(x)
         return jnp.moveaxis(x, 3, 1) if move else x
 
-    fn = jax.vmap(jax.vmap(jax.vmap(summary), in_axes=(0, 2 if g_in_place else 0) + (0,) * 5))
-    return fn(chunks(q, q_layout), chunks(g, move=not g_in_place),
-              *(chunks(x) for x in (E, y, P, F, Vk)))
+    if "y" in in_place:
+        y = y[..., 0, :]
+    axis = lambda name: 2 if name in in_place else 0
+    fn = jax.vmap(jax.vmap(jax.vmap(summary),
+                           in_axes=(0, axis("g"), 0, axis("y"), 0, 0, 0)))
+    return fn(chunks(q, q_layout), chunks(g, move="g" not in in_place), chunks(E),
+              chunks(y, move="y" not in in_place), *(chunks(x) for x in (P, F, Vk)))
 
 
 def _scan_outputs(layout, M, Bc, Qs, O0, h0):
@@ -367,7 +373,7 @@ def _scan_outputs(layout, M, Bc, Qs, O0, h0):
 
 
 def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=False,
-            decayed=decayed_products, scan=None, factors=None, decays_in_place=False):
+            decayed=decayed_products, scan=None, factors=None, in_place=()):
     """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype but q
     [B, T / n, H, K]: the queries of the last of every n tokens (n = 1: every token; n must
     divide chunk_size, so that a chunk holds whole groups); h0 [N, H, K, V]; cu_seqlens
@@ -385,12 +391,13 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     one chunk (the Pallas kernels of the delta family). Without scan, phase 1 multiplies the
     transitions out (chunk_summary) for XLA's scan (_scan_outputs).
 
-    decays_in_place: phase 1 reads g in its [B, NC, C, H, ...] chunks rather than moved to
-    [B, H, NC, C, ...] with the other inputs: for Pallas phases and a g that would be copied
-    for the move alone (api.run_chunked). On the H100 at B=4, T=4096, H=16, K=128 that copy
-    of a float32 g took 0.09 ms; reading its rows 8 KB apart cost gla's bounded products
-    backward 0.11 ms (the exact products kernels read no g; benchmarks/NOTES.md, nineteenth
-    session).
+    in_place: names of the inputs that phase 1 reads in their [B, NC, C, H, ...] chunks
+    rather than moved to [B, H, NC, C, ...] with the others, for Pallas phases and inputs
+    that would be copied for the move alone (api.run_chunked): "g", and "y" of rank 1, which
+    phase 1 then gets as [C, V] per chunk (`factors` must take that: the kernels of
+    factors.py do). On the H100 at B=4, T=4096, H=16, K=128 the copy of a float32 g took 0.09
+    ms; reading its rows 8 KB apart cost gla's bounded products backward 0.11 ms (the exact
+    products kernels read no g; benchmarks/NOTES.md, nineteenth session).
     """
     B, T = (E if E is not None else F).shape[:2]
     n = T // q.shape[1]
@@ -404,7 +411,7 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     if scan is None:
         M, Bc, Qs, O0 = _summaries(
             layout, q_layout, checkpointed(chunk_summary, decayed=decayed, own_decay=own_decay),
-            *inputs, g_in_place=decays_in_place)
+            *inputs, in_place=in_place)
         o, S_in = _scan_outputs(layout, M, Bc, Qs, O0, h0)
         o = jnp.moveaxis(o, 1, 3)
         r, c = layout.final_row, layout.final_chunk
@@ -414,5 +421,5 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
                    if factors is None
                    else functools.partial(factors, decayed=decayed, own_decay=own_decay))
         o, finals = scan(layout, _summaries(layout, q_layout, summary, *inputs,
-                                            g_in_place=decays_in_place), h0)
+                                            in_place=in_place), h0)
     return q_layout.from_chunks(o), finals

@@ -45,6 +45,12 @@ exponent is a difference of cumulative sums (chunked.py says why); the other dot
 Per-channel decays g [C, K] take their prefix sums as 0/1 dots; scalar decays (one per token)
 arrive as a row g [1, C] and take them as masked row sums; no decay (delta_rule) skips them.
 
+The values (y, Vk) arrive as the op was given them, 16-bit for 16-bit inputs, and the delta
+family's y in its [B, NC, C, H, V] chunks where it lies (api.run_chunked): the kernels cast
+them on chip and write their cotangents in that dtype (their only consumer here, so rounded
+once, as before). On the H100 at the shape below this dropped XLA's float32 copy of v (0.07
+ms) and halved the kernels' reads of it: gated_delta_rule 1.63 -> 1.55 ms forward, 6.01 ->
+5.80 forward+backward (benchmarks/NOTES.md, twenty-first session).
 Saved for the backward: the inputs (the chunked copies phase 1 reads anyway), the products
 and Tinv (C x C per chunk, 16 KB each at C=64). W and X0 are recomputed (C x C x K dots), and
 so are the products where XLA forms them (rank1_factors), rather than keeping XLA's
@@ -187,12 +193,18 @@ def _decays(r, fm, decay, ks, exact, own):
     return incl, excl, suffix_e, suffix_f, total
 
 
+def _value_cols(r, name, vs):
+    """Value columns vs of y or Vk, which arrive as the op was given them (16-bit values:
+    half the bytes, and no float32 copy in XLA; api.run_chunked), in the kernels' dtype."""
+    return r[name][:, vs].astype(r["q"].dtype)
+
+
 def _rhs(r, vs, Vk, precision):
     """Value columns vs of y - PF Vk (y absent: zero; Vk None: no plain keys)."""
     if Vk is None:
-        return r["y"][:, vs]
+        return _value_cols(r, "y", vs)
     PFV = _dot(r["pf"][...], Vk, precision)
-    return -PFV if "y" not in r else r["y"][:, vs] - PFV
+    return -PFV if "y" not in r else _value_cols(r, "y", vs) - PFV
 
 
 # One program per (chunk, block of 64 key or value columns): the key columns of Z, W, Qs and
@@ -232,7 +244,7 @@ def _forward_kernel(*refs, names, n, own, decay, precision, exact):
         O0 = 0.0
         Vk = None
         if fm.rk:
-            Vk = r["vk"][:, vs]
+            Vk = _value_cols(r, "vk", vs)
             O0 = _dot(r["qf"][...], Vk, precision)
             r["x"][fm.f_rows, vs] = Vk.astype(r["x"].dtype)
         X0 = _dot(r["ti"][...], _rhs(r, vs, Vk, precision), precision)
@@ -322,7 +334,7 @@ def _backward_kernel(*refs, names, n, own, decay, precision, exact, key_block):
         dO0 = r["do0"][:, vs]
         Vk = None
         if rk:
-            Vk = r["vk"][:, vs]
+            Vk = _value_cols(r, "vk", vs)
             dVk = _dot(r["qf"][...], dO0, precision, trans_a=True)
             dQF = _dot(dO0, Vk, precision, trans_b=True)
             partial("dqf", dQF, _pairs(dQF.shape, 1, rk, False, n), j - nk)
@@ -483,11 +495,11 @@ def _tail_bwd(cfg, n, own, res, cts):
     if ne:
         outs.update(de=f(ne, Kp), dp=f(ne, Kp), dl=f(progs * ne, ne), dqe=f(progs * Cq, ne))
         if y is not None:
-            outs["dy"] = f(ne, Vp)
+            outs["dy"] = jax.ShapeDtypeStruct((ne, Vp), y.dtype)
     if nf:
         outs["df"] = f(nf, Kp)
         if ne:
-            outs.update(dvk=f(nf, Vp), dqf=f((progs - nk) * Cq, nf),
+            outs.update(dvk=jax.ShapeDtypeStruct((nf, Vp), Vk.dtype), dqf=f((progs - nk) * Cq, nf),
                         dpf=f((progs - nk) * ne, nf))
     if decay is not None:
         outs["dg"] = f(C, Kp) if decay == "channel" else f(nk, C)
