@@ -118,6 +118,38 @@ def test_o0_or_qf_exactly_one():
             state_pass(gamma, Z, W, X, Qs, o0, qf, h0, idx, idx, LOOP)
 
 
+@pytest.mark.parametrize("form", ["loop", "grid"])
+def test_16bit_values_without_probes(form):
+    """X may be 16-bit where W is None (the values as given: GLA): the kernels read it as it
+    is, and its cotangent comes back in its dtype, the float32 one rounded once; everything
+    else as from the float32 copy of X. With W, a 16-bit X is refused (dW reads dX back)."""
+    cfg = LOOP if form == "loop" else Config(form="grid", interpret=pltpu.InterpretParams())
+    B, H, NC, C, K, V = 1, 2, 2, 32, 16, 32
+    rng = np.random.default_rng(7)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    gamma = jnp.asarray(rng.uniform(0.5, 1.0, (B, H, NC, K)), jnp.float32)
+    Z, Qs = 0.05 * normal(B, H, NC, C, K), normal(B, H, NC, C, K)
+    X, QF = normal(B, H, NC, C, V).astype(jnp.bfloat16), 0.1 * normal(B, H, NC, C, C)
+    h0, src = normal(B, 1, H, K, V), jnp.asarray([[0, -1]], jnp.int32)
+    dst = jnp.asarray([[-1, 0]], jnp.int32)
+    run = lambda x: jax.vjp(lambda *a: state_pass(*a, src, dst, cfg),
+                            gamma, Z, None, x, Qs, None, QF, h0)
+    (o, fin), pull = run(X)
+    (o32, fin32), pull32 = run(X.astype(jnp.float32))
+    cts = (normal(*o.shape), normal(*fin.shape))
+    grads, grads32 = pull(cts), pull32(cts)
+    assert_close(o, o32, 1e-6, "o")
+    assert_close(fin, fin32, 1e-6, "final states")
+    for i, (got, want) in enumerate(zip(grads, grads32)):
+        if i == 3:
+            assert got.dtype == jnp.bfloat16
+            want = want.astype(jnp.bfloat16)
+        if want is not None:
+            assert_close(got.astype(jnp.float32), want.astype(jnp.float32), 1e-6, f"grad {i}")
+    with pytest.raises(ValueError, match="float32 where W"):
+        state_pass(gamma, Z, Z, X, Qs, normal(B, H, NC, C, V), None, h0, src, dst, cfg)
+
+
 @pytest.mark.parametrize("rows, probed, Kp, sixteen_bit, want", [
     (64, 64, 128, True, (2, 2)),    # kda, gated_delta_rule: one row block of Z and of W
     (64, 0, 64, True, (2, 2)),      # gla: no probed rows

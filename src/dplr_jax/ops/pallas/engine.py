@@ -38,9 +38,11 @@ def _scan(layout, factors, h0, *, cfg, o_dtype):
     dst = jnp.full((B, NC), -1, jnp.int32).at[layout.final_row, layout.final_chunk].set(
         jnp.arange(N, dtype=jnp.int32) % Nb)
     h0 = h0.reshape((B, Nb) + h0.shape[1:])
-    # The kernels hold states in float32 (float64 inputs under x64 run them in float32 too).
-    o, finals = state_pass(*(None if x is None else x.astype(jnp.float32) for x in factors), h0,
-                           src, dst, cfg, o_dtype)
+    # The kernels hold states in float32 (float64 inputs under x64 run them in float32 too);
+    # X stays 16-bit where it is the values as given (forms without probed keys: GLA).
+    keep = lambda i, x: i == 3 and factors[2] is None and x.dtype.itemsize == 2
+    o, finals = state_pass(*(x if x is None or keep(i, x) else x.astype(jnp.float32)
+                             for i, x in enumerate(factors)), h0, src, dst, cfg, o_dtype)
     return o, finals.reshape((N,) + finals.shape[2:])
 
 

@@ -21,10 +21,13 @@ O0_c = QF_c X_c (GLA: X_c is the values) is formed here rather than in phase 1, 
 programs would otherwise read the values only for it: on the H100 at B=4, T=4096, H=16,
 K=V=128 this took GLA from 1.40 to 1.35 ms forward and from 4.91 to 4.64 forward+backward
 (phase 1's kernels -0.35 ms, XLA's copy of dO0 and sums of the dQF partials -0.14, this
-file's kernels +0.21, of which the gradient kernel +0.17). For the forms with probed rows
-phase 1 forms O0 with X0 (X's probed rows), and forming [QE | QF] X here instead cost more
-than it saved: kda 7.58 -> 8.07 ms, the gradient kernel 1.02 -> 1.50 and the forward 0.51
--> 0.71 (benchmarks/NOTES.md, twentieth session).
+file's kernels +0.21, of which the gradient kernel +0.17). There X is the values as given,
+which the kernels read in their dtype (16-bit: half the bytes, and no float32 copy in XLA)
+and whose cotangent they write in it (GLA 1.35 -> 1.30 ms forward, 4.65 -> 4.51
+forward+backward). For the forms with probed rows phase 1 forms O0 with X0 (X's probed
+rows), and forming [QE | QF] X here instead cost more than it saved: kda 7.58 -> 8.07 ms,
+the gradient kernel 1.02 -> 1.50 and the forward 0.51 -> 0.71 (benchmarks/NOTES.md,
+twentieth session).
 
 Why factors and not M = Diag(gamma) - Z_E^T W: at C=64, K=V=128 the factors Z, W, X are
 96 KB of float32 per chunk where M and Bc are 128 KB, and forming M, Bc was two batched
@@ -235,7 +238,7 @@ def _forward_chunk(c, src, dst, S, r, *, rb, precision):
     # X's blocks loaded once (o first, loading them twice, took gla's forward kernel 1.35 ->
     # 1.42 ms on the H100)
     for rows, probed in _row_blocks(r, rb):
-        U = r["x"][c, rows]
+        U = r["x"][c, rows].astype(jnp.float32)
         if "qf" in r:
             o = [oq + _dot(r["qf"][c, q, rows], U, precision) for oq, q in zip(o, queries)]
         if probed:
@@ -305,18 +308,19 @@ def _grads_kernel(*refs, names, rb, bv, precision, sync):
             if "qf" in r:  # through O0 = QF X
                 for q in queries:
                     dX = dX + _dot(r["qf"][q, rows], do(q, col), precision, trans_a=True)
-            r["dx"][rows, col] = dX
+            r["dx"][rows, col] = dX.astype(r["dx"].dtype)
     for rows, probed in _row_blocks(r, rb):
         dZ = 0.0
         for col in cols:  # U = X - W S on the probed rows, X on the others
-            dZ = dZ + _dot(r["u" if probed else "x"][rows, col], load("g", col), precision,
-                           trans_b=True)
+            U = r["u" if probed else "x"][rows, col].astype(jnp.float32)
+            dZ = dZ + _dot(U, load("g", col), precision, trans_b=True)
         r["dz"][rows] = dZ
         if "qf" in r:
             for q in queries:
                 dQ = 0.0
                 for col in cols:
-                    dQ = dQ + _dot(do(q, col), r["x"][rows, col], precision, trans_b=True)
+                    dQ = dQ + _dot(do(q, col), r["x"][rows, col].astype(jnp.float32),
+                                   precision, trans_b=True)
                 r["dqf"][q, rows] = dQ
     if "u" not in r:
         return
@@ -468,8 +472,11 @@ def _grads(cfg, ins, rb, H, qs_shape):
     kernel = functools.partial(_grads_kernel, names=tuple(ins) + names, rb=rb, bv=bv,
                                precision=cfg.precision,
                                sync=cfg.form == "loop" and not cfg.interpret)
+    # dX in X's dtype: 16-bit where X is the values as given (then without probed rows, so
+    # that dW reads back no rounded dX).
+    dtype = lambda n: ins["x"].dtype if n == "dx" and "x" in ins else jnp.float32
     res = pl.pallas_call(
-        kernel, out_shape=[jax.ShapeDtypeStruct(shapes[n], jnp.float32) for n in names],
+        kernel, out_shape=[jax.ShapeDtypeStruct(shapes[n], dtype(n)) for n in names],
         grid=(BH, NC), in_specs=[spec(n, x) for n, x in ins.items()],
         out_specs=[chunk(shapes[n]) for n in names], interpret=cfg.interpret,
         compiler_params=_params(cfg, cfg.grads, ("parallel", "parallel")),
@@ -582,7 +589,8 @@ def state_pass(gamma, Z, W, X, Qs, O0, QF, h0, src, dst, cfg: Config, o_dtype=jn
 
     gamma [B, H, NC, K], Z [B, H, NC, n, K], W [B, H, NC, ne, K] or None, X [B, H, NC, n, V],
     Qs [B, H, NC, C, K], and O0 [B, H, NC, C, V] or (only where W is None) QF [B, H, NC, C, n],
-    the other None: O0 = QF X (float32; chunked.chunk_factors per chunk; C query rows, n and
+    the other None: O0 = QF X (float32, but for X where W is None: the values, which may be
+    16-bit, their cotangent then too; chunked.chunk_factors per chunk; C query rows, n and
     ne multiples of 16); h0 [B, Nb, H, K, V] the initial states that batch
     row b can load; src [B, NC] int32: the index into h0[b] that chunk c resets to, or -1 (no
     reset; chunk 0 of every row must reset); dst [B, NC] int32: the index into the final states of
@@ -610,6 +618,9 @@ def state_pass(gamma, Z, W, X, Qs, O0, QF, h0, src, dst, cfg: Config, o_dtype=jn
         raise ValueError(f"state_pass: O0 {shape(O0)} [B, H, NC, C, V] or (without W, here "
                          f"{shape(W)}) QF {shape(QF)} [B, H, NC, C, n] must be given, not both; "
                          f"Qs {Qs.shape}, Z {Z.shape}, X {X.shape}")
+    if W is not None and jnp.dtype(X.dtype).itemsize < 4:  # dW reads dX back, unrounded
+        raise ValueError(f"state_pass: X ({X.dtype}) must be float32 where W is given; "
+                         f"16-bit only for the values of forms without probed rows")
     gamma = _pad_to(gamma, 3, Kp)[..., None]
     Z, W, Qs = (_pad_to(x, 4, Kp) for x in (Z, W, Qs))
     X, O0 = _pad_to(X, 4, Vp), _pad_to(O0, 4, Vp)
