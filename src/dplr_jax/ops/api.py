@@ -188,13 +188,14 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     # chunk-major layout would be a copy of its own (chunked.chunked's in_place): log decays
     # in the accumulation dtype (not cast, not formed by the op; a cast or formed g is
     # written by XLA anyway and moves on the way), and the values y of one-factor forms (v
-    # itself with a rank axis, forms.delta_rule) where phase 1's kernels take them.
+    # itself with a rank axis, forms.delta_rule) where phase 1's kernels take them (with the
+    # state-pass kernel: without it chunked.chunked runs XLA's chunk_summary).
     in_place = ()
     if (decayed is not None or factors is not None) and any(
             rest[0] is x and x0.dtype == dtype for x, x0 in zip(xs, inputs) if x is not None):
         in_place += ("g",)
     y = rest[2]
-    if factors is not None and n == 1 and y is not None and y.shape[3] == 1:
+    if factors is not None and scan is not None and n == 1 and y is not None and y.shape[3] == 1:
         in_place += ("y",)
     o, S = chunked.chunked(q if whole else chunked.at_last(q, n, axis=1), *rest, h0,
                            chunk_size=chunk_size, in_place=in_place,
