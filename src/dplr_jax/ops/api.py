@@ -162,11 +162,11 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
                 decayed=None, scan=None, factors=None):
     """The chunk engine for op `name` on validated inputs (backend "xla"; the Pallas kernels
     pass their phases as `decayed` / `scan` / `factors`, see chunked.chunked): cast to the
-    accumulation dtype, scale q, build the op's form, run it (n virtual tokens per token for
-    multi-factor ops, in chunks of chunk_size virtual tokens: phase 1 costs O(C) per virtual
-    token, and the state pass's dots grow past C = 64; a chunk may split a token's virtual
-    group) and read each token's output at its last virtual token. bounded: the log decays
-    are >= chunked.MIN_BOUND (checked by the caller).
+    accumulation dtype (but v, which `factors` takes as given), scale q, build the op's form,
+    run it (n virtual tokens per token for multi-factor ops, in chunks of chunk_size virtual
+    tokens: phase 1 costs O(C) per virtual token, and the state pass's dots grow past C = 64;
+    a chunk may split a token's virtual group) and read each token's output at its last
+    virtual token. bounded: the log decays are >= chunked.MIN_BOUND (checked by the caller).
     Returns o (accumulation dtype) and the final states."""
     dtype = acc_dtype(*inputs, initial_state)
     # With phase 1's kernels the values v stay as given (16-bit: half the bytes, and no
