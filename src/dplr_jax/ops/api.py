@@ -172,7 +172,7 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     # With phase 1's kernels the values v stay as given (16-bit: half the bytes, and no
     # float32 copy): the kernels cast them on chip.
     as_given = (2,) if factors is not None else ()
-    xs = [x if i in as_given else _cast([x], dtype)[0] for i, x in enumerate(inputs)]
+    xs = [x if i in as_given or x is None else x.astype(dtype) for i, x in enumerate(inputs)]
     xs[0] = xs[0] * scale
     q, v = xs[0], xs[2]
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
