@@ -47,10 +47,13 @@ def value_and_pullback(fn, xs, ct):
 
 @pytest.mark.parametrize("C,a,b,K,strong", [(64, 1, 1, 32, False), (64, 1, 1, 32, True),
                                             (32, 2, 1, 40, False), (16, 1, 3, 16, True),
-                                            (64, 1, 2, 24, True), (32, 2, 1, 100, True)])
+                                            (64, 1, 2, 24, True), (32, 2, 1, 100, True),
+                                            (64, 2, 1, 72, False), (128, 2, 1, 40, True)])
 def test_matches_xla_in_float64(C, a, b, K, strong, rng, x64):
     """Same math as XLA's version: values and cotangents agree to rounding (float64); K = 100:
-    two programs of the backward's key-column blocks, the padded columns included."""
+    two programs of the backward's key-column blocks, the padded columns included; C >= 64:
+    the backward's pairs across 32-row blocks (_cross_blocks), at C = 128 with blocks between
+    them; K = 72 (padded to 128) in two column blocks of 64 there."""
     xs = cast(chunk(rng, C=C, a=a, b=b, K=K, strong=strong), jnp.float64)
     ct = jnp.asarray(rng.standard_normal((C, a, C, b)))
     ref = value_and_pullback(chunked.decayed_products, xs, ct)

@@ -19,7 +19,9 @@ kernels each way:
   Y_j e^{suffix_j} from that row's exponents on the way: each a sum of the tokens it covers;
 - the rest of D per chunk (_forward_kernel): the blocks (i, j < i) as one [16, K] x [K, 16]
   dot of the query side, times e^{(whole sub-chunks between j and i)}, against the key side:
-  every factor <= 1, and the exponents add up exactly to the pair's decay sum.
+  every factor <= 1, and the exponents add up exactly to the pair's decay sum. Pairs in
+  different 32-row blocks (C >= 64) take the same factors, times sub-chunk totals, as one
+  [32, K] x [K, 32] dot per pair of blocks (_cross_forward).
 
 Query sides: several X against the same Y and g run in one pass (a probe's ranks; phase
 1's q with the probes, as chunked.intra_products forms them). Each step's exp2 and key row
@@ -33,7 +35,9 @@ became query sides too, from 13.72 to 12.53 (seventeenth session).
 Backward (custom_vjp): _diagonal_backward_kernel, by the same row groups, runs the keys down
 for its rows' dX (as queries) and the queries up for their dY (as keys), and writes the
 factors e^{prefix}, e^{suffix} its loops end with; _backward_kernel, per chunk, adds the
-off-diagonal blocks' dX and dY by dots and forms the log decays' gradient. That needs no
+off-diagonal blocks' dX and dY by dots (with several query sides, those of pairs in
+different 32-row blocks as [32, 32] blocks: _cross_blocks) and forms the log decays'
+gradient. That needs no
 exponent: with R = X * dX and Q = Y * dY per channel, the pairs (t, s) whose decay contains
 g_u are those with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s, per
 sub-chunk from the last: the sum over its rows t >= u (its total less a cumulative sum:
@@ -239,6 +243,7 @@ def _forward_kernel(tot_ref, *refs, precision, strict):
     diag_refs, xq_refs, key_ref, d_refs = refs[:a], refs[a:2 * a], refs[2 * a], refs[2 * a + 1:]
     C = d_refs[0].shape[0]
     n = C // SUB
+    cross = n > HALF // SUB  # the pairs across 32-row blocks: _cross_forward's
     t, u = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
     for i in range(n):
         rows = pl.ds(i * SUB, SUB)
@@ -249,7 +254,8 @@ def _forward_kernel(tot_ref, *refs, precision, strict):
                 d_ref[rows, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), d_ref.dtype)
         if i:
             Xq = [xq_ref[rows, :] for xq_ref in xq_refs]
-            for j in reversed(range(i)):  # between = totals of the sub-chunks j+1 .. i-1
+            # between = totals of the sub-chunks j+1 .. i-1
+            for j in reversed(range(i - i % (HALF // SUB) if cross else 0, i)):
                 key = key_ref[pl.ds(j * SUB, SUB), :]
                 for Xs, d_ref in zip(Xq, d_refs):
                     d_ref[rows, pl.ds(j * SUB, SUB)] = _dot(Xs, key, precision,
@@ -258,6 +264,35 @@ def _forward_kernel(tot_ref, *refs, precision, strict):
                     # forward kernels 0.05 ms on the H100; NOTES, nineteenth session)
                     e = tot_ref[pl.ds(j, 1), :]
                     Xq = [Xs * e for Xs in Xq]
+    if cross:
+        _cross_forward(tot_ref, xq_refs, key_ref, d_refs, precision)
+
+
+def _cross_forward(tot_ref, xq_refs, key_ref, d_refs, precision):
+    """_forward_kernel's blocks (i, j) of sub-chunks in different 32-row blocks B > A: one
+    [32, K] x [K, 32] dot per pair of blocks of the query side from B's first token (X_i
+    e^{prefix_i}, times the total of B's first sub-chunk on its second's rows, and the totals
+    of the blocks between) against the key side to A's last token (Y_j e^{suffix_j}, times
+    the total of A's second sub-chunk on its first's rows): the 16-row loop's factors, every
+    one <= 1, each dot covering four of its pairs."""
+    C, Kp = key_ref.shape
+    first = _iota((HALF, 1), 0) < SUB  # a block's rows in its first sub-chunk
+    for b in range(1, C // HALF):
+        rb = pl.ds(b * HALF, HALF)
+        for a_ in reversed(range(b)):
+            ra = pl.ds(a_ * HALF, HALF)
+            D = [0.0] * len(d_refs)
+            for c in range(0, Kp, min(Kp, BLOCK)):  # key columns in blocks of 64
+                cols = pl.ds(c, min(Kp, BLOCK))
+                total = lambda i, cols=cols: tot_ref[pl.ds(i, 1), cols]
+                e = jnp.where(first, 1.0, total(2 * b))
+                for h in range(a_ + 1, b):
+                    e = e * total(2 * h) * total(2 * h + 1)
+                key = key_ref[ra, cols] * jnp.where(first, total(2 * a_ + 1), 1.0)
+                D = [Ds + _dot(xq_ref[rb, cols] * e, key, precision, trans_b=True)
+                     for Ds, xq_ref in zip(D, xq_refs)]
+            for Ds, d_ref in zip(D, d_refs):
+                d_ref[rb, ra] = Ds.astype(d_ref.dtype)
 
 
 def _bounded_forward_kernel(*refs, precision, strict):
@@ -386,6 +421,20 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
     C = y_ref.shape[0]
     cols = pl.ds(pl.program_id(0) * kb, kb)
     n = C // SUB
+    # Without the bound and with several query sides, the pairs of sub-chunks in different
+    # 32-row blocks are _cross_blocks' [32, 32] blocks, first; the loop below takes the pairs
+    # within a block and adds their sums (written to dx and dy, read back after a barrier) to
+    # the rows'. On the H100 at C = 64 this took the kernel from 1.114 to 1.067 ms for kda's
+    # two sides (dplr's and hdla's alike; 1.032 with 64 key columns per program, which its
+    # registers now allow) and from 0.651 to 0.699 for GLA's one, which keeps the 16-row
+    # loop for every pair (benchmarks/NOTES.md, twenty-second session).
+    per = HALF // SUB  # sub-chunks per block
+    cross = _crosses(C, a, bounded)
+    if cross:
+        _cross_blocks(x_refs, y_ref, ddt_refs, eq_ref, ek_ref, dx_refs, dy_ref,
+                      pl.program_id(0) * kb, kb, precision)
+        if sync:
+            pl_triton.debug_barrier()
     decays, totals, dkeys = [], [], []  # per key sub-chunk j: e^{suffix_j}, e^{total_j}, dY_j
     for i in range(n):
         rows = pl.ds(i * SUB, SUB)
@@ -406,13 +455,17 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
             eq, decay, total = _exp(pre), _exp(suffix), _exp(total)
         else:
             dX, dY = [dxd_ref[rows, cols] for dxd_ref in dxd_refs], dyd_ref[rows, cols]
+            if cross and i >= per:  # queries after the first block
+                dX = [dXs + dx_ref[rows, cols] for dXs, dx_ref in zip(dX, dx_refs)]
+            if cross and i < n - per:  # keys before the last block
+                dY = dY + dy_ref[rows, cols]
             eq = eq_ref[rows, cols] if i else None
             decay = None  # ek_ref's rows, loaded where used
             # e^{total}: the e^{prefix} of the sub-chunk's last row (the diagonal kernel's sum
             # of the tokens it covers); the first sub-chunk's, which that kernel does not
             # write, is never used
             total = eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols] if i else None
-        for j in reversed(range(i)):
+        for j in reversed(range(i - i % per if cross else 0, i)):
             # (ek_ref's rows reloaded: kept, they spilled)
             ek = decays[j] if bounded else ek_ref[pl.ds(j * SUB, SUB), cols]
             key = y_ref[pl.ds(j * SUB, SUB), cols] * ek
@@ -425,6 +478,8 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
             if j:
                 eq = eq * totals[j]
         dg_ref[rows, cols] = sum(Xs * dXs for Xs, dXs in zip(Xq, dX)).astype(dg_ref.dtype)  # R
+        if sync and cross and i >= per:  # the rows' cross sums are read before they are
+            pl_triton.debug_barrier()      # overwritten, by every thread
         for dx_ref, dXs in zip(dx_refs, dX):
             dx_ref[rows, cols] = dXs.astype(dx_ref.dtype)
         decays.append(decay)
@@ -445,6 +500,54 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
         dg = (later + total) - (jnp.cumsum(rq, axis=0) - rq)
         dg_ref[rows, cols] = dg.astype(dg_ref.dtype)
         later = later + total
+
+
+def _crosses(C, a, bounded):
+    """Whether _backward_kernel takes the pairs across 32-row blocks in _cross_blocks: chunks
+    of more than one block, several query sides, no bound."""
+    return not bounded and C > HALF and a > 1
+
+
+def _cross_blocks(x_refs, y_ref, ddt_refs, eq_ref, ek_ref, dx_refs, dy_ref, col0, kb,
+                  precision):
+    """_backward_kernel's pairs (i, j) of sub-chunks in different 32-row blocks B > A: per
+    pair of blocks one [32, 32] block of dD^T against 32-row sides, dX_B = (dD_BA Y'_A) e_B
+    and dY_A = (dD_BA^T (X_B e_B)) e'_A, with the query factor e_B = e^{sum from B's first
+    token to the row} (times the totals of the blocks between) and the key one e'_A = e^{sum
+    after the key to A's last token}: products of _diagonal_backward_kernel's factors and
+    sub-chunk totals, every one <= 1 and the exponents adding up to the pair's decay sum, as
+    in the 16-row loop. Each dot covers four of that loop's pairs. Written to the rows of dx
+    (all blocks but the first) and dy (all but the last) for the loop to add to."""
+    C = y_ref.shape[0]
+    nb = C // HALF
+    first = _iota((HALF, 1), 0) < SUB  # a block's rows in its first sub-chunk
+    for c in range(0, kb, min(kb, BLOCK)):  # columns in blocks of 64: fewer registers
+        cols = pl.ds(col0 + c, min(kb, BLOCK))
+
+        def total(i, cols=cols):  # e^{total} of sub-chunk i >= 1: its last row's e^{prefix}
+            return eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols]
+
+        dkeys = [0.0] * (nb - 1)  # dY of the key blocks
+        for b in range(1, nb):
+            rb = pl.ds(b * HALF, HALF)
+            eq = eq_ref[rb, cols] * jnp.where(first, 1.0, total(2 * b))
+            dX = [0.0] * len(x_refs)
+            for a_ in reversed(range(b)):
+                ra = pl.ds(a_ * HALF, HALF)
+                ek = ek_ref[ra, cols] * jnp.where(first, total(2 * a_ + 1), 1.0)
+                key = y_ref[ra, cols] * ek
+                dkey = 0.0
+                for side, (x_ref, ddt_ref) in enumerate(zip(x_refs, ddt_refs)):
+                    ddt = ddt_ref[ra, rb]  # (dD_BA)^T: [s in A, t in B]
+                    dX[side] = dX[side] + _dot(ddt, key, precision, trans_a=True) * eq
+                    dkey = dkey + _dot(ddt, x_ref[rb, cols] * eq, precision)
+                dkeys[a_] = dkeys[a_] + dkey * ek
+                if a_:
+                    eq = eq * total(2 * a_) * total(2 * a_ + 1)
+            for dx_ref, dXs in zip(dx_refs, dX):
+                dx_ref[rb, cols] = dXs.astype(dx_ref.dtype)
+        for a_, dY in enumerate(dkeys):
+            dy_ref[pl.ds(a_ * HALF, HALF), cols] = dY.astype(dy_ref.dtype)
 
 
 def _acc(ref):
@@ -517,6 +620,7 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
 
 
 BLOCK = 64  # key columns per program of the backward kernels
+HALF = 2 * SUB  # rows of the blocks whose pairs _cross_blocks takes
 # Rows per program of the diagonal kernels: on the GPU 2 (H100, benchmarks/NOTES.md), in the
 # CPU interpreter a whole sub-chunk (fewer, larger steps).
 DIAGONAL_ROWS, DIAGONAL_WARPS, INTERPRET_ROWS = 2, 1, SUB
@@ -608,10 +712,12 @@ def _products_bwd(strict, cfg, res, dD):
     # Bounded, the kernel forms each side's diagonal blocks by dots from g: a program per
     # BLOCK key columns (kda 8.11 -> 7.47 ms forward+backward on the H100, fifteenth
     # session; with one side and g read in place, gla's kernel 0.89 -> 0.77 ms, nineteenth).
-    # Otherwise one program per chunk, which reads the C x C cotangents once (per BLOCK
-    # columns dplr took 15.25 against 14.66-14.83 unsplit; benchmarks/NOTES.md).
+    # So too with _cross_blocks (kda 1.069 -> 1.032 ms, dplr's two alike, at 188 registers
+    # instead of 255; twenty-second). Otherwise one program per chunk, which reads the C x C
+    # cotangents once (per BLOCK columns dplr took 15.25 against 14.66-14.83 unsplit, and
+    # gla's kernel 0.651 -> 0.802 in the twenty-second session; benchmarks/NOTES.md).
     Kp = Yp.shape[1]
-    kb = min(BLOCK, Kp) if cfg.bounded else Kp
+    kb = min(BLOCK, Kp) if cfg.bounded or _crosses(Y.shape[0], a, cfg.bounded) else Kp
     kernel = functools.partial(_backward_kernel, a=a, precision=cfg.precision,
                                exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret,
                                kb=kb)
