@@ -34,10 +34,10 @@ became query sides too, from 13.72 to 12.53 (seventeenth session).
 
 Backward (custom_vjp): _diagonal_backward_kernel, by the same row groups, runs the keys down
 for its rows' dX (as queries) and the queries up for their dY (as keys), and writes the
-factors e^{prefix}, e^{suffix} its loops end with; _backward_kernel, per chunk, adds the
-off-diagonal blocks' dX and dY by dots (with several query sides, those of pairs in
-different 32-row blocks as [32, 32] blocks: _cross_blocks) and forms the log decays'
-gradient. That needs no
+factors e^{prefix}, e^{suffix} its loops end with; _backward_kernel, per 32-row block of a
+chunk (_block_backward), adds the off-diagonal blocks' dX and dY by dots (those of pairs in
+different 32-row blocks as [32, 32] blocks) and forms the log decays' gradient, the sums
+over later blocks added by the wrapper. That needs no
 exponent: with R = X * dX and Q = Y * dY per channel, the pairs (t, s) whose decay contains
 g_u are those with s < u <= t, so dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s, per
 sub-chunk from the last: the sum over its rows t >= u (its total less a cumulative sum:
@@ -77,7 +77,9 @@ session): forward 0.25 + 0.15 ms each, backward 0.36 + 0.69, where one program p
 with 16-row loops took 0.72-0.77 forward and 1.17 backward (255 registers, 2 warps per
 scheduler: latency-bound at low occupancy, tenth session). With both of kda's products in
 one pass as query sides (fifteenth session): forward 0.34 + 0.27, backward 0.47 + 1.17, the
-last against ~0.65 ms of bytes (480 KB per chunk).
+last against ~0.65 ms of bytes (480 KB per chunk). A program per 32-row block and 64 key
+columns (165 registers at 4 warps, 3 programs per SM, where the program per chunk held 255)
+took the latter to 0.79 (twenty-second session).
 
 Scalar decays (one per token: gated_delta_rule, gated_delta_product) need no sub-chunks: the
 chunk's pairwise decay sums S [C, C] are one scan over t of the masked per-token decays
@@ -408,35 +410,101 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
     off-diagonal factors from _diagonal_backward_kernel (bounded: computed here from g,
     _bounded_block), the blocks (i, j < i) by dots, the key side loaded once for all sides,
     dg after them (see the module docstring; R sums over the sides). Every step is per key
-    channel (the dots contract over tokens): one program per block of kb key columns.
+    channel (the dots contract over tokens): one program per block of kb key columns, and
+    without the bound per 32-row block of the chunk as well (_block_backward).
     Without the bound g is not read: a sub-chunk's e^{total} is the e^{prefix} of its last
     row (with g's rows 8 KB apart, chunked.chunked's decays_in_place, reading g for the
     totals took kda's kernel from 1.17 to 1.44 ms on the H100; benchmarks/NOTES.md,
     nineteenth session)."""
     x_refs, (y_ref, g_ref), ddt_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
     rest = refs[2 * a + 2:]
-    if not bounded:
-        dxd_refs, (dyd_ref, eq_ref, ek_ref), rest = rest[:a], rest[a:a + 3], rest[a + 3:]
-    dx_refs, (dy_ref, dg_ref) = rest[:a], rest[a:]
-    C = y_ref.shape[0]
     cols = pl.ds(pl.program_id(0) * kb, kb)
-    n = C // SUB
-    # Without the bound and with several query sides, the pairs of sub-chunks in different
-    # 32-row blocks are _cross_blocks' [32, 32] blocks, first; the loop below takes the pairs
-    # within a block and adds their sums (written to dx and dy, read back after a barrier) to
-    # the rows'. On the H100 at C = 64 this took the kernel from 1.114 to 1.067 ms for kda's
-    # two sides (dplr's and hdla's alike; 1.032 with 64 key columns per program, which its
-    # registers now allow) and from 0.651 to 0.699 for GLA's one, which keeps the 16-row
-    # loop for every pair (benchmarks/NOTES.md, twenty-second session).
-    per = HALF // SUB  # sub-chunks per block
-    cross = _crosses(C, a, bounded)
-    if cross:
-        _cross_blocks(x_refs, y_ref, ddt_refs, eq_ref, ek_ref, dx_refs, dy_ref,
-                      pl.program_id(0) * kb, kb, precision)
-        if sync:
-            pl_triton.debug_barrier()
-    decays, totals, dkeys = [], [], []  # per key sub-chunk j: e^{suffix_j}, e^{total_j}, dY_j
-    for i in range(n):
+    if bounded:
+        dx_refs, (dy_ref, dg_ref) = rest[:a], rest[a:]
+        _rows_backward(x_refs, y_ref, ddt_refs, dx_refs, dy_ref, dg_ref, cols, 0,
+                       y_ref.shape[0] // SUB, precision, sync, g_ref=g_ref, exact=exact)
+        return
+    dxd_refs, (dyd_ref, eq_ref, ek_ref), rest = rest[:a], rest[a:a + 3], rest[a + 3:]
+    dx_refs, (dy_ref, dg_ref, rq_ref) = rest[:a], rest[a:]
+    for b in range(_row_blocks(y_ref.shape[0])):
+        pl.when(pl.program_id(1) == b)(functools.partial(
+            _block_backward, b, x_refs, y_ref, ddt_refs, dxd_refs, dyd_ref, eq_ref, ek_ref,
+            dx_refs, dy_ref, dg_ref, rq_ref, cols, precision, sync))
+
+
+def _row_blocks(C):
+    """The 32-row blocks of a chunk of C rows (one if C <= 32)."""
+    return max(C // HALF, 1)
+
+
+def _block_backward(b, x_refs, y_ref, ddt_refs, dxd_refs, dyd_ref, eq_ref, ek_ref, dx_refs,
+                    dy_ref, dg_ref, rq_ref, cols, precision, sync):
+    """_backward_kernel without the bound for 32-row block b of the chunk: its rows' dX from
+    the keys of the blocks before it and its keys' dY from the queries of the blocks after it,
+    as one [32, 32] block of dD^T per pair of blocks and side (written to dx and dy, read back
+    after a barrier by the rows' loop as their starting values), then the pairs within the
+    block by the 16-row loop, and dg of its rows with the sums of R - Q over the block's rows
+    to its own end; rq_ref[b] gets the block's whole sum, which the wrapper adds to the rows
+    of the blocks before it. The block-pair factors are those of the 16-row loop times
+    sub-chunk totals: the query factor e_B = e^{sum from B's first token to the row} (times
+    the totals of the blocks between), the key one e'_A = e^{sum after the key to A's last
+    token}; every one <= 1 and the exponents adding up to each pair's decay sum."""
+    C = y_ref.shape[0]
+    nb = _row_blocks(C)
+    per = min(C, HALF) // SUB  # sub-chunks per block
+    rows = min(C, HALF)
+    first = _iota((rows, 1), 0) < SUB  # a block's rows in its first sub-chunk
+    rb = pl.ds(b * rows, rows)
+
+    def total(i):  # e^{total} of sub-chunk i >= 1: its last row's e^{prefix}
+        return eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols]
+
+    def block_total(h):
+        return total(per * h) * total(per * h + 1)
+
+    if b > 0:  # queries: the keys of the blocks before
+        eq = eq_ref[rb, cols] * jnp.where(first, 1.0, total(per * b))
+        dX = [0.0] * len(x_refs)
+        for a_ in reversed(range(b)):
+            ra = pl.ds(a_ * rows, rows)
+            key = y_ref[ra, cols] * ek_ref[ra, cols] * jnp.where(
+                first, total(per * a_ + 1), 1.0)
+            for side, ddt_ref in enumerate(ddt_refs):
+                dX[side] = dX[side] + _dot(ddt_ref[ra, rb], key, precision, trans_a=True) * eq
+            if a_:
+                eq = eq * block_total(a_)
+        for dx_ref, dXs in zip(dx_refs, dX):
+            dx_ref[rb, cols] = dXs.astype(dx_ref.dtype)
+    if b < nb - 1:  # keys: the queries of the blocks after
+        between = 1.0
+        dkey = 0.0
+        for c in range(b + 1, nb):
+            rc = pl.ds(c * rows, rows)
+            eq = eq_ref[rc, cols] * jnp.where(first, 1.0, total(per * c)) * between
+            for x_ref, ddt_ref in zip(x_refs, ddt_refs):
+                dkey = dkey + _dot(ddt_ref[rb, rc], x_ref[rc, cols] * eq, precision)
+            between = between * block_total(c)
+        ek = ek_ref[rb, cols] * jnp.where(first, total(per * b + 1), 1.0)
+        dy_ref[rb, cols] = (dkey * ek).astype(dy_ref.dtype)
+    if sync and nb > 1:  # the block sums come back to other threads than wrote them
+        pl_triton.debug_barrier()
+    later = _rows_backward(x_refs, y_ref, ddt_refs, dx_refs, dy_ref, dg_ref, cols, b * per,
+                           per, precision, sync, dxd_refs=dxd_refs, dyd_ref=dyd_ref,
+                           eq_ref=eq_ref, ek_ref=ek_ref, cross_x=b > 0, cross_y=b < nb - 1)
+    rq_ref[pl.ds(b, 1), cols] = later.astype(rq_ref.dtype)
+
+
+def _rows_backward(x_refs, y_ref, ddt_refs, dx_refs, dy_ref, dg_ref, cols, lo, n, precision,
+                   sync, *, g_ref=None, exact=None, dxd_refs=None, dyd_ref=None, eq_ref=None,
+                   ek_ref=None, cross_x=False, cross_y=False):
+    """The 16-row loop over sub-chunks lo .. lo + n - 1 (bounded: the chunk's, their diagonal
+    blocks formed here from g_ref; else the diagonal kernel's dxd, dyd and factors eq, ek,
+    and, where cross_x / cross_y, the sums the rows' dX / dY already hold in dx / dy): the
+    pairs (i, j < i) among them, dX, dY and dg of their rows. Returns the sum of R - Q over
+    the rows, by key column."""
+    bounded = g_ref is not None
+    decays, totals, dkeys = {}, {}, {}  # per key sub-chunk j: e^{suffix_j}, e^{total_j}, dY_j
+    for i in range(lo, lo + n):
         rows = pl.ds(i * SUB, SUB)
         Xq = [x_ref[rows, cols] for x_ref in x_refs]
         if bounded:
@@ -455,9 +523,9 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
             eq, decay, total = _exp(pre), _exp(suffix), _exp(total)
         else:
             dX, dY = [dxd_ref[rows, cols] for dxd_ref in dxd_refs], dyd_ref[rows, cols]
-            if cross and i >= per:  # queries after the first block
+            if cross_x:
                 dX = [dXs + dx_ref[rows, cols] for dXs, dx_ref in zip(dX, dx_refs)]
-            if cross and i < n - per:  # keys before the last block
+            if cross_y:
                 dY = dY + dy_ref[rows, cols]
             eq = eq_ref[rows, cols] if i else None
             decay = None  # ek_ref's rows, loaded where used
@@ -465,7 +533,7 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
             # of the tokens it covers); the first sub-chunk's, which that kernel does not
             # write, is never used
             total = eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols] if i else None
-        for j in reversed(range(i - i % per if cross else 0, i)):
+        for j in reversed(range(lo, i)):
             # (ek_ref's rows reloaded: kept, they spilled)
             ek = decays[j] if bounded else ek_ref[pl.ds(j * SUB, SUB), cols]
             key = y_ref[pl.ds(j * SUB, SUB), cols] * ek
@@ -475,23 +543,21 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
                 dX[side] = dX[side] + _dot(ddt_ji, key, precision, trans_a=True) * eq
                 dkey = dkey + _dot(ddt_ji, Xs * eq, precision)
             dkeys[j] = dkeys[j] + dkey * ek
-            if j:
+            if j > lo:
                 eq = eq * totals[j]
         dg_ref[rows, cols] = sum(Xs * dXs for Xs, dXs in zip(Xq, dX)).astype(dg_ref.dtype)  # R
-        if sync and cross and i >= per:  # the rows' cross sums are read before they are
-            pl_triton.debug_barrier()      # overwritten, by every thread
+        if sync and cross_x:  # the rows' block sums are read before they are overwritten,
+            pl_triton.debug_barrier()  # by every thread
         for dx_ref, dXs in zip(dx_refs, dX):
             dx_ref[rows, cols] = dXs.astype(dx_ref.dtype)
-        decays.append(decay)
-        totals.append(total)
-        dkeys.append(dY)
+        decays[i], totals[i], dkeys[i] = decay, total, dY
     # The log decays: dg_u = sum_{t >= u} R_t - sum_{s >= u} Q_s, by sub-chunks from the last:
     # the sum over the sub-chunk's rows t >= u, as its total less the rows before u, plus the
     # sub-chunks after it.
     if sync:  # the R rows come back to other threads than wrote them
         pl_triton.debug_barrier()
     later = 0.0
-    for j in reversed(range(n)):
+    for j in reversed(range(lo, lo + n)):
         rows = pl.ds(j * SUB, SUB)
         dy_ref[rows, cols] = dkeys[j].astype(dy_ref.dtype)
         R = dg_ref[rows, cols]
@@ -500,54 +566,7 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
         dg = (later + total) - (jnp.cumsum(rq, axis=0) - rq)
         dg_ref[rows, cols] = dg.astype(dg_ref.dtype)
         later = later + total
-
-
-def _crosses(C, a, bounded):
-    """Whether _backward_kernel takes the pairs across 32-row blocks in _cross_blocks: chunks
-    of more than one block, several query sides, no bound."""
-    return not bounded and C > HALF and a > 1
-
-
-def _cross_blocks(x_refs, y_ref, ddt_refs, eq_ref, ek_ref, dx_refs, dy_ref, col0, kb,
-                  precision):
-    """_backward_kernel's pairs (i, j) of sub-chunks in different 32-row blocks B > A: per
-    pair of blocks one [32, 32] block of dD^T against 32-row sides, dX_B = (dD_BA Y'_A) e_B
-    and dY_A = (dD_BA^T (X_B e_B)) e'_A, with the query factor e_B = e^{sum from B's first
-    token to the row} (times the totals of the blocks between) and the key one e'_A = e^{sum
-    after the key to A's last token}: products of _diagonal_backward_kernel's factors and
-    sub-chunk totals, every one <= 1 and the exponents adding up to the pair's decay sum, as
-    in the 16-row loop. Each dot covers four of that loop's pairs. Written to the rows of dx
-    (all blocks but the first) and dy (all but the last) for the loop to add to."""
-    C = y_ref.shape[0]
-    nb = C // HALF
-    first = _iota((HALF, 1), 0) < SUB  # a block's rows in its first sub-chunk
-    for c in range(0, kb, min(kb, BLOCK)):  # columns in blocks of 64: fewer registers
-        cols = pl.ds(col0 + c, min(kb, BLOCK))
-
-        def total(i, cols=cols):  # e^{total} of sub-chunk i >= 1: its last row's e^{prefix}
-            return eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols]
-
-        dkeys = [0.0] * (nb - 1)  # dY of the key blocks
-        for b in range(1, nb):
-            rb = pl.ds(b * HALF, HALF)
-            eq = eq_ref[rb, cols] * jnp.where(first, 1.0, total(2 * b))
-            dX = [0.0] * len(x_refs)
-            for a_ in reversed(range(b)):
-                ra = pl.ds(a_ * HALF, HALF)
-                ek = ek_ref[ra, cols] * jnp.where(first, total(2 * a_ + 1), 1.0)
-                key = y_ref[ra, cols] * ek
-                dkey = 0.0
-                for side, (x_ref, ddt_ref) in enumerate(zip(x_refs, ddt_refs)):
-                    ddt = ddt_ref[ra, rb]  # (dD_BA)^T: [s in A, t in B]
-                    dX[side] = dX[side] + _dot(ddt, key, precision, trans_a=True) * eq
-                    dkey = dkey + _dot(ddt, x_ref[rb, cols] * eq, precision)
-                dkeys[a_] = dkeys[a_] + dkey * ek
-                if a_:
-                    eq = eq * total(2 * a_) * total(2 * a_ + 1)
-            for dx_ref, dXs in zip(dx_refs, dX):
-                dx_ref[rb, cols] = dXs.astype(dx_ref.dtype)
-        for a_, dY in enumerate(dkeys):
-            dy_ref[pl.ds(a_ * HALF, HALF), cols] = dY.astype(dy_ref.dtype)
+    return later
 
 
 def _acc(ref):
@@ -620,7 +639,8 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
 
 
 BLOCK = 64  # key columns per program of the backward kernels
-HALF = 2 * SUB  # rows of the blocks whose pairs _cross_blocks takes
+HALF = 2 * SUB  # rows of the backward's blocks (_block_backward)
+KEY_BLOCK = 64  # key columns per program of the backward without the bound
 # Rows per program of the diagonal kernels: on the GPU 2 (H100, benchmarks/NOTES.md), in the
 # CPU interpreter a whole sub-chunk (fewer, larger steps).
 DIAGONAL_ROWS, DIAGONAL_WARPS, INTERPRET_ROWS = 2, 1, SUB
@@ -712,18 +732,25 @@ def _products_bwd(strict, cfg, res, dD):
     # Bounded, the kernel forms each side's diagonal blocks by dots from g: a program per
     # BLOCK key columns (kda 8.11 -> 7.47 ms forward+backward on the H100, fifteenth
     # session; with one side and g read in place, gla's kernel 0.89 -> 0.77 ms, nineteenth).
-    # So too with _cross_blocks (kda 1.069 -> 1.032 ms, dplr's two alike, at 188 registers
-    # instead of 255; twenty-second). Otherwise one program per chunk, which reads the C x C
-    # cotangents once (per BLOCK columns dplr took 15.25 against 14.66-14.83 unsplit, and
-    # gla's kernel 0.651 -> 0.802 in the twenty-second session; benchmarks/NOTES.md).
+    # Otherwise a program per 32-row block and KEY_BLOCK columns (_block_backward): on the
+    # H100 kda's kernel 1.033 ms per chunk -> 0.785 (0.847 at 128 columns; 0.928 at 8 warps,
+    # 0.793 at 2), gla's 0.652 -> 0.516 (benchmarks/NOTES.md, twenty-second session).
     Kp = Yp.shape[1]
-    kb = min(BLOCK, Kp) if cfg.bounded or _crosses(Y.shape[0], a, cfg.bounded) else Kp
+    kb = min(BLOCK if cfg.bounded else KEY_BLOCK, Kp)
     kernel = functools.partial(_backward_kernel, a=a, precision=cfg.precision,
                                exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret,
                                kb=kb)
     # dg's rows hold R first (the kernel reads it back): Y's dtype, cast to g's at the end.
-    *dX, dY, dg = _call(kernel, args, [f(Yp)] * (a + 2), cfg.interpret, cfg.bwd,
-                        "dplr_decayed_bwd", grid=(Kp // kb,))
+    outs, grid = [f(Yp)] * (a + 2), (Kp // kb,)
+    if not cfg.bounded:  # and each block's sum of R - Q
+        nb = _row_blocks(Y.shape[0])
+        outs, grid = outs + [jax.ShapeDtypeStruct((nb, Kp), Y.dtype)], grid + (nb,)
+    got = _call(kernel, args, outs, cfg.interpret, cfg.bwd, "dplr_decayed_bwd", grid=grid)
+    dX, dY, dg = got[:a], got[a], got[a + 1]
+    if not cfg.bounded:  # each block's rows take the sums of R - Q of the blocks after it
+        rq = got[a + 2]
+        later = jnp.cumsum(rq[::-1], axis=0)[::-1] - rq
+        dg = dg + jnp.repeat(later, Y.shape[0] // nb, axis=0)
     # The pairs (t, t) without decay depend on no g: added here, after dg (see above); a
     # strict side drops them.
     dX = [x[:, :K] for x in dX]
