@@ -640,7 +640,6 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
 
 BLOCK = 64  # key columns per program of the backward kernels
 HALF = 2 * SUB  # rows of the backward's blocks (_block_backward)
-KEY_BLOCK = 64  # key columns per program of the backward without the bound
 # Rows per program of the diagonal kernels: on the GPU 2 (H100, benchmarks/NOTES.md), in the
 # CPU interpreter a whole sub-chunk (fewer, larger steps).
 DIAGONAL_ROWS, DIAGONAL_WARPS, INTERPRET_ROWS = 2, 1, SUB
@@ -732,11 +731,11 @@ def _products_bwd(strict, cfg, res, dD):
     # Bounded, the kernel forms each side's diagonal blocks by dots from g: a program per
     # BLOCK key columns (kda 8.11 -> 7.47 ms forward+backward on the H100, fifteenth
     # session; with one side and g read in place, gla's kernel 0.89 -> 0.77 ms, nineteenth).
-    # Otherwise a program per 32-row block and KEY_BLOCK columns (_block_backward): on the
+    # Otherwise a program per 32-row block and BLOCK columns (_block_backward): on the
     # H100 kda's kernel 1.033 ms per chunk -> 0.785 (0.847 at 128 columns; 0.928 at 8 warps,
     # 0.793 at 2), gla's 0.652 -> 0.516 (benchmarks/NOTES.md, twenty-second session).
     Kp = Yp.shape[1]
-    kb = min(BLOCK if cfg.bounded else KEY_BLOCK, Kp)
+    kb = min(BLOCK, Kp)
     kernel = functools.partial(_backward_kernel, a=a, precision=cfg.precision,
                                exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret,
                                kb=kb)
