@@ -52,7 +52,9 @@ blocks are dots in _backward_kernel, with no diagonal kernel: the sub-chunk's pr
 (one 0/1 dot at float32 precision) give factors X e^{P - m} and Y e^{m - P} around the
 middle row m, at most e^{8|L|} each, and dX, dY of the block are two [16, 16] x [16, K]
 dots (the off-diagonal blocks are unchanged; their suffix sums and totals are then
-differences of sums of <= 16 tokens). The forward under the bound is one kernel,
+differences of sums of <= 16 tokens; the factors of pairs across 32-row blocks are 0/1 dots
+of g per sub-chunk, _bounded_factors). With one query side (gla) it runs per 32-row block
+as well, with several per chunk (_block_rows says why). The forward under the bound is one kernel,
 _bounded_forward_kernel, one program per sub-chunk of rows: its diagonal block one [16, K] x
 [K, 16] dot of those factors (the prefix sums by a scan there), its blocks before the
 diagonal one dot each, with the key sides of the earlier sub-chunks formed again by every
@@ -405,13 +407,13 @@ def _diagonal_backward_kernel(*refs, rows, a):
         ek_ref[here, :] = jnp.exp2(d).astype(ek_ref.dtype)
 
 
-def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
-    """dX (per query side), dY and dg of one chunk: the diagonal blocks' dX, dY and the
-    off-diagonal factors from _diagonal_backward_kernel (bounded: computed here from g,
-    _bounded_block), the blocks (i, j < i) by dots, the key side loaded once for all sides,
-    dg after them (see the module docstring; R sums over the sides). Every step is per key
-    channel (the dots contract over tokens): one program per block of kb key columns, and
-    without the bound per 32-row block of the chunk as well (_block_backward).
+def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb, size):
+    """dX (per query side), dY and dg of one chunk, one program per block of kb key columns
+    (every step is per key channel: the dots contract over tokens) and block of `size` rows
+    of the chunk (_block_backward): the diagonal blocks' dX, dY and the off-diagonal factors from
+    _diagonal_backward_kernel (bounded: formed here from g, _bounded_block and
+    _bounded_factors), the blocks (i, j < i) by dots, the key side loaded once for all
+    sides, dg after them (see the module docstring; R sums over the sides).
     Without the bound g is not read: a sub-chunk's e^{total} is the e^{prefix} of its last
     row (with g's rows 8 KB apart, chunked.chunked's decays_in_place, reading g for the
     totals took kda's kernel from 1.17 to 1.44 ms on the H100; benchmarks/NOTES.md,
@@ -420,55 +422,66 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
     rest = refs[2 * a + 2:]
     cols = pl.ds(pl.program_id(0) * kb, kb)
     if bounded:
-        dx_refs, (dy_ref, dg_ref) = rest[:a], rest[a:]
-        _rows_backward(x_refs, y_ref, ddt_refs, dx_refs, dy_ref, dg_ref, cols, 0,
-                       y_ref.shape[0] // SUB, precision, sync, g_ref=g_ref, exact=exact)
-        return
-    dxd_refs, (dyd_ref, eq_ref, ek_ref), rest = rest[:a], rest[a:a + 3], rest[a + 3:]
+        rows = dict(g_ref=g_ref, exact=exact)
+        factors = _bounded_factors(g_ref, cols, exact, y_ref.dtype)
+    else:
+        dxd_refs, (dyd_ref, eq_ref, ek_ref), rest = rest[:a], rest[a:a + 3], rest[a + 3:]
+        rows = dict(dxd_refs=dxd_refs, dyd_ref=dyd_ref, eq_ref=eq_ref, ek_ref=ek_ref)
+        factors = (lambda r: eq_ref[r, cols], lambda r: ek_ref[r, cols],
+                   lambda i: eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols])
     dx_refs, (dy_ref, dg_ref, rq_ref) = rest[:a], rest[a:]
-    for b in range(_row_blocks(y_ref.shape[0])):
+    for b in range(y_ref.shape[0] // size):
         pl.when(pl.program_id(1) == b)(functools.partial(
-            _block_backward, b, x_refs, y_ref, ddt_refs, dxd_refs, dyd_ref, eq_ref, ek_ref,
-            dx_refs, dy_ref, dg_ref, rq_ref, cols, precision, sync))
+            _block_backward, b, size, x_refs, y_ref, ddt_refs, factors, dx_refs, dy_ref,
+            dg_ref, rq_ref, cols, precision, sync, rows))
 
 
-def _row_blocks(C):
-    """The 32-row blocks of a chunk of C rows (one if C <= 32)."""
-    return max(C // HALF, 1)
+def _bounded_factors(g_ref, cols, exact, dtype):
+    """Under the bound, _block_backward's factors from g (columns cols): of the rows r (a
+    32-row block) e^{prefix} and e^{suffix} within each row's sub-chunk (one 0/1 dot at
+    float32 accuracy each, block-diagonal by sub-chunk), and of sub-chunk i e^{total}: sums
+    of <= 16 tokens, as the exact path's diagonal kernel forms them, so that every factor is
+    <= 1 and none is a difference of sums."""
+    t, u = _iota((HALF, HALF), 0), _iota((HALF, HALF), 1)
+    same = t // SUB == u // SUB
+    g = lambda r: g_ref[r, cols].astype(dtype)
+    prefix = lambda r: _exp(_mask_dot(same & (u <= t), g(r), exact))
+    suffix = lambda r: _exp(_mask_dot(same & (u > t), g(r), exact))
+    total = lambda i: _exp(jnp.sum(g(pl.ds(i * SUB, SUB)), axis=0, keepdims=True))
+    return prefix, suffix, total
 
 
-def _block_backward(b, x_refs, y_ref, ddt_refs, dxd_refs, dyd_ref, eq_ref, ek_ref, dx_refs,
-                    dy_ref, dg_ref, rq_ref, cols, precision, sync):
-    """_backward_kernel without the bound for 32-row block b of the chunk: its rows' dX from
-    the keys of the blocks before it and its keys' dY from the queries of the blocks after it,
-    as one [32, 32] block of dD^T per pair of blocks and side (written to dx and dy, read back
-    after a barrier by the rows' loop as their starting values), then the pairs within the
-    block by the 16-row loop, and dg of its rows with the sums of R - Q over the block's rows
-    to its own end; rq_ref[b] gets the block's whole sum, which the wrapper adds to the rows
-    of the blocks before it. The block-pair factors are those of the 16-row loop times
-    sub-chunk totals: the query factor e_B = e^{sum from B's first token to the row} (times
-    the totals of the blocks between), the key one e'_A = e^{sum after the key to A's last
-    token}; every one <= 1 and the exponents adding up to each pair's decay sum."""
+def _block_backward(b, size, x_refs, y_ref, ddt_refs, factors, dx_refs, dy_ref, dg_ref, rq_ref,
+                    cols, precision, sync, rows):
+    """_backward_kernel for block b of `size` rows of the chunk (the whole chunk, or 32 rows:
+    two sub-chunks): its rows' dX from the keys of the blocks before it and its keys' dY from
+    the queries of the blocks after it, as one [32, 32] block of dD^T per pair of blocks and
+    side (written to dx and dy, read back after a
+    barrier by the rows' loop as their starting values), then the pairs within the block by
+    the 16-row loop (`rows`: its diagonal blocks' sources, _rows_backward), and dg of its rows
+    with the sums of R - Q over the block's rows to its own end; rq_ref[b] gets the block's
+    whole sum, which the wrapper adds to the rows of the blocks before it. factors: functions
+    of a block's rows giving e^{prefix} and e^{suffix} within each row's sub-chunk, and of a
+    sub-chunk i >= 1 giving e^{total_i}. The block-pair factors are those of the 16-row loop
+    times sub-chunk totals: the query factor e_B = e^{sum from B's first token to the row}
+    (times the totals of the blocks between), the key one e'_A = e^{sum after the key to A's
+    last token}; every one <= 1 and the exponents adding up to each pair's decay sum."""
+    prefix, suffix, total = factors
     C = y_ref.shape[0]
-    nb = _row_blocks(C)
-    per = min(C, HALF) // SUB  # sub-chunks per block
-    rows = min(C, HALF)
-    first = _iota((rows, 1), 0) < SUB  # a block's rows in its first sub-chunk
-    rb = pl.ds(b * rows, rows)
-
-    def total(i):  # e^{total} of sub-chunk i >= 1: its last row's e^{prefix}
-        return eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols]
+    nb = C // size
+    per = size // SUB  # sub-chunks per block
+    first = _iota((size, 1), 0) < SUB  # a block's rows in its first sub-chunk
+    rb = pl.ds(b * size, size)
 
     def block_total(h):
         return total(per * h) * total(per * h + 1)
 
     if b > 0:  # queries: the keys of the blocks before
-        eq = eq_ref[rb, cols] * jnp.where(first, 1.0, total(per * b))
+        eq = prefix(rb) * jnp.where(first, 1.0, total(per * b))
         dX = [0.0] * len(x_refs)
         for a_ in reversed(range(b)):
-            ra = pl.ds(a_ * rows, rows)
-            key = y_ref[ra, cols] * ek_ref[ra, cols] * jnp.where(
-                first, total(per * a_ + 1), 1.0)
+            ra = pl.ds(a_ * size, size)
+            key = y_ref[ra, cols] * suffix(ra) * jnp.where(first, total(per * a_ + 1), 1.0)
             for side, ddt_ref in enumerate(ddt_refs):
                 dX[side] = dX[side] + _dot(ddt_ref[ra, rb], key, precision, trans_a=True) * eq
             if a_:
@@ -479,29 +492,28 @@ def _block_backward(b, x_refs, y_ref, ddt_refs, dxd_refs, dyd_ref, eq_ref, ek_re
         between = 1.0
         dkey = 0.0
         for c in range(b + 1, nb):
-            rc = pl.ds(c * rows, rows)
-            eq = eq_ref[rc, cols] * jnp.where(first, 1.0, total(per * c)) * between
+            rc = pl.ds(c * size, size)
+            eq = prefix(rc) * jnp.where(first, 1.0, total(per * c)) * between
             for x_ref, ddt_ref in zip(x_refs, ddt_refs):
                 dkey = dkey + _dot(ddt_ref[rb, rc], x_ref[rc, cols] * eq, precision)
             between = between * block_total(c)
-        ek = ek_ref[rb, cols] * jnp.where(first, total(per * b + 1), 1.0)
+        ek = suffix(rb) * jnp.where(first, total(per * b + 1), 1.0)
         dy_ref[rb, cols] = (dkey * ek).astype(dy_ref.dtype)
     if sync and nb > 1:  # the block sums come back to other threads than wrote them
         pl_triton.debug_barrier()
     later = _rows_backward(x_refs, y_ref, ddt_refs, dx_refs, dy_ref, dg_ref, cols, b * per,
-                           per, precision, sync, dxd_refs=dxd_refs, dyd_ref=dyd_ref,
-                           eq_ref=eq_ref, ek_ref=ek_ref, cross_x=b > 0, cross_y=b < nb - 1)
+                           per, precision, sync, cross_x=b > 0, cross_y=b < nb - 1, **rows)
     rq_ref[pl.ds(b, 1), cols] = later.astype(rq_ref.dtype)
 
 
 def _rows_backward(x_refs, y_ref, ddt_refs, dx_refs, dy_ref, dg_ref, cols, lo, n, precision,
                    sync, *, g_ref=None, exact=None, dxd_refs=None, dyd_ref=None, eq_ref=None,
                    ek_ref=None, cross_x=False, cross_y=False):
-    """The 16-row loop over sub-chunks lo .. lo + n - 1 (bounded: the chunk's, their diagonal
-    blocks formed here from g_ref; else the diagonal kernel's dxd, dyd and factors eq, ek,
-    and, where cross_x / cross_y, the sums the rows' dX / dY already hold in dx / dy): the
-    pairs (i, j < i) among them, dX, dY and dg of their rows. Returns the sum of R - Q over
-    the rows, by key column."""
+    """The 16-row loop over sub-chunks lo .. lo + n - 1 (bounded: their diagonal blocks formed
+    here from g_ref; else the diagonal kernel's dxd, dyd and factors eq, ek; and, where
+    cross_x / cross_y, the sums the rows' dX / dY already hold in dx / dy): the pairs (i, j <
+    i) among them, dX, dY and dg of their rows. Returns the sum of R - Q over the rows, by
+    key column."""
     bounded = g_ref is not None
     decays, totals, dkeys = {}, {}, {}  # per key sub-chunk j: e^{suffix_j}, e^{total_j}, dY_j
     for i in range(lo, lo + n):
@@ -523,16 +535,16 @@ def _rows_backward(x_refs, y_ref, ddt_refs, dx_refs, dy_ref, dg_ref, cols, lo, n
             eq, decay, total = _exp(pre), _exp(suffix), _exp(total)
         else:
             dX, dY = [dxd_ref[rows, cols] for dxd_ref in dxd_refs], dyd_ref[rows, cols]
-            if cross_x:
-                dX = [dXs + dx_ref[rows, cols] for dXs, dx_ref in zip(dX, dx_refs)]
-            if cross_y:
-                dY = dY + dy_ref[rows, cols]
             eq = eq_ref[rows, cols] if i else None
             decay = None  # ek_ref's rows, loaded where used
             # e^{total}: the e^{prefix} of the sub-chunk's last row (the diagonal kernel's sum
             # of the tokens it covers); the first sub-chunk's, which that kernel does not
             # write, is never used
             total = eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols] if i else None
+        if cross_x:
+            dX = [dXs + dx_ref[rows, cols] for dXs, dx_ref in zip(dX, dx_refs)]
+        if cross_y:
+            dY = dY + dy_ref[rows, cols]
         for j in reversed(range(lo, i)):
             # (ek_ref's rows reloaded: kept, they spilled)
             ek = decays[j] if bounded else ek_ref[pl.ds(j * SUB, SUB), cols]
@@ -645,6 +657,17 @@ HALF = 2 * SUB  # rows of the backward's blocks (_block_backward)
 DIAGONAL_ROWS, DIAGONAL_WARPS, INTERPRET_ROWS = 2, 1, SUB
 
 
+def _block_rows(C, bounded, sides):
+    """Rows per program of _backward_kernel (BLOCK key columns each): 32-row blocks
+    (_block_backward), but the whole chunk on the bounded path with several query sides.
+    On the H100 (B=4, T=4096, H=16, C=64): exact, one program per chunk -> per block, kda's
+    kernel 1.033 -> 0.785 ms (0.847 at 128 columns; 0.928 at 8 warps, 0.793 at 2), gla's
+    0.652 -> 0.516 (benchmarks/NOTES.md, twenty-second session); bounded, gla's 0.775 ->
+    0.657, but kda's 1.089 -> 1.139, dplr's two 1.08 -> 1.14, hdla's 2.117 -> 2.210 (182
+    registers for kda, no more programs per SM than the chunk's 253; twenty-third)."""
+    return C if bounded and sides > 1 else min(C, HALF)
+
+
 def _call(kernel, args, outs, interpret, launch, name, grid=()):
     params = None if interpret else pl_triton.CompilerParams(
         num_warps=launch.num_warps, num_stages=launch.num_stages)
@@ -728,28 +751,22 @@ def _products_bwd(strict, cfg, res, dD):
                             args, [f(Yp)] * (a + 3), cfg.interpret,
                             Launch(num_warps=DIAGONAL_WARPS, num_stages=1),
                             "dplr_decayed_diag_bwd", grid=(Y.shape[0] // rows,)))
-    # Bounded, the kernel forms each side's diagonal blocks by dots from g: a program per
-    # BLOCK key columns (kda 8.11 -> 7.47 ms forward+backward on the H100, fifteenth
-    # session; with one side and g read in place, gla's kernel 0.89 -> 0.77 ms, nineteenth).
-    # Otherwise a program per 32-row block and BLOCK columns (_block_backward): on the
-    # H100 kda's kernel 1.033 ms per chunk -> 0.785 (0.847 at 128 columns; 0.928 at 8 warps,
-    # 0.793 at 2), gla's 0.652 -> 0.516 (benchmarks/NOTES.md, twenty-second session).
     Kp = Yp.shape[1]
     kb = min(BLOCK, Kp)
+    size = _block_rows(Y.shape[0], cfg.bounded, a)
+    nb = Y.shape[0] // size
     kernel = functools.partial(_backward_kernel, a=a, precision=cfg.precision,
                                exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret,
-                               kb=kb)
-    # dg's rows hold R first (the kernel reads it back): Y's dtype, cast to g's at the end.
-    outs, grid = [f(Yp)] * (a + 2), (Kp // kb,)
-    if not cfg.bounded:  # and each block's sum of R - Q
-        nb = _row_blocks(Y.shape[0])
-        outs, grid = outs + [jax.ShapeDtypeStruct((nb, Kp), Y.dtype)], grid + (nb,)
-    got = _call(kernel, args, outs, cfg.interpret, cfg.bwd, "dplr_decayed_bwd", grid=grid)
-    dX, dY, dg = got[:a], got[a], got[a + 1]
-    if not cfg.bounded:  # each block's rows take the sums of R - Q of the blocks after it
-        rq = got[a + 2]
+                               kb=kb, size=size)
+    # dg's rows hold R first (the kernel reads it back): Y's dtype, cast to g's at the end;
+    # then each block's sum of R - Q.
+    outs = [f(Yp)] * (a + 2) + [jax.ShapeDtypeStruct((nb, Kp), Y.dtype)]
+    got = _call(kernel, args, outs, cfg.interpret, cfg.bwd, "dplr_decayed_bwd",
+                grid=(Kp // kb, nb))
+    dX, dY, dg, rq = got[:a], got[a], got[a + 1], got[a + 2]
+    if nb > 1:  # each block's rows take the sums of R - Q of the blocks after it
         later = jnp.cumsum(rq[::-1], axis=0)[::-1] - rq
-        dg = dg + jnp.repeat(later, Y.shape[0] // nb, axis=0)
+        dg = dg + jnp.repeat(later, size, axis=0)
     # The pairs (t, t) without decay depend on no g: added here, after dg (see above); a
     # strict side drops them.
     dX = [x[:, :K] for x in dX]
