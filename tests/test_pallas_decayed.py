@@ -114,12 +114,13 @@ def test_rows_of_every_nth_token(n, scalar, rng, x64):
 
 
 @pytest.mark.parametrize("C,a,b,K", [(64, 1, 1, 32), (32, 2, 1, 100), (16, 1, 3, 16),
-                                     (128, 1, 1, 72)])
+                                     (128, 2, 1, 72)])
 @pytest.mark.parametrize("impl", ["pallas", "xla"])
 def test_bounded_path_matches_exact_in_float64(impl, C, a, b, K, rng, x64):
     """bounded=True (log decays >= MIN_BOUND = -5, a third of them at the bound, so sub-chunk
     sums reach -80) against the exact path: values and cotangents to float64 rounding (C =
-    128: 32-row blocks with blocks between them, two programs of key columns)."""
+    128: 32-row blocks with blocks between them; two query sides: 32 key columns per
+    program, four of them, the last two padding)."""
     X, Y, g = chunk(rng, C=C, a=a, b=b, K=K)
     g = chunked.MIN_BOUND * rng.random(g.shape) ** 0.5
     g = np.where(rng.random(g.shape) < 1 / 3, chunked.MIN_BOUND, g)

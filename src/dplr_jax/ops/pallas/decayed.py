@@ -53,8 +53,8 @@ blocks are dots in _backward_kernel, with no diagonal kernel: the sub-chunk's pr
 middle row m, at most e^{8|L|} each, and dX, dY of the block are two [16, 16] x [16, K]
 dots (the off-diagonal blocks are unchanged; their suffix sums and totals are then
 differences of sums of <= 16 tokens; the factors of pairs across 32-row blocks are 0/1 dots
-of g per sub-chunk, _bounded_factors). With one query side (gla) it runs per 32-row block
-as well, with several per chunk (_block_rows says why). The forward under the bound is one kernel,
+of g per sub-chunk, _bounded_factors), in 32 key columns per program where there are
+several query sides (_key_columns). The forward under the bound is one kernel,
 _bounded_forward_kernel, one program per sub-chunk of rows: its diagonal block one [16, K] x
 [K, 16] dot of those factors (the prefix sums by a scan there), its blocks before the
 diagonal one dot each, with the key sides of the earlier sub-chunks formed again by every
@@ -407,10 +407,10 @@ def _diagonal_backward_kernel(*refs, rows, a):
         ek_ref[here, :] = jnp.exp2(d).astype(ek_ref.dtype)
 
 
-def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb, size):
+def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
     """dX (per query side), dY and dg of one chunk, one program per block of kb key columns
-    (every step is per key channel: the dots contract over tokens) and block of `size` rows
-    of the chunk (_block_backward): the diagonal blocks' dX, dY and the off-diagonal factors from
+    (every step is per key channel: the dots contract over tokens) and 32-row block of the
+    chunk (_block_backward): the diagonal blocks' dX, dY and the off-diagonal factors from
     _diagonal_backward_kernel (bounded: formed here from g, _bounded_block and
     _bounded_factors), the blocks (i, j < i) by dots, the key side loaded once for all
     sides, dg after them (see the module docstring; R sums over the sides).
@@ -430,10 +430,15 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb, size):
         factors = (lambda r: eq_ref[r, cols], lambda r: ek_ref[r, cols],
                    lambda i: eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols])
     dx_refs, (dy_ref, dg_ref, rq_ref) = rest[:a], rest[a:]
-    for b in range(y_ref.shape[0] // size):
+    for b in range(_row_blocks(y_ref.shape[0])):
         pl.when(pl.program_id(1) == b)(functools.partial(
-            _block_backward, b, size, x_refs, y_ref, ddt_refs, factors, dx_refs, dy_ref,
-            dg_ref, rq_ref, cols, precision, sync, rows))
+            _block_backward, b, x_refs, y_ref, ddt_refs, factors, dx_refs, dy_ref, dg_ref,
+            rq_ref, cols, precision, sync, rows))
+
+
+def _row_blocks(C):
+    """The 32-row blocks of a chunk of C rows (one if C <= 32)."""
+    return max(C // HALF, 1)
 
 
 def _bounded_factors(g_ref, cols, exact, dtype):
@@ -451,12 +456,11 @@ def _bounded_factors(g_ref, cols, exact, dtype):
     return prefix, suffix, total
 
 
-def _block_backward(b, size, x_refs, y_ref, ddt_refs, factors, dx_refs, dy_ref, dg_ref, rq_ref,
-                    cols, precision, sync, rows):
-    """_backward_kernel for block b of `size` rows of the chunk (the whole chunk, or 32 rows:
-    two sub-chunks): its rows' dX from the keys of the blocks before it and its keys' dY from
-    the queries of the blocks after it, as one [32, 32] block of dD^T per pair of blocks and
-    side (written to dx and dy, read back after a
+def _block_backward(b, x_refs, y_ref, ddt_refs, factors, dx_refs, dy_ref, dg_ref, rq_ref, cols,
+                    precision, sync, rows):
+    """_backward_kernel for 32-row block b of the chunk: its rows' dX from the keys of the
+    blocks before it and its keys' dY from the queries of the blocks after it, as one [32, 32]
+    block of dD^T per pair of blocks and side (written to dx and dy, read back after a
     barrier by the rows' loop as their starting values), then the pairs within the block by
     the 16-row loop (`rows`: its diagonal blocks' sources, _rows_backward), and dg of its rows
     with the sums of R - Q over the block's rows to its own end; rq_ref[b] gets the block's
@@ -468,7 +472,8 @@ def _block_backward(b, size, x_refs, y_ref, ddt_refs, factors, dx_refs, dy_ref, 
     last token}; every one <= 1 and the exponents adding up to each pair's decay sum."""
     prefix, suffix, total = factors
     C = y_ref.shape[0]
-    nb = C // size
+    nb = _row_blocks(C)
+    size = min(C, HALF)
     per = size // SUB  # sub-chunks per block
     first = _iota((size, 1), 0) < SUB  # a block's rows in its first sub-chunk
     rb = pl.ds(b * size, size)
@@ -657,15 +662,15 @@ HALF = 2 * SUB  # rows of the backward's blocks (_block_backward)
 DIAGONAL_ROWS, DIAGONAL_WARPS, INTERPRET_ROWS = 2, 1, SUB
 
 
-def _block_rows(C, bounded, sides):
-    """Rows per program of _backward_kernel (BLOCK key columns each): 32-row blocks
-    (_block_backward), but the whole chunk on the bounded path with several query sides.
-    On the H100 (B=4, T=4096, H=16, C=64): exact, one program per chunk -> per block, kda's
-    kernel 1.033 -> 0.785 ms (0.847 at 128 columns; 0.928 at 8 warps, 0.793 at 2), gla's
-    0.652 -> 0.516 (benchmarks/NOTES.md, twenty-second session); bounded, gla's 0.775 ->
-    0.657, but kda's 1.089 -> 1.139, dplr's two 1.08 -> 1.14, hdla's 2.117 -> 2.210 (182
-    registers for kda, no more programs per SM than the chunk's 253; twenty-third)."""
-    return C if bounded and sides > 1 else min(C, HALF)
+def _key_columns(bounded, sides):
+    """Key columns per program of _backward_kernel (each takes a 32-row block of a chunk,
+    _block_backward): BLOCK, or half of it on the bounded path with several query sides.
+    On the H100 (B=4, T=4096, H=16, C=64; benchmarks/NOTES.md): a program per chunk -> per
+    32-row block, exact, kda's kernel 1.033 -> 0.785 ms at 64 columns (0.847 at 128, 0.875
+    at 32; 0.928 at 8 warps, 0.793 at 2), gla's 0.652 -> 0.516 (twenty-second and
+    twenty-third sessions); bounded, gla's 0.775 -> 0.653 at 64 (0.661 at 32), kda's 1.082
+    -> 1.019 at 32 (1.139 at 64), dplr's two 1.08 -> 1.01, hdla's 2.101 -> 1.992."""
+    return BLOCK // 2 if bounded and sides > 1 else BLOCK
 
 
 def _call(kernel, args, outs, interpret, launch, name, grid=()):
@@ -752,12 +757,11 @@ def _products_bwd(strict, cfg, res, dD):
                             Launch(num_warps=DIAGONAL_WARPS, num_stages=1),
                             "dplr_decayed_diag_bwd", grid=(Y.shape[0] // rows,)))
     Kp = Yp.shape[1]
-    kb = min(BLOCK, Kp)
-    size = _block_rows(Y.shape[0], cfg.bounded, a)
-    nb = Y.shape[0] // size
+    kb = min(_key_columns(cfg.bounded, a), Kp)
+    nb = _row_blocks(Y.shape[0])
     kernel = functools.partial(_backward_kernel, a=a, precision=cfg.precision,
                                exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret,
-                               kb=kb, size=size)
+                               kb=kb)
     # dg's rows hold R first (the kernel reads it back): Y's dtype, cast to g's at the end;
     # then each block's sum of R - Q.
     outs = [f(Yp)] * (a + 2) + [jax.ShapeDtypeStruct((nb, Kp), Y.dtype)]
@@ -766,7 +770,7 @@ def _products_bwd(strict, cfg, res, dD):
     dX, dY, dg, rq = got[:a], got[a], got[a + 1], got[a + 2]
     if nb > 1:  # each block's rows take the sums of R - Q of the blocks after it
         later = jnp.cumsum(rq[::-1], axis=0)[::-1] - rq
-        dg = dg + jnp.repeat(later, size, axis=0)
+        dg = dg + jnp.repeat(later, Y.shape[0] // nb, axis=0)
     # The pairs (t, t) without decay depend on no g: added here, after dg (see above); a
     # strict side drops them.
     dX = [x[:, :K] for x in dX]
