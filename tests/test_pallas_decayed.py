@@ -120,7 +120,7 @@ def test_bounded_path_matches_exact_in_float64(impl, C, a, b, K, rng, x64):
     """bounded=True (log decays >= MIN_BOUND = -5, a third of them at the bound, so sub-chunk
     sums reach -80) against the exact path: values and cotangents to float64 rounding (C =
     128: 32-row blocks with blocks between them; two query sides: 32 key columns per
-    program, four of them, the last two padding)."""
+    program, four of them over K = 72 padded to 128)."""
     X, Y, g = chunk(rng, C=C, a=a, b=b, K=K)
     g = chunked.MIN_BOUND * rng.random(g.shape) ** 0.5
     g = np.where(rng.random(g.shape) < 1 / 3, chunked.MIN_BOUND, g)

@@ -422,18 +422,18 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
     rest = refs[2 * a + 2:]
     cols = pl.ds(pl.program_id(0) * kb, kb)
     if bounded:
-        rows = dict(g_ref=g_ref, exact=exact)
+        diagonal = dict(g_ref=g_ref, exact=exact)
         factors = _bounded_factors(g_ref, cols, exact, y_ref.dtype)
     else:
         dxd_refs, (dyd_ref, eq_ref, ek_ref), rest = rest[:a], rest[a:a + 3], rest[a + 3:]
-        rows = dict(dxd_refs=dxd_refs, dyd_ref=dyd_ref, eq_ref=eq_ref, ek_ref=ek_ref)
+        diagonal = dict(dxd_refs=dxd_refs, dyd_ref=dyd_ref, eq_ref=eq_ref, ek_ref=ek_ref)
         factors = (lambda r: eq_ref[r, cols], lambda r: ek_ref[r, cols],
                    lambda i: eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols])
     dx_refs, (dy_ref, dg_ref, rq_ref) = rest[:a], rest[a:]
     for b in range(_row_blocks(y_ref.shape[0])):
         pl.when(pl.program_id(1) == b)(functools.partial(
             _block_backward, b, x_refs, y_ref, ddt_refs, factors, dx_refs, dy_ref, dg_ref,
-            rq_ref, cols, precision, sync, rows))
+            rq_ref, cols, precision, sync, diagonal))
 
 
 def _row_blocks(C):
@@ -457,12 +457,12 @@ def _bounded_factors(g_ref, cols, exact, dtype):
 
 
 def _block_backward(b, x_refs, y_ref, ddt_refs, factors, dx_refs, dy_ref, dg_ref, rq_ref, cols,
-                    precision, sync, rows):
+                    precision, sync, diagonal):
     """_backward_kernel for 32-row block b of the chunk: its rows' dX from the keys of the
     blocks before it and its keys' dY from the queries of the blocks after it, as one [32, 32]
     block of dD^T per pair of blocks and side (written to dx and dy, read back after a
     barrier by the rows' loop as their starting values), then the pairs within the block by
-    the 16-row loop (`rows`: its diagonal blocks' sources, _rows_backward), and dg of its rows
+    the 16-row loop (`diagonal`: its diagonal blocks' sources, _rows_backward), and dg of its rows
     with the sums of R - Q over the block's rows to its own end; rq_ref[b] gets the block's
     whole sum, which the wrapper adds to the rows of the blocks before it. factors: functions
     of a block's rows giving e^{prefix} and e^{suffix} within each row's sub-chunk, and of a
@@ -507,7 +507,7 @@ def _block_backward(b, x_refs, y_ref, ddt_refs, factors, dx_refs, dy_ref, dg_ref
     if sync and nb > 1:  # the block sums come back to other threads than wrote them
         pl_triton.debug_barrier()
     later = _rows_backward(x_refs, y_ref, ddt_refs, dx_refs, dy_ref, dg_ref, cols, b * per,
-                           per, precision, sync, cross_x=b > 0, cross_y=b < nb - 1, **rows)
+                           per, precision, sync, cross_x=b > 0, cross_y=b < nb - 1, **diagonal)
     rq_ref[pl.ds(b, 1), cols] = later.astype(rq_ref.dtype)
 
 
