@@ -668,7 +668,7 @@ def _key_columns(bounded, sides):
     On the H100 (B=4, T=4096, H=16, C=64; benchmarks/NOTES.md): a program per chunk -> per
     32-row block, exact, kda's kernel 1.033 -> 0.785 ms at 64 columns (0.847 at 128, 0.875
     at 32; 0.928 at 8 warps, 0.793 at 2), gla's 0.652 -> 0.516 (twenty-second and
-    twenty-third sessions); bounded, gla's 0.775 -> 0.653 at 64 (0.661 at 32), kda's 1.082
+    twenty-third sessions); bounded, gla's 0.775 -> 0.657 at 64 (0.661 at 32), kda's 1.082
     -> 1.019 at 32 (1.139 at 64), dplr's two 1.08 -> 1.01, hdla's 2.101 -> 1.992."""
     return BLOCK // 2 if bounded and sides > 1 else BLOCK
 
