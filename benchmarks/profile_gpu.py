@@ -2,15 +2,17 @@
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/profile_gpu.py \
         [--ops kda gated_delta_rule gla] [--backends pallas] [--T 4096] [--chunk 64] \
-        [--bound -5] [--out FILE.json]
+        [--bound -5 | --strong] [--out FILE.json]
 
 For every (op, backend, mode in fwd / fwd+bwd) at B=4, H=16, K=V=128, bf16 (float32 log
 decays; the inputs of ops_gpu.py; --bound: the per-channel-decay ops with decays clipped
-to >= the bound, passed as log_decay_lower_bound), runs the jitted call `--calls` times under
-jax.profiler.trace, reads the trace back with jax.profiler.ProfileData and sums the durations
-of the events on the GPU planes by kernel name (per call). Prints the top kernels with their
-share and writes everything as JSON. The second grouping, by the events' `hlo_op`, is coarse
-on GPUs: XLA launches most kernels from command buffers, whose names it reports.
+to >= the bound, passed as log_decay_lower_bound; --strong: decays x10 with 2% hard resets,
+which send the per-channel-decay ops' products to their exact kernels), runs the jitted call
+`--calls` times under jax.profiler.trace, reads the trace back with jax.profiler.ProfileData
+and sums the durations of the events on the GPU planes by kernel name (per call). Prints the
+top kernels with their share and writes everything as JSON. The second grouping, by the
+events' `hlo_op`, is coarse on GPUs: XLA launches most kernels from command buffers, whose
+names it reports.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def main():
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--bound", type=float)
+    p.add_argument("--strong", action="store_true", help="decays x10, 2%% of them -1000")
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out")
@@ -78,7 +81,7 @@ def main():
     key = jax.random.PRNGKey(0)
     for op in a.ops:
         bound = a.bound if op in BOUNDED else None
-        args = inputs(op, B, a.T, H, K, V, key, jnp.bfloat16, bound=bound)
+        args = inputs(op, B, a.T, H, K, V, key, jnp.bfloat16, strong=a.strong, bound=bound)
         do = jax.random.normal(key, (B, a.T, H, V), jnp.bfloat16)
         for backend in a.backends:
             fwd, fwd_bwd = jax_op_fns(op, backend, bound, a.chunk)
@@ -97,7 +100,7 @@ def main():
                 for name, ms in sorted(by_hlo.items(), key=lambda kv: -kv[1])[:a.top]:
                     print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  {name[:110]}")
                 res["cases"].append({"op": op, "backend": backend, "mode": mode, "T": a.T,
-                                     "chunk": a.chunk, "bound": bound,
+                                     "chunk": a.chunk, "bound": bound, "strong": a.strong,
                                      "total_ms": total, "kernels_ms": t, "hlo_ops_ms": by_hlo})
     if a.out:
         with open(a.out, "w") as f:

@@ -17,6 +17,8 @@ import pytest
 
 from _ops_inputs import cast, make_inputs, make_state
 from dplr_jax import ops
+from dplr_jax.ops import chunked
+from dplr_jax.ops.layout import ChunkLayout
 from test_pallas_ops import BF16_TOL, check_pallas_vjp
 
 BOUND = -5.0
@@ -106,6 +108,86 @@ def test_bound_drops_the_diagonal_kernels():
     exact, bounded = _kernels("kda", None), _kernels("kda", BOUND)
     assert exact - bounded == {"dplr_decayed_diag", "dplr_decayed_diag_bwd"}
     assert bounded <= exact
+
+
+def test_bounded_chunks_sums_half_sub_chunks():
+    """chunked.bounded_chunks: per chunk and head, every 8 tokens of the sub-chunk halves
+    (aligned) sum to >= 8 MIN_BOUND = -40 in every channel; a window across two halves may
+    sum to less."""
+    g = jnp.zeros((1, 2, 32, 2, 3))  # [B, NC, C, H, K]: two chunks of 32, two heads
+    check = lambda g: np.asarray(chunked.bounded_chunks(g))[0].tolist()  # [NC][H]
+    assert check(g) == [[True, True], [True, True]]
+    assert check(g.at[0, 1, 16:24, 0, 2].set(-39.5 / 8)) == [[True, True], [True, True]]
+    assert check(g.at[0, 1, 16:24, 0, 2].set(-40.5 / 8)) == [[True, True], [False, True]]
+    assert check(g.at[0, 0, 31, 1, 0].set(-40.5)) == [[True, False], [True, True]]
+    assert check(g.at[0, 0, 4:12, 1, 0].set(-7.5)) == [[True, True], [True, True]]  # -60
+    assert check(g.at[0, 1, 3, 1, 1].set(jnp.nan)) == [[True, True], [True, False]]
+
+
+def _pullback(name, args, **kw):
+    """jit: the Pallas op's output (chunks of 32) and its pullback of a fixed cotangent."""
+    def run(*a):
+        o, vjp = jax.vjp(lambda *x: ops.OPS[name](*x, backend="pallas", chunk_size=32,
+                                                  **kw)[0], *a)
+        return (o,) + vjp(jnp.cos(jnp.arange(o.size, dtype=o.dtype)).reshape(o.shape))
+
+    return jax.jit(run)(*args)
+
+
+def _force(monkeypatch, choice):
+    """Every chunk's check answers `choice` (None: the real check)."""
+    monkeypatch.undo()
+    if choice is not None:
+        monkeypatch.setattr(chunked, "bounded_chunks",
+                            lambda g: jnp.full((g.shape[0], g.shape[1], g.shape[3]), choice))
+
+
+def _same(a, b):
+    return all(bool(jnp.array_equal(x, y)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", ["kda", "dplr"])
+def test_unbounded_pallas_takes_the_bounded_kernels_where_safe(name, rng, monkeypatch):
+    """Without the bound, decays >= -5 give bitwise what the bound gives, output and every
+    gradient (and not what the exact kernels give)."""
+    args = cast(bounded_inputs(name, rng, B=1, T=70, K=16, V=16), jnp.float32)
+    got = _pullback(name, args)
+    assert _same(got, _pullback(name, args, log_decay_lower_bound=BOUND))
+    _force(monkeypatch, False)
+    assert not _same(got, _pullback(name, args))
+
+
+def test_unbounded_pallas_chooses_per_chunk_and_head(rng, monkeypatch):
+    """One hard reset (head 1, the second of three chunks): head 0 and head 1's first chunk
+    take the bounded kernels (bitwise what forcing them everywhere gives there), the
+    reset's chunk the exact ones (finite, where the forced bounded kernels overflow)."""
+    args = list(cast(bounded_inputs("kda", rng, B=1, T=96, H=2, K=16, V=16), jnp.float32))
+    args[3] = args[3].at[0, 40, 1, 3].set(-1000.0)
+    run = lambda: ops.kda(*args, backend="pallas", chunk_size=32)[0]
+    o = run()
+    _force(monkeypatch, True)
+    forced = run()
+    assert bool(jnp.array_equal(o[0, :, 0], forced[0, :, 0]))
+    assert bool(jnp.array_equal(o[0, :32, 1], forced[0, :32, 1]))
+    assert bool(jnp.all(jnp.isfinite(o))) and not bool(jnp.all(jnp.isfinite(forced[0, 32:, 1])))
+
+
+@pytest.mark.parametrize("name", ["kda", "gla"])
+def test_decays_below_the_bound_that_pass_the_check(name, rng, x64):
+    """Decays of -36 at one token of every half sub-chunk (far below -5; each half still
+    sums to >= -40) and one hard reset (head 1, the second chunk), no bound given: the
+    chunks take the bounded kernels but that one, and the op matches the float64 reference
+    to 1e-5 in float32 (outputs, final states, every gradient; T = 130 in chunks of 64)."""
+    args = list(bounded_inputs(name, rng, B=1, T=130, K=32, V=32))
+    g = 0.5 / BOUND * args[3]  # in [-0.5, 0]
+    g[:, 5::8] = -36.0
+    g[0, 70, 1, 3] = -1000.0
+    args[3] = g
+    args = cast(tuple(args), jnp.float32)
+    flags = chunked.bounded_chunks(ChunkLayout.make(1, 130, 64).to_chunks(args[3]))
+    assert np.asarray(flags)[0].tolist() == [[True, True], [True, False], [True, True]]
+    h0 = cast(make_state(args, rng), jnp.float32)
+    check_pallas_vjp(name, args, h0, rng, 1e-5, 1e-5, lambda _: 1e-5, chunk_size=64)
 
 
 @pytest.mark.parametrize("bound", [-6.0, 0.0, 0.5, True, "-1", np.array([-1.0, -2.0])])

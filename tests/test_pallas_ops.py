@@ -232,9 +232,11 @@ def test_backward_keeps_phase1_products(rng, name):
     loss = lambda *a: jnp.sum(getattr(ops, name)(*a, backend="pallas")[0] ** 2)
     text = str(jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(args)))))(*args))
     names = re.findall(r"name=(dplr_\w+)", text)
-    # kda: L and QE in one pass; dplr: QE with L, QF with PF (chunked.intra_products)
+    # kda: L and QE in one pass; dplr: QE with L, QF with PF (chunked.intra_products); each
+    # product's exact kernels and its bounded one, chosen per chunk (decayed._products)
     products = 1 if name == "kda" else 2
-    assert names.count("dplr_decayed_fwd") == products, names
-    assert names.count("dplr_decayed_bwd") == products, names
+    for kernel in ("fwd", "bwd"):
+        assert names.count(f"dplr_decayed_{kernel}") == 2 * products, names
+    assert names.count("dplr_decayed_diag") == names.count("dplr_decayed_diag_bwd") == products
     for kernel in ("fwd", "bwd", "grads"):
         assert names.count(f"dplr_state_pass_{kernel}") == 1, names

@@ -9,7 +9,6 @@ jax_enable_x64 is on, so it can serve as ground truth for any input dtype.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
@@ -166,7 +165,9 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     run it (n virtual tokens per token for multi-factor ops, in chunks of chunk_size virtual
     tokens: phase 1 costs O(C) per virtual token, and the state pass's dots grow past C = 64;
     a chunk may split a token's virtual group) and read each token's output at its last
-    virtual token. bounded: the log decays are >= chunked.MIN_BOUND (checked by the caller).
+    virtual token. bounded: the log decays are >= chunked.MIN_BOUND (checked by the caller);
+    without it, the Pallas products (`decayed`) check per chunk and head whether their bounded
+    version is safe for these decays (chunked.chunked, "check").
     Returns o (accumulation dtype) and the final states."""
     dtype = acc_dtype(*inputs, initial_state)
     # With phase 1's kernels the values v stay as given (16-bit: half the bytes, and no
@@ -201,9 +202,9 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
                            chunk_size=chunk_size, in_place=in_place,
                            cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
                            own_decay=form.own_decay,
-                           decayed=functools.partial(decayed or chunked.decayed_products,
-                                                     bounded=bounded), scan=scan,
-                           factors=factors)
+                           decayed=decayed or chunked.decayed_products,
+                           bounded=bounded or ("check" if decayed is not None else False),
+                           scan=scan, factors=factors)
     if not whole:
         o = o.reshape(o.shape[0], -1, n, *o.shape[2:])[:, :, -1]
     return o, S

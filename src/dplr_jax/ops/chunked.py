@@ -140,6 +140,20 @@ def _diagonal_blocks(Xs, Ys, gs, bounded):
 MIN_BOUND = -5.0
 
 
+def bounded_chunks(g):
+    """g [B, NC, C, H, K] (per-channel log decays in chunks) -> [B, NC, H] bool: the chunks
+    of a head whose every half sub-chunk (8 tokens) sums to >= 8 MIN_BOUND in every channel.
+
+    The bounded diagonal blocks need only that much: the query factors of a sub-chunk's
+    first half and the key factors of its second are e^{-(the half's decays past the middle
+    row)} <= e^{8|MIN_BOUND|}, and every other exponent is <= 0 and a sum of at most 16
+    tokens, as under log_decay_lower_bound. Decays >= MIN_BOUND pass; so do decays that dip
+    below it now and then, while a hard reset (-1000) fails its chunk. NaN fails."""
+    B, NC, C, H, K = g.shape
+    halves = g.reshape(B, NC, C // (SUB // 2), SUB // 2, H, K).sum(axis=3)
+    return jnp.all(halves >= SUB // 2 * MIN_BOUND, axis=(2, 4))
+
+
 def bounded_factors(X, Y, g, axis=0):
     """Query and key factors of the bounded diagonal blocks: X e^{P - m} and Y e^{m - P}
     with P the inclusive prefix sums of g along `axis` (a sub-chunk) and m = P at the middle
@@ -335,9 +349,10 @@ def checkpointed(summary, *, decayed, own_decay=False):
                           policy=jax.checkpoint_policies.save_only_these_names(SAVED))
 
 
-def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, in_place=()):
+def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, in_place=(), flags=None):
     """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...] (q in
-    q_layout's chunks). summary: a function of one chunk's (q, g, E, y, P, F, Vk).
+    q_layout's chunks). summary: a function of one chunk's (q, g, E, y, P, F, Vk), or with
+    flags [B, H, NC] of (its flag, q, g, ...).
 
     in_place: names of inputs ("g", "y") that stay [B, NC, C, H, ...] (chunked.chunked's
     in_place), which a Pallas kernel under vmap reads where they lie; y then loses its rank
@@ -352,9 +367,11 @@ def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, in_place=()):
     if "y" in in_place:
         y = y[..., 0, :]
     axis = lambda name: 2 if name in in_place else 0
+    flag = () if flags is None else (0,)
     fn = jax.vmap(jax.vmap(jax.vmap(summary),
-                           in_axes=(0, axis("g"), 0, axis("y"), 0, 0, 0)))
-    return fn(chunks(q, q_layout), chunks(g, move="g" not in in_place), chunks(E),
+                           in_axes=flag + (0, axis("g"), 0, axis("y"), 0, 0, 0)))
+    return fn(*(() if flags is None else (flags,)), chunks(q, q_layout),
+              chunks(g, move="g" not in in_place), chunks(E),
               chunks(y, move="y" not in in_place), *(chunks(x) for x in (P, F, Vk)))
 
 
@@ -373,7 +390,7 @@ def _scan_outputs(layout, M, Bc, Qs, O0, h0):
 
 
 def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=False,
-            decayed=decayed_products, scan=None, factors=None, in_place=()):
+            decayed=decayed_products, bounded=False, scan=None, factors=None, in_place=()):
     """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype but q
     [B, T / n, H, K]: the queries of the last of every n tokens (n = 1: every token; n must
     divide chunk_size, so that a chunk holds whole groups); h0 [N, H, K, V]; cu_seqlens
@@ -384,7 +401,10 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     L is a product of p with the keys E under the same decays as QE, strictly below the
     diagonal, and both come from one pass over the keys (decayed_products' query sides).
 
-    decayed (decayed_products' signature) replaces phase 1's intra-chunk products, and
+    decayed (decayed_products' signature) replaces phase 1's intra-chunk products, which
+    take `bounded`: True (the caller's promise, log_decay_lower_bound), False, or "check":
+    per chunk and head, bounded_chunks of g's chunks as a traced flag (the Pallas kernels run
+    their bounded or their exact version by it; False without per-channel decays). And
     scan(layout, factors, h0) -> (o [B, NC, C, H, V], final states) phases 2+3 on the
     factored transitions (chunk_factors; the Pallas state pass plugs in here), and
     factors(q, g, E, y, P, F, Vk, decayed=...) replaces the checkpointed chunk_factors of
@@ -408,18 +428,27 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     q_layout = layout if n == 1 else ChunkLayout.make(
         B, T // n, chunk_size // n, None if cu_seqlens is None else cu_seqlens // n)
     inputs = (q, g, E, y, P, F, Vk)
+    flags = None  # per chunk and head: the products' bounded kernels are safe
+    if bounded == "check":
+        bounded = False
+        if g is not None and g.ndim == 4:
+            flags = jnp.moveaxis(bounded_chunks(layout.to_chunks(g)), 2, 1)  # [B, H, NC]
+
+    def summary(bounded):  # phase 1 of one chunk, its products given `bounded`
+        d = functools.partial(decayed, bounded=bounded)
+        if scan is None or factors is None:
+            return checkpointed(chunk_summary if scan is None else chunk_factors, decayed=d,
+                                own_decay=own_decay)
+        return functools.partial(factors, decayed=d, own_decay=own_decay)
+
+    fn = summary(bounded) if flags is None else lambda flag, *xs: summary(flag)(*xs)
+    out = _summaries(layout, q_layout, fn, *inputs, in_place=in_place, flags=flags)
     if scan is None:
-        M, Bc, Qs, O0 = _summaries(
-            layout, q_layout, checkpointed(chunk_summary, decayed=decayed, own_decay=own_decay),
-            *inputs, in_place=in_place)
+        M, Bc, Qs, O0 = out
         o, S_in = _scan_outputs(layout, M, Bc, Qs, O0, h0)
         o = jnp.moveaxis(o, 1, 3)
         r, c = layout.final_row, layout.final_chunk
         finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
     else:
-        summary = (checkpointed(chunk_factors, decayed=decayed, own_decay=own_decay)
-                   if factors is None
-                   else functools.partial(factors, decayed=decayed, own_decay=own_decay))
-        o, finals = scan(layout, _summaries(layout, q_layout, summary, *inputs,
-                                            in_place=in_place), h0)
+        o, finals = scan(layout, out, h0)
     return q_layout.from_chunks(o), finals

@@ -64,6 +64,15 @@ move 280 KB. On the H100 it took kda's products forward from 0.60 to 0.39 ms and
 from 1.18 to 0.83 (benchmarks/NOTES.md, eighteenth session); one program per chunk, the key
 sides held, took 0.53 at 4 warps and 0.99 at 2.
 
+Without the bound the choice is made per chunk and head (chunked.bounded_chunks: every 8
+tokens of a sub-chunk's halves sum to >= 8 MIN_BOUND, all the factors above need): both
+versions are launched over every chunk, the programs of each returning at once where their
+chunk belongs to the other, the bounded kernels writing into the exact ones' outputs
+(_call's gate). On the H100 at B=4, T=4096, H=16 the programs that return cost the exact
+diagonal kernels 0.08 ms each way (131k programs), the bounded ones 0.02 forward and 0.04
+backward, and the check 0.055: kda 7.13 -> 6.98 ms of kernels forward+backward where every
+chunk passes (6.71 with the bound), 7.22 where none does (NOTES, twenty-fourth session).
+
 Cost per chunk (C = 64, K = 128, float32). Forward: the diagonal kernel reads X, Y, g (96
 KB, its programs' rows again from L2) and writes 2 C K factors, C x 16 and the sub-chunks'
 e^{total} (70 KB); the other reads those and writes C^2 (16 KB); C 8.5 K exps on average on
@@ -129,6 +138,15 @@ class _Cfg(NamedTuple):
     bwd: Launch
 
 
+_GATED_IDS = []  # the program ids of the gated kernel being traced (_call)
+
+
+def _program_id(axis):
+    """pl.program_id(axis), read before the gate's branch in a gated kernel (_call): in
+    interpret mode a program id inside a branch does not lower."""
+    return _GATED_IDS[-1][axis] if _GATED_IDS else pl.program_id(axis)
+
+
 def _iota(shape, axis):
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
@@ -160,7 +178,7 @@ def _bounded_block(g, incl):
 def _row_group(rows):
     """This program's rows of a diagonal kernel: (t0, base, end), its first row and its
     sub-chunk's first and last rows."""
-    t0 = pl.program_id(0) * rows
+    t0 = _program_id(0) * rows
     base = t0 - _rem(t0, SUB)
     return t0, base, base + SUB - 1
 
@@ -311,7 +329,7 @@ def _bounded_forward_kernel(*refs, precision, strict):
     a = len(strict)
     x_refs, (y_ref, g_ref), d_refs = refs[:a], refs[a:a + 2], refs[a + 2:]
     C = y_ref.shape[0]
-    i = pl.program_id(0)
+    i = _program_id(0)
     rows = pl.ds(i * SUB, SUB)
     t, u = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
     X = [x_ref[rows, :] for x_ref in x_refs]
@@ -420,7 +438,7 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
     nineteenth session)."""
     x_refs, (y_ref, g_ref), ddt_refs = refs[:a], refs[a:a + 2], refs[a + 2:2 * a + 2]
     rest = refs[2 * a + 2:]
-    cols = pl.ds(pl.program_id(0) * kb, kb)
+    cols = pl.ds(_program_id(0) * kb, kb)
     if bounded:
         diagonal = dict(g_ref=g_ref, exact=exact)
         factors = _bounded_factors(g_ref, cols, exact, y_ref.dtype)
@@ -431,7 +449,7 @@ def _backward_kernel(*refs, a, precision, exact, bounded, sync, kb):
                    lambda i: eq_ref[pl.ds(i * SUB + SUB - 1, 1), cols])
     dx_refs, (dy_ref, dg_ref, rq_ref) = rest[:a], rest[a:]
     for b in range(_row_blocks(y_ref.shape[0])):
-        pl.when(pl.program_id(1) == b)(functools.partial(
+        pl.when(_program_id(1) == b)(functools.partial(
             _block_backward, b, x_refs, y_ref, ddt_refs, factors, dx_refs, dy_ref, dg_ref,
             rq_ref, cols, precision, sync, diagonal))
 
@@ -640,7 +658,7 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
     (rows, K), C = x_ref.shape, y_ref.shape[0]
     every = C // rows
     kb = min(BLOCK, K)
-    j = pl.program_id(0)
+    j = _program_id(0)
     cols = pl.ds(j * kb, kb)
     X, Y = x_ref[:, cols], y_ref[:, cols]
     A = dd_ref[...].astype(f) * _scalar_decays(_scalar_factors(g_ref[...].astype(f)), strict,
@@ -673,11 +691,31 @@ def _key_columns(bounded, sides):
     return BLOCK // 2 if bounded and sides > 1 else BLOCK
 
 
-def _call(kernel, args, outs, interpret, launch, name, grid=()):
+def _call(kernel, args, outs, interpret, launch, name, grid=(), gate=None):
+    """pallas_call of kernel on args. gate: None, or (flag, when, over): the kernel runs only
+    where flag (int32 [1] per chunk) equals `when`, its outputs taking the buffers of the
+    arrays `over` (one per output, input_output_aliases), which stay as they are where it
+    does not run: the kernels chosen per chunk (_products)."""
     params = None if interpret else pl_triton.CompilerParams(
         num_warps=launch.num_warps, num_stages=launch.num_stages)
+    aliases = {}
+    if gate is not None:
+        flag, when, over = gate
+        n = len(args)
+        body = kernel
+
+        def kernel(flag_ref, *refs):
+            _GATED_IDS.append([pl.program_id(i) for i in range(len(grid))])
+            try:
+                pl.when(flag_ref[0] == when)(lambda: body(*refs[:n], *refs[n + len(over):]))
+            finally:
+                _GATED_IDS.pop()
+
+        aliases = {1 + n + i: i for i in range(len(over))}
+        args = (flag, *args, *over)
     return pl.pallas_call(kernel, out_shape=outs, grid=grid, interpret=interpret,
-                          compiler_params=params, name=name)(*args)
+                          compiler_params=params, input_output_aliases=aliases,
+                          name=name)(*args)
 
 
 def _pad_k(*xs):
@@ -690,11 +728,18 @@ def _kernel_inputs(X, Y, g):
     return _pad_k(*X), *_pad_k(Y), *((g[None, :],) if g.ndim == 1 else _pad_k(g))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _products(X, Y, g, strict, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _products(X, Y, g, flag, strict, cfg):
     """The products of the query sides X (a tuple of [rows, K]; rows C, or for scalar decays
     C / n: every n-th token's) with the keys Y [C, K], one [rows, C] per side; strict: per
-    side (chunked.decayed_products)."""
+    side (chunked.decayed_products). flag: None, or int32 [1], 1 where the chunk's log decays
+    allow the bounded kernels (chunked.bounded_chunks): then the exact kernels run where it is
+    0 and the bounded ones where it is 1, over the exact ones' outputs (_call's gate), each
+    program reading its chunk's flag. Not lax.cond: under the engine's vmaps its predicate
+    would be batched (a select of both branches), and a per-call one still moves every
+    operand's batch axes to the front (a copy of g, which the kernels read in place) with no
+    fusion across its branches: kda's XLA work went from 1.2 to 1.7 ms on the H100
+    (benchmarks/NOTES.md, twenty-fourth session)."""
     C = Y.shape[0]
     a = len(X)
     Xp, Yp, gp = _kernel_inputs(X, Y, g)
@@ -705,28 +750,31 @@ def _products(X, Y, g, strict, cfg):
         return tuple(_call(kernel, Xp + (Yp, gp), outs, cfg.interpret, cfg.fwd,
                            "dplr_decayed_scalar_fwd"))
     f = lambda *shape: jax.ShapeDtypeStruct(shape, X[0].dtype)
+    bounded = lambda gate=None: tuple(_call(
+        functools.partial(_bounded_forward_kernel, precision=cfg.precision, strict=strict),
+        Xp + (Yp, gp), [f(C, C)] * a, cfg.interpret, cfg.fwd, "dplr_decayed_fwd",
+        grid=(C // SUB,), gate=gate))
     if cfg.bounded:
-        kernel = functools.partial(_bounded_forward_kernel, precision=cfg.precision,
-                                   strict=strict)
-        return tuple(_call(kernel, Xp + (Yp, gp), [f(C, C)] * a, cfg.interpret, cfg.fwd,
-                           "dplr_decayed_fwd", grid=(C // SUB,)))
+        return bounded()
+    exact = None if flag is None else (flag, 0, ())
     rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
     Kp = Yp.shape[1]
     *parts, tot = _call(functools.partial(_diagonal_kernel, rows=rows, a=a),
                         Xp + (Yp, gp), [f(C, SUB)] * a + [f(C, Kp)] * (a + 1) + [f(C // SUB, Kp)],
                         cfg.interpret, Launch(num_warps=DIAGONAL_WARPS, num_stages=1),
-                        "dplr_decayed_diag", grid=(C // rows,))
+                        "dplr_decayed_diag", grid=(C // rows,), gate=exact)
     kernel = functools.partial(_forward_kernel, precision=cfg.precision, strict=strict)
-    return tuple(_call(kernel, (tot,) + tuple(parts), [f(C, C)] * a, cfg.interpret, cfg.fwd,
-                       "dplr_decayed_fwd"))
+    D = tuple(_call(kernel, (tot,) + tuple(parts), [f(C, C)] * a, cfg.interpret, cfg.fwd,
+                    "dplr_decayed_fwd", gate=exact))
+    return D if flag is None else bounded((flag, 1, D))
 
 
-def _products_fwd(X, Y, g, strict, cfg):
-    return _products(X, Y, g, strict, cfg), (X, Y, g)
+def _products_fwd(X, Y, g, flag, strict, cfg):
+    return _products(X, Y, g, flag, strict, cfg), (X, Y, g, flag)
 
 
 def _products_bwd(strict, cfg, res, dD):
-    X, Y, g = res
+    X, Y, g, flag = res
     a = len(X)
     Xp, Yp, gp = _kernel_inputs(X, Y, g)
     f = lambda x: jax.ShapeDtypeStruct(x.shape, Y.dtype)
@@ -747,26 +795,35 @@ def _products_bwd(strict, cfg, res, dD):
                                 cfg.interpret, cfg.bwd, "dplr_decayed_scalar_bwd", grid=(n,))
             dX.append(dx[:, :K])
             dY, dg = dY + dy[:, :K], dg + dgs.sum(axis=0)
-        return tuple(dX), dY, dg
+        return tuple(dX), dY, dg, None
     ddt = tuple(d.T.astype(Y.dtype) for d in dD)
     args = Xp + (Yp, gp) + ddt
-    if not cfg.bounded:  # the diagonal blocks and the off-diagonal factors first
-        rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
-        args += tuple(_call(functools.partial(_diagonal_backward_kernel, rows=rows, a=a),
-                            args, [f(Yp)] * (a + 3), cfg.interpret,
-                            Launch(num_warps=DIAGONAL_WARPS, num_stages=1),
-                            "dplr_decayed_diag_bwd", grid=(Y.shape[0] // rows,)))
     Kp = Yp.shape[1]
-    kb = min(_key_columns(cfg.bounded, a), Kp)
     nb = _row_blocks(Y.shape[0])
-    kernel = functools.partial(_backward_kernel, a=a, precision=cfg.precision,
-                               exact=cfg.exact, bounded=cfg.bounded, sync=not cfg.interpret,
-                               kb=kb)
     # dg's rows hold R first (the kernel reads it back): Y's dtype, cast to g's at the end;
     # then each block's sum of R - Q.
     outs = [f(Yp)] * (a + 2) + [jax.ShapeDtypeStruct((nb, Kp), Y.dtype)]
-    got = _call(kernel, args, outs, cfg.interpret, cfg.bwd, "dplr_decayed_bwd",
-                grid=(Kp // kb, nb))
+
+    def blocks(bounded, args, gate=None):
+        kb = min(_key_columns(bounded, a), Kp)
+        kernel = functools.partial(_backward_kernel, a=a, precision=cfg.precision,
+                                   exact=cfg.exact, bounded=bounded, sync=not cfg.interpret,
+                                   kb=kb)
+        return _call(kernel, args, outs, cfg.interpret, cfg.bwd, "dplr_decayed_bwd",
+                     grid=(Kp // kb, nb), gate=gate)
+
+    if cfg.bounded:
+        got = blocks(True, args)
+    else:  # the diagonal blocks and the off-diagonal factors first
+        exact = None if flag is None else (flag, 0, ())
+        rows = INTERPRET_ROWS if cfg.interpret else DIAGONAL_ROWS
+        diagonal = _call(functools.partial(_diagonal_backward_kernel, rows=rows, a=a),
+                         args, [f(Yp)] * (a + 3), cfg.interpret,
+                         Launch(num_warps=DIAGONAL_WARPS, num_stages=1),
+                         "dplr_decayed_diag_bwd", grid=(Y.shape[0] // rows,), gate=exact)
+        got = blocks(False, args + tuple(diagonal), exact)
+        if flag is not None:
+            got = blocks(True, args, (flag, 1, got))
     dX, dY, dg, rq = got[:a], got[a], got[a + 1], got[a + 2]
     if nb > 1:  # each block's rows take the sums of R - Q of the blocks after it
         later = jnp.cumsum(rq[::-1], axis=0)[::-1] - rq
@@ -781,7 +838,7 @@ def _products_bwd(strict, cfg, res, dD):
         d = jnp.diagonal(dDi).astype(Y.dtype)[:, None]  # dD[t, t]
         dX[i] = dX[i] + d * Y
         dY = dY + d * Xi
-    return tuple(dX), dY, dg[:, :K].astype(g.dtype)
+    return tuple(dX), dY, dg[:, :K].astype(g.dtype), None  # no cotangent for the flag
 
 
 _products.defvjp(_products_fwd, _products_bwd)
@@ -802,14 +859,19 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
     if g is None or (g.ndim == 1 and scalar_launch is None):
         return chunked.decayed_products(X, Y, g, bounded, strict)
     sides, flags = (X, strict) if isinstance(X, tuple) else ((X,), (strict,))
-    cfg = _Cfg(interpret, precision, exact, bounded, *(scalar_launch if g.ndim == 1 else launch))
+    # bounded: True or False, or a traced bool of the chunk (chunked.chunked's "check"), the
+    # kernels' flag; scalar decays have no bounded kernels.
+    flag = (None if isinstance(bounded, bool) or g.ndim == 1
+            else jnp.asarray(bounded, jnp.int32).reshape(1))
+    cfg = _Cfg(interpret, precision, exact, bounded is True,
+               *(scalar_launch if g.ndim == 1 else launch))
     C, b = Y.shape[:2]
     # The per-channel kernels take a query per token: a side of every n-th token's rows is
     # spread (zeros between) and its rows kept after; the scalar ones take such rows as they are.
     every = [1 if g.ndim == 1 else C // x.shape[0] for x in sides]
     cols = [c for x, n in zip(sides, every) for c in jnp.unstack(chunked.at_last(x, n), axis=1)]
     col_flags = tuple(s for x, s in zip(sides, flags) for _ in range(x.shape[1]))
-    per_key = [_products(tuple(cols), Y[:, j], g, col_flags, cfg) for j in range(b)]
+    per_key = [_products(tuple(cols), Y[:, j], g, flag, col_flags, cfg) for j in range(b)]
     outs, start = [], 0
     for x, n in zip(sides, every):
         a = x.shape[1]
