@@ -132,14 +132,19 @@ def rel(x, ref):
 
 def check(op, dtype, case, key, bound=None, K_=64, chunk=C, n=2):
     """backend="pallas" vs the float64 reference at T=300, B=2 H=2 (varlen: B=1, sequences
-    77 + 223), K=V=K_, chunk_size chunk; strong: hard resets; bound: decays clipped to
-    >= bound and passed as log_decay_lower_bound; n: gated_delta_product's keys per token."""
+    77 + 223), K=V=K_, chunk_size chunk; strong: hard resets; mixed (per-channel decays):
+    hard resets in two chunks of one head each, which take the exact products kernels while
+    the others take the bounded ones; bound: decays clipped to >= bound and passed as
+    log_decay_lower_bound; n: gated_delta_product's keys per token."""
     T, N = 300, 2
     cu = None
     Bc = 2
     if case == "varlen":
         Bc, cu = 1, jnp.array([0, 77, 300], jnp.int32)
     args = inputs(op, Bc, T, 2, K_, K_, key, dtype, strong=(case == "strong"), bound=bound, n=n)
+    if case == "mixed":
+        g = args[3].at[0, 70, 1].set(-1000.0).at[1, 200, 0, :5].set(-1000.0)
+        args = args[:3] + (g,) + args[4:]
     h0 = 0.5 * jax.random.normal(jax.random.fold_in(key, 1), (N, 2, K_, K_))
     do = jax.random.normal(jax.random.fold_in(key, 2), (Bc, T, 2, K_))
     dS = jax.random.normal(jax.random.fold_in(key, 3), (N, 2, K_, K_))
@@ -685,6 +690,11 @@ def main():
             if op != "delta_rule":
                 guarded(f"check {op} strong", lambda: check(op, jnp.bfloat16, "strong",
                                                             jax.random.fold_in(key, 20 + i)))
+            if op in BOUNDED:
+                for dtype in (jnp.float32, jnp.bfloat16):
+                    with jax.default_matmul_precision("highest"):
+                        guarded(f"check {op} mixed", lambda: check(
+                            op, dtype, "mixed", jax.random.fold_in(key, 50 + i)))
             if a.bound is not None and op in BOUNDED:
                 for dtype, case in ((jnp.float32, "plain"), (jnp.bfloat16, "plain"),
                                     (jnp.bfloat16, "varlen")):

@@ -5,7 +5,9 @@ products become one product of factors around the sub-chunk's middle row (chunke
 kernels of pallas/decayed.py). Checked against the float64 reference on decays
 that use the whole allowed range (a third at the bound itself, so sub-chunk sums reach
 16 L), for the XLA and the Pallas backend: outputs, final states and every gradient; bf16;
-packed sequences; and the argument checks.
+packed sequences; and the argument checks. Without the bound the Pallas backend takes the
+bounded kernels on the chunks whose decays allow them (chunked.bounded_chunks) and the
+exact ones on the rest: checked bitwise against forcing either, and against the reference.
 """
 
 import re
