@@ -507,8 +507,9 @@ def bench_torch(T, which, bound=-5.0):
     leaves = [q, k, v, g_ch, g_sc, beta]
     for x in leaves:
         x.requires_grad_(True)
-    from fla.ops import chunk_dplr_delta_rule, chunk_gated_delta_rule, chunk_gla, chunk_kda
-    from fla.ops.gated_delta_product import chunk_gated_delta_product
+    if set(which) - {"sdpa"}:  # FLA is needed for all but torch's attention
+        from fla.ops import chunk_dplr_delta_rule, chunk_gated_delta_rule, chunk_gla, chunk_kda
+        from fla.ops.gated_delta_product import chunk_gated_delta_product
     if "dplr" in which:  # FLA's Diag(e^gk) + b a^T with a = -beta k, b = k: -beta k k^T
         a_ = (-beta.detach().float()[..., None] * k.detach().float()).to(k.dtype)
         a_.requires_grad_(True)
