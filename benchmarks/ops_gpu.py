@@ -754,5 +754,5 @@ if __name__ == "__main__":
         main()
     except Exception:  # noqa: BLE001 - print, then still save what was measured
         traceback.print_exc()
-        save(os.environ.get("OUT", "benchmarks/results"))
+        save(OUT_DIR or os.environ.get("OUT", "benchmarks/results"))
         table()
