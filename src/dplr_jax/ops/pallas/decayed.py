@@ -71,7 +71,8 @@ chunk belongs to the other, the bounded kernels writing into the exact ones' out
 (_call's gate). On the H100 at B=4, T=4096, H=16 the programs that return cost the exact
 diagonal kernels 0.08 ms each way (131k programs), the bounded ones 0.02 forward and 0.04
 backward, and the check 0.055: kda 7.13 -> 6.98 ms of kernels forward+backward where every
-chunk passes (6.71 with the bound), 7.22 where none does (NOTES, twenty-fourth session).
+chunk passes, 7.22 where none does (timed, all passing: 7.15 -> 6.94, and 6.72 with the
+bound; NOTES, twenty-fourth session).
 
 Cost per chunk (C = 64, K = 128, float32). Forward: the diagonal kernel reads X, Y, g (96
 KB, its programs' rows again from L2) and writes 2 C K factors, C x 16 and the sub-chunks'
