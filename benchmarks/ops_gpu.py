@@ -13,6 +13,8 @@ One call does, on one GPU:
    and xla, FLA (fla-core 0.6.0 on PYTHONPATH: chunk_kda, chunk_gla, chunk_gated_delta_rule),
    causal softmax attention (torch SDPA, jax.nn.dot_product_attention), the Pallas state pass
    alone, and with --products phase 1's decayed-product kernels alone (decayed.py vs XLA);
+   every --ops op at the first T (4096 when given), kda pallas at the others (--every-T: every
+   op and backend at every T);
 3. a table with ratios to FLA and to the memory/compute floor (benchmarks/NOTES.md), and JSON;
 4. with --fla-checks, FLA's own errors on the bf16 checks' inputs (plain and hard resets)
    against the same float64 reference (chunk_kda, chunk_gla, chunk_dplr_delta_rule:
@@ -633,7 +635,8 @@ def main():
                     help="time only the JAX variants or only the torch ones (FLA's first calls "
                          "autotune for minutes, so a device call may hold one part)")
     ap.add_argument("--ops", nargs="+", default=list(OPS4), choices=OPS4 + RANK_R,
-                    help="dplr_jax ops to check, and to time at the first T (later: kda)")
+                    help="dplr_jax ops to check, and to time at the first T (later: kda; "
+                         "--every-T: all)")
     ap.add_argument("--backends", nargs="+", default=["pallas", "xla"],
                     choices=("pallas", "xla"), help="dplr_jax backends to time at the first T")
     ap.add_argument("--torch", nargs="+", default=["kda", "gla", "gdn", "sdpa"],
@@ -649,7 +652,13 @@ def main():
                     help="at the first T, also time phase 1's decayed products alone (Pallas vs "
                          "XLA): of per-channel decays, of scalar ones, or (no value) both")
     ap.add_argument("--no-extras", action="store_true",
-                    help="skip the state-pass-alone and jax attention timings")
+                    help="skip the state-pass-alone and jax attention timings (--extras none)")
+    ap.add_argument("--extras", nargs="*", choices=("state_pass", "attention"),
+                    default=["state_pass", "attention"],
+                    help="the state pass alone (first T) and jax attention (every T)")
+    ap.add_argument("--every-T", action="store_true",
+                    help="time --ops with --backends at every T (without it, kda pallas "
+                         "after the first: the sweep of the headline op)")
     ap.add_argument("--chunk", type=int, nargs="+", default=[C],
                     help="chunk sizes for the dplr_jax op timings (first T only beyond 64)")
     ap.add_argument("--fla-checks", action="store_true",
@@ -727,8 +736,8 @@ def main():
         if a.only in ("all", "torch"):
             bench_torch(T, a.torch, -5.0 if a.bound is None else a.bound)
         if a.only in ("all", "jax"):
-            bench_jax(T, a.ops if first else ("kda",),
-                      a.backends if first else ("pallas",))
+            every = first or a.every_T
+            bench_jax(T, a.ops if every else ("kda",), a.backends if every else ("pallas",))
             for chunk in (a.chunk if first else ()):
                 if chunk != C:
                     bench_jax(T, a.ops, a.backends, chunk=chunk)
@@ -740,9 +749,10 @@ def main():
                 guarded("products", lambda: bench_products(T))
             if first and "scalar" in products:
                 guarded("scalar products", lambda: bench_scalar_products(T))
-            if first and not a.no_extras:
+            extras = () if a.no_extras else a.extras
+            if first and "state_pass" in extras:
                 bench_state_pass(T, sp_configs)
-            if not a.no_extras:
+            if "attention" in extras:
                 bench_jax_attention(T)
         save(a.out)
     save(a.out)
