@@ -80,18 +80,22 @@ e^{total} (70 KB); the other reads those and writes C^2 (16 KB); C 8.5 K exps on
 the diagonal blocks, off-diagonal dots n(n-1)/2 x 2 * 16^2 K = 0.4 MFLOP. At B=4, T=4096,
 H=16 (4096 chunks) ~1 GB in all (0.33 ms at 3 TB/s). Backward: the diagonal kernel reads 112
 KB and writes 128 (dX, dY and the two factors), the other reads 240 and writes 96: 2.4 GB,
-0.8 ms at 3 TB/s, so the split pays for its parallel loops in bytes. The forward's row-group
-loop is instruction-bound (113-121 SASS instructions per key step for the [2, 128] float32
-tiles of one warp, the backward's loops 63-75: `kernel_registers.py --ops kda --warps 1
---sass DIR`; 49-56 registers, 32 programs per SM); the backward's diagonal kernel runs at
-its bytes' time. Measured on the H100 for kda's two products (benchmarks/NOTES.md, twelfth
-session): forward 0.25 + 0.15 ms each, backward 0.36 + 0.69, where one program per chunk
-with 16-row loops took 0.72-0.77 forward and 1.17 backward (255 registers, 2 warps per
-scheduler: latency-bound at low occupancy, tenth session). With both of kda's products in
-one pass as query sides (fifteenth session): forward 0.34 + 0.27, backward 0.47 + 1.17, the
-last against ~0.65 ms of bytes (480 KB per chunk). A program per 32-row block and 64 key
-columns (165 registers at 4 warps, 3 programs per SM, where the program per chunk held 255)
-took the latter to 0.79 (twenty-second session).
+0.8 ms at 3 TB/s, so the split pays for its parallel loops in bytes. Both diagonal kernels
+run at their bytes' time (113-121 SASS instructions per key step forward for the [2, 128]
+float32 tiles of one warp, 63-75 backward: `kernel_registers.py --ops kda --warps 1 --sass
+DIR`; 49-56 registers, 32 programs per SM): Nsight Compute finds kda's forward one at 79% of
+the DRAM bandwidth with issue slots half idle, the row groups' re-reads of their sub-chunk's
+Y and g rows served by L2 (63% hits) because a sub-chunk's row groups run at the same time
+as programs of their own; looping over them in one program cut the hits to 26% and took 0.34
+to 0.61 ms (benchmarks/NOTES.md, twenty-fifth session). Measured on the H100 for kda's two
+products (benchmarks/NOTES.md, twelfth session): forward 0.25 + 0.15 ms each, backward 0.36
++ 0.69, where one program per chunk with 16-row loops took 0.72-0.77 forward and 1.17
+backward (255 registers, 2 warps per scheduler: latency-bound at low occupancy, tenth
+session). With both of kda's products in one pass as query sides (fifteenth session):
+forward 0.34 + 0.27, backward 0.47 + 1.17, the last against ~0.65 ms of bytes (480 KB per
+chunk). A program per 32-row block and 64 key columns (165 registers at 4 warps, 3 programs
+per SM, where the program per chunk held 255) took the latter to 0.79 (twenty-second
+session).
 
 Scalar decays (one per token: gated_delta_rule, gated_delta_product) need no sub-chunks: the
 chunk's pairwise decay sums S [C, C] are one scan over t of the masked per-token decays
