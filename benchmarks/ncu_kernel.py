@@ -43,11 +43,15 @@ def main():
     ap.add_argument("--warps", type=int, help="default: the committed launch")
     ap.add_argument("--stages", type=int, help="default: the committed launch")
     ap.add_argument("--calls", type=int, default=3, help="launches after the timing")
+    ap.add_argument("--bounded", action="store_true",
+                    help="the op with log_decay_lower_bound: the products' bounded kernels "
+                         "ungated (without it a gated kernel's int32 flags are 0: the exact "
+                         "kernels run, the bounded ones return at once)")
     a = ap.parse_args()
     import triton
     from triton.backends.compiler import GPUTarget
 
-    kernels = kr.kernel_irs(a.op, B=4, T=4096, H=16)
+    kernels = kr.kernel_irs(a.op, B=4, T=4096, H=16, bounded=a.bounded)
     if a.kernel not in kernels:
         sys.exit(f"{a.op} has no kernel {a.kernel!r}; it has {sorted(kernels)}")
     k = kernels[a.kernel]
@@ -75,6 +79,7 @@ def main():
     operands = []
     for shape, dt in k.operands:
         if dt == "int32":  # the state pass's src and dst: chunk 0 of each row uses state 0
+            # (and the products' gate flags [..., 1]: 0, the exact kernels)
             x = torch.full(shape, -1, dtype=torch.int32, device="cuda")
             x[..., 0] = 0
         else:  # every operand <= 0: log decays stay decays (the timing ignores the values)
