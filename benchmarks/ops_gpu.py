@@ -652,7 +652,8 @@ def main():
                     help="at the first T, also time phase 1's decayed products alone (Pallas vs "
                          "XLA): of per-channel decays, of scalar ones, or (no value) both")
     ap.add_argument("--no-extras", action="store_true",
-                    help="skip the state-pass-alone and jax attention timings (--extras none)")
+                    help="skip the state-pass-alone and jax attention timings (as --extras "
+                         "with no value)")
     ap.add_argument("--extras", nargs="*", choices=("state_pass", "attention"),
                     default=["state_pass", "attention"],
                     help="the state pass alone (first T) and jax attention (every T)")
