@@ -606,6 +606,49 @@ def table():
             print(f"| {c['op']} | {c['case']} | {errs} |")
 
 
+def plot(path):
+    """ms against T, forward and forward+backward side by side, for every variant timed at two
+    T or more (log-log: linear cost is a slope of 1, softmax attention's T^2 a slope of 2).
+    A color per op, a line style per implementation: dplr_jax pallas solid, xla dash-dot, FLA
+    dashed, attention dotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for r in RESULTS["timings"]:
+        series.setdefault(r["name"], {}).setdefault(r["mode"], []).append((r["T"], r["ms"]))
+    names = sorted(n for n, modes in series.items()
+                   if any(len(pts) > 1 for pts in modes.values()))
+    op_of = lambda n: next((o for o in OPS4 + RANK_R if o in n.replace("chunk_", "")),
+                           "attention")
+    ops = sorted({op_of(n) for n in names})
+    color = {o: f"C{i}" for i, o in enumerate(ops)}
+    style = lambda n: ("--" if n.startswith("fla") else ":" if op_of(n) == "attention"
+                       else "-." if " xla" in n else "-")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharey=True)
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for name in names:
+            pts = series[name].get(mode, [])
+            if len(pts) > 1:
+                T, ms = zip(*sorted(pts))
+                ax.plot(T, ms, style(name), color=color[op_of(name)],
+                        marker="s" if "sdpa" in name else "o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (tokens per sequence)")
+        ax.set_title(f"{mode}, B={B} H={H} K=V={K} bf16")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ms (median)")
+    handles = {h.get_label(): h for ax in axes for h in ax.get_lines()}
+    fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles],
+               loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle(RESULTS.get("meta", {}).get("device", ""))
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def save(out_dir):
     RESULTS["meta"] = {
         "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
@@ -668,6 +711,8 @@ def main():
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="print the table of earlier runs' JSON files and write their union "
                          "to --out; measures nothing")
+    ap.add_argument("--plot", metavar="PNG",
+                    help="also plot ms against T of every variant timed at two T or more")
     a = ap.parse_args()
     global OUT_DIR, FLA_CHECKS
     FLA_CHECKS = a.fla_checks
@@ -684,6 +729,8 @@ def main():
         with open(os.path.join(a.out, "ops_gpu.json"), "w") as f:
             json.dump(RESULTS, f, indent=1)
         table()
+        if a.plot:
+            plot(a.plot)
         return
     OUT_DIR = a.out
     log("devices", jax.devices())
@@ -758,6 +805,8 @@ def main():
         save(a.out)
     save(a.out)
     table()
+    if a.plot:
+        plot(a.plot)
 
 
 if __name__ == "__main__":
