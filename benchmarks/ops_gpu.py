@@ -570,15 +570,17 @@ def floor_ms(op, T, mode):
     return max(byts / BW, flops / FLOPS) * 1e3
 
 
+def opname(name):
+    """The op a timing row's name times (FLA's and dplr_jax's alike), "attention", or None."""
+    name = name.replace("chunk_", "").replace("dplr_delta_rule", "dplr")
+    return next((o for o in OPS4 + RANK_R if name.endswith(" " + o) or f" {o} " in name),
+                "attention" if "attention" in name or "sdpa" in name else None)
+
+
 def table():
     """Markdown table of the timings; "vs FLA" compares with FLA's op at the same T and mode
     (rows with a bound with FLA's safe_gate row, the others with its plain one)."""
     rows = RESULTS["timings"]
-
-    def opname(name):
-        name = name.replace("chunk_", "").replace("dplr_delta_rule", "dplr")
-        return next((o for o in OPS4 + RANK_R if name.endswith(" " + o) or f" {o} " in name),
-                    "attention" if "attention" in name or "sdpa" in name else None)
 
     def key(r):  # gated_delta_product rows carry n2 / n3
         n = [w for w in r["name"].split() if w in ("n2", "n3")]
@@ -620,8 +622,7 @@ def plot(path):
         series.setdefault(r["name"], {}).setdefault(r["mode"], []).append((r["T"], r["ms"]))
     names = sorted(n for n, modes in series.items()
                    if any(len(pts) > 1 for pts in modes.values()))
-    op_of = lambda n: next((o for o in OPS4 + RANK_R if o in n.replace("chunk_", "")),
-                           "attention")
+    op_of = lambda n: opname(n) or "other"
     ops = sorted({op_of(n) for n in names})
     color = {o: f"C{i}" for i, o in enumerate(ops)}
     style = lambda n: ("--" if n.startswith("fla") else ":" if op_of(n) == "attention"
