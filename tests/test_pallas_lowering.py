@@ -67,3 +67,22 @@ def test_forward_and_backward_lower(target, case):
     # nine instructions per element cost kda's products 0.15 ms on the H100 (benchmarks/NOTES.md)
     assert "__nv_expf" not in text
     assert ("__nv_exp2f" in text) == (target == "cuda" and name != "delta_rule")  # decays
+
+
+@pytest.mark.parametrize("name", ["kda", "gated_delta_rule", "gla", "dplr", "hdla"])
+def test_forward_only_lowers_for_cuda(name):
+    """A call without gradients (engine._forward_only: the kernels load q and the keys as
+    given, bf16, and cast them) lowers through Triton, with every forward kernel."""
+    platform, device = TARGETS["cuda"]
+    args = cast(make_inputs(name, np.random.default_rng(0), B=1, T=200, H=2, K=128, V=128),
+                jnp.bfloat16)
+    fn = engine.kernel(name, PLATFORM_CONFIGS[platform])
+    f = lambda *a: fn(*a, scale=128 ** -0.5, initial_state=None, cu_seqlens=None,
+                      chunk_size=64)
+    mesh = AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    products = "dplr_decayed_scalar_fwd" if name == "gated_delta_rule" else "dplr_decayed_fwd"
+    for kernel in (products, "dplr_factors_fwd", "dplr_state_pass_fwd"):
+        assert kernel in text, kernel
+    assert "dplr_state_pass_bwd" not in text and "dplr_factors_bwd" not in text

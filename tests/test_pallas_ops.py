@@ -68,19 +68,23 @@ def _moves(jaxpr, shape, prims=("transpose",), dtype=None):
 def test_float32_log_decays_reach_the_kernels_unmoved():
     """api.run_chunked: log decays as given (float32) go to the Pallas phase 1 in their
     [B, NC, C, H, K] chunks, where q (the same shape for gla) is moved to [B, H, NC, C, K]
-    with the rest; cast decays (bf16 in, float32 out) are a copy anyway and move with it."""
+    with the rest under jax.vjp (a call without gradients reads it in place too); cast
+    decays (bf16 in, float32 out) are a copy anyway and move with it."""
     B, T, H, K, C = 1, 64, 2, 16, 16
     args = make_inputs("gla", np.random.default_rng(0), B=B, T=T, H=H, K=K, V=K)
     chunks = (B, T // C, C, H, K)
 
-    def moves(decay_dtype):
+    def moves(decay_dtype, vjp):
         a = list(cast(args, jnp.float32))
         a[3] = a[3].astype(decay_dtype)
         fn = lambda *x: ops.gla(*x, backend="pallas", chunk_size=C)[0]
-        return _moves(jax.make_jaxpr(fn)(*a).jaxpr, chunks)
+        return _moves(jax.make_jaxpr(lambda *x: jax.vjp(fn, *x) if vjp else fn(*x))(*a).jaxpr,
+                      chunks)
 
-    assert moves(jnp.bfloat16) == 2  # q's and the decays'
-    assert moves(jnp.float32) == 1  # q's
+    assert moves(jnp.bfloat16, vjp=True) == 2  # q's and the decays'
+    assert moves(jnp.float32, vjp=True) == 1  # q's
+    assert moves(jnp.bfloat16, vjp=False) == 1  # the decays'
+    assert moves(jnp.float32, vjp=False) == 0
 
 
 @pytest.mark.parametrize("name", ["kda", "gated_delta_rule", "delta_rule"])
@@ -168,6 +172,73 @@ def test_varlen(case, rng, x64):
     else:
         check_pallas_vjp(name, args, h0, rng, 5e-3, 5e-3, BF16_TOL.__getitem__, cu_seqlens=cu,
                          chunk_size=chunk)
+
+
+FORWARD_ONLY_CASES = [  # (op, dtype, options): calls without gradients (engine.op's primal)
+    ("kda", jnp.bfloat16, dict(G=2)),
+    ("gla", jnp.bfloat16, {}),
+    ("dplr", jnp.bfloat16, {}),
+    ("hdla", jnp.bfloat16, dict(chunk=32)),
+    ("gated_delta_rule", jnp.bfloat16, {}),
+    ("delta_rule", jnp.bfloat16, {}),
+    ("gated_delta_product", jnp.bfloat16, dict(n=3)),  # virtual chunks split tokens' groups
+    ("kda", jnp.float32, dict(K=24, V=40)),  # padded inside the kernels
+    ("dplr", jnp.float32, dict(R=3, Rkv=2)),  # rank 3: XLA's phase 1 on inputs as given
+    ("kda", jnp.bfloat16, dict(varlen=True)),
+    ("gla", jnp.float32, dict(varlen=True)),
+]
+
+
+@pytest.mark.parametrize("case", FORWARD_ONLY_CASES, ids=lambda c: "-".join(
+    [c[0], jnp.dtype(c[1]).name] + [f"{k}{v}" for k, v in c[2].items()]))
+def test_forward_only(case, rng, x64):
+    """A call without gradients reads q and the keys as given (engine._forward_only): o and
+    the final state against the reference, T % C != 0, an initial state; varlen: packed
+    sequences with hard resets and gates x10, as test_varlen."""
+    name, dtype, kw = case
+    kw = dict(kw)
+    chunk, varlen = kw.pop("chunk", 16), kw.pop("varlen", False)
+    args = list(make_inputs(name, rng, B=1 if varlen else 2, T=70 if varlen else 50,
+                            K=kw.pop("K", 16), V=kw.pop("V", 16), **kw))
+    cu = None
+    if varlen:
+        g = 10 * args[3]
+        args[3] = np.where(rng.random(g.shape) < 0.05, -1000.0, g)
+        cu = jnp.array([0, 9, 9, 70], jnp.int32)
+    args = cast(tuple(args), dtype)
+    h0 = cast(make_state(args, rng, N=3 if varlen else None), jnp.float32)
+    o, S = call(name, args, h0, backend="pallas", chunk_size=chunk, cu_seqlens=cu)
+    o_ref, S_ref = call(name, cast(args, jnp.float64), cast(h0, jnp.float64),
+                        backend="reference", cu_seqlens=cu)
+    assert o.dtype == dtype and S.dtype == jnp.float32
+    tol = 1e-5 if dtype == jnp.float32 else 5e-3
+    assert_close(o, o_ref, tol, "o")
+    assert_close(S, S_ref, 1e-5 if dtype == jnp.float32 else 5e-3, "final state")
+
+
+# bf16 arrays of q's size cast to float32 and moved in a call without gradients: gla's k and
+# v move with their rank axis; Gated DeltaNet's k is cast for beta k and moves as the probes;
+# kda's q and keys are cast (api.run_chunked: per-channel decays with probed keys).
+AS_GIVEN = {"gla": (0, 2), "gated_delta_rule": (1, 1), "kda": (3, 0)}
+
+
+@pytest.mark.parametrize("name", sorted(AS_GIVEN))
+def test_forward_only_reads_q_and_keys_as_given(name):
+    """Without gradients q is read as given and in place, the keys as given (AS_GIVEN counts
+    the casts and moves that remain); under jax.vjp q and the keys are cast (the kernels'
+    float32 cotangents are summed before one rounding)."""
+    B, T, H, K, C = 1, 64, 2, 16, 16
+    args = list(cast(make_inputs(name, np.random.default_rng(0), B=B, T=T, H=H, K=K, V=K),
+                     jnp.bfloat16))
+    args[3] = args[3].astype(jnp.float32)  # decays as given in float32: read in place
+    fn = lambda *a: getattr(ops, name)(*a, backend="pallas", chunk_size=C)[0]
+    count = lambda jaxpr, prim: _moves(jaxpr, B * T * H * K, (prim,), jnp.bfloat16)
+    forward = jax.make_jaxpr(fn)(*args).jaxpr
+    casts, moves = AS_GIVEN[name]
+    assert count(forward, "convert_element_type") == casts
+    assert count(forward, "transpose") == moves
+    vjp = jax.make_jaxpr(lambda *a: jax.vjp(fn, *a))(*args).jaxpr
+    assert count(vjp, "convert_element_type") >= 2  # q's and k's at least
 
 
 @pytest.mark.parametrize("name,chunk", [("kda", 16), ("gla", 16), ("dplr", 16), ("hdla", 32)])

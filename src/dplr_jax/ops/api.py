@@ -9,10 +9,12 @@ jax_enable_x64 is on, so it can serve as ground truth for any input dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dplr_jax.ops import backends, chunked, forms, reference
 from dplr_jax.ops._checks import (Dims, check_float, check_lower_bound, check_nonpositive,
@@ -158,23 +160,37 @@ def _initial_state(initial_state, N, HV, K, V, dtype):
 
 
 def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, bounded=False,
-                decayed=None, scan=None, factors=None):
+                decayed=None, scan=None, factors=None, forward_only=False):
     """The chunk engine for op `name` on validated inputs (backend "xla"; the Pallas kernels
     pass their phases as `decayed` / `scan` / `factors`, see chunked.chunked): cast to the
-    accumulation dtype (but v, which `factors` takes as given), scale q, build the op's form,
+    accumulation dtype (but v, which `factors` takes as given), scale q (with `scan`, the
+    Pallas state pass, scale o there instead), build the op's form,
     run it (n virtual tokens per token for multi-factor ops, in chunks of chunk_size virtual
     tokens: phase 1 costs O(C) per virtual token, and the state pass's dots grow past C = 64;
     a chunk may split a token's virtual group) and read each token's output at its last
     virtual token. bounded: the log decays are >= chunked.MIN_BOUND (checked by the caller);
     without it, the Pallas products (`decayed`) check per chunk and head whether their bounded
     version is safe for these decays (chunked.chunked, "check").
+    forward_only (with `factors` and `scan`; not differentiable: pallas.engine.op's primal):
+    q and the keys stay as given too, and q goes to phase 1 in place (chunked.chunked).
     Returns o (accumulation dtype) and the final states."""
     dtype = acc_dtype(*inputs, initial_state)
     # With phase 1's kernels the values v stay as given (16-bit: half the bytes, and no
-    # float32 copy): the kernels cast them on chip.
+    # float32 copy): the kernels cast them on chip. So do q and the keys in a forward-only
+    # call, where no cotangent would be rounded to their dtype once per kernel that reads
+    # them (engine.op); the log decays and beta (which XLA multiplies into keys) are cast.
     as_given = (2,) if factors is not None else ()
+    if forward_only:
+        spec = SPECS[name]
+        as_given = tuple(i for i, arg in enumerate(("q", "k", "v") + spec.gates)
+                         if arg not in spec.log_decays + ("beta",))
     xs = [x if i in as_given or x is None else x.astype(dtype) for i, x in enumerate(inputs)]
-    xs[0] = xs[0] * scale
+    # The Pallas state pass applies a static scale to o (and to o's cotangent) in its kernels:
+    # q reaches phase 1 unscaled, with no multiply of its own.
+    if scan is not None and isinstance(scale, (int, float, np.number)):
+        scan = functools.partial(scan, scale=scale)
+    else:
+        xs[0] = xs[0] * scale
     q, v = xs[0], xs[2]
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     h0 = _initial_state(initial_state, N, v.shape[2], q.shape[-1], v.shape[-1], dtype)
@@ -185,13 +201,21 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     # otherwise every virtual token's, and keeps the last.
     whole = chunk_size % n == 0 and chunk_size // n >= 16
     q, *rest = form.engine_inputs()
+    if forward_only and rest[0] is not None and rest[0].ndim == 4 and rest[1] is not None:
+        # Per-channel decays with probed keys (kda, dplr, hdla): their products kernels, with
+        # two query sides (q and the probes), ran slower on 16-bit sides than the copies
+        # saved on the H100 (kda's 0.39 -> 0.46 ms, dplr's two 0.84 -> 1.22, hdla's 0.76 ->
+        # 0.89; gla's one side 0.267 -> 0.273; benchmarks/NOTES.md, twenty-sixth session):
+        # q and the keys go cast, as with gradients.
+        up = lambda x: None if x is None else x.astype(dtype)
+        q, rest = up(q), [up(x) if i in (1, 3, 4) else x for i, x in enumerate(rest)]
     # Inputs as given go to the Pallas kernels in their chunks, where the move to the
     # chunk-major layout would be a copy of its own (chunked.chunked's in_place): log decays
     # in the accumulation dtype (not cast, not formed by the op; a cast or formed g is
     # written by XLA anyway and moves on the way), and the values y of one-factor forms (v
     # itself with a rank axis, forms.delta_rule) where phase 1's kernels take them (with the
     # state-pass kernel: without it chunked.chunked runs XLA's chunk_summary).
-    in_place = ()
+    in_place = ("q",) if forward_only else ()
     if (decayed is not None or factors is not None) and any(
             rest[0] is x and x0.dtype == dtype for x, x0 in zip(xs, inputs) if x is not None):
         in_place += ("g",)

@@ -248,8 +248,9 @@ def _rows_down(x):
 def intra_products(q1, g, E, P, F, decayed, own_decay):
     """Phase 1's intra-chunk products of one chunk, as decayed's [rows, a, C, b]: the probes'
     L = (P, E) and PF = (P, F), the queries' QE = (q, E) and QF = (q, F); None where the form
-    lacks a part. q1 [C / n, 1, K]. P's products come with q's from one pass over each key
-    kind (decayed's query sides):
+    lacks a part. q1 [C / n, 1, K] (or [C / n, K] where `decayed` takes that: the Pallas
+    kernels'). P's products come with q's from one pass over each key kind (decayed's query
+    sides):
 
     - with own_decay (P holds p; the probe p e^{g_t} reads the state after its token's
       decay, chunked.chunked) they are p's strict products;
@@ -354,7 +355,7 @@ def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, in_place=(), fla
     q_layout's chunks). summary: a function of one chunk's (q, g, E, y, P, F, Vk), or with
     flags [B, H, NC] of (its flag, q, g, ...).
 
-    in_place: names of inputs ("g", "y") that stay [B, NC, C, H, ...] (chunked.chunked's
+    in_place: names of inputs ("q", "g", "y") that stay [B, NC, C, H, ...] (chunked.chunked's
     in_place), which a Pallas kernel under vmap reads where they lie; y then loses its rank
     axis (of size 1) here, where that is a reshape, and each chunk's is [C, V]. The other
     inputs are moved."""
@@ -369,8 +370,8 @@ def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, in_place=(), fla
     axis = lambda name: 2 if name in in_place else 0
     flag = () if flags is None else (0,)
     fn = jax.vmap(jax.vmap(jax.vmap(summary),
-                           in_axes=flag + (0, axis("g"), 0, axis("y"), 0, 0, 0)))
-    return fn(*(() if flags is None else (flags,)), chunks(q, q_layout),
+                           in_axes=flag + (axis("q"), axis("g"), 0, axis("y"), 0, 0, 0)))
+    return fn(*(() if flags is None else (flags,)), chunks(q, q_layout, "q" not in in_place),
               chunks(g, move="g" not in in_place), chunks(E),
               chunks(y, move="y" not in in_place), *(chunks(x) for x in (P, F, Vk)))
 
@@ -413,8 +414,8 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
 
     in_place: names of the inputs that phase 1 reads in their [B, NC, C, H, ...] chunks
     rather than moved to [B, H, NC, C, ...] with the others, for Pallas phases and inputs
-    that would be copied for the move alone (api.run_chunked): "g", and "y" of rank 1, which
-    phase 1 then gets as [C, V] per chunk (`factors` must take that: the kernels of
+    that would be copied for the move alone (api.run_chunked): "q", "g", and "y" of rank 1,
+    which phase 1 then gets as [C, V] per chunk (`factors` must take that: the kernels of
     factors.py do). On the H100 at B=4, T=4096, H=16, K=128 the copy of a float32 g took 0.09
     ms; reading its rows 8 KB apart cost gla's bounded products backward 0.11 ms (the exact
     products kernels read no g; benchmarks/NOTES.md, nineteenth session).

@@ -152,6 +152,13 @@ def _program_id(axis):
     return _GATED_IDS[-1][axis] if _GATED_IDS else pl.program_id(axis)
 
 
+def _acc(x):
+    """The kernels' dtype for an input (a ref or an array) of x's: float32 (float64 under x64
+    in interpret mode). Inputs may be 16-bit (a forward-only call reads q and the keys as
+    given, api.run_chunked); the kernels cast them as they load them."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def _iota(shape, axis):
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
@@ -221,8 +228,8 @@ def _diagonal_kernel(*refs, rows, a):
     xq_refs, (key_ref, tot_ref) = refs[2 * a + 2:3 * a + 2], refs[3 * a + 2:]
     C = y_ref.shape[0]
     t0, base, end = _row_group(rows)
-    X = [x_ref[pl.ds(t0, rows), :] for x_ref in x_refs]
-    f = X[0].dtype
+    f = _acc(y_ref)
+    X = [x_ref[pl.ds(t0, rows), :].astype(f) for x_ref in x_refs]
     r = _iota((rows, 1), 0)
     last = t0 + r  # each row's last key: its own token
     top = t0 + rows - 1  # the group's last key
@@ -231,7 +238,7 @@ def _diagonal_kernel(*refs, rows, a):
     def step(k, d):
         s = top - k
         d = _advance(d, last > s, last == s, _log2_decay(g_ref, jnp.minimum(s + 1, C - 1), f))
-        y = y_ref[pl.ds(s, 1), :]
+        y = y_ref[pl.ds(s, 1), :].astype(f)
         ye = y * jnp.exp2(d)
         for Xi, d_ref in zip(X, d_refs):
             row = jnp.sum(Xi * ye, axis=1, keepdims=True)
@@ -337,9 +344,10 @@ def _bounded_forward_kernel(*refs, precision, strict):
     i = _program_id(0)
     rows = pl.ds(i * SUB, SUB)
     t, u = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
-    X = [x_ref[rows, :] for x_ref in x_refs]
-    Y = y_ref[rows, :]
-    g = g_ref[rows, :].astype(Y.dtype)
+    f = _acc(y_ref)
+    X = [x_ref[rows, :].astype(f) for x_ref in x_refs]
+    Y = y_ref[rows, :].astype(f)
+    g = g_ref[rows, :].astype(f)
     # The prefix sums by a scan: as a 0/1 dot (the backward's) this kernel, in an earlier
     # form of one program per chunk, spilled 2.4-6.0 KB at 2 or 4 warps, with the scan none
     # (kernel_registers.py --bounded).
@@ -359,9 +367,9 @@ def _bounded_forward_kernel(*refs, precision, strict):
     def earlier(k, Xq):  # the block (i, j = i - 1 - k)
         j = i - 1 - k
         keys = pl.ds(j * SUB, SUB)
-        gj = g_ref[keys, :].astype(Y.dtype)
+        gj = g_ref[keys, :].astype(f)
         total = jnp.sum(gj, axis=0, keepdims=True)
-        key = y_ref[keys, :] * _exp(total - jnp.cumsum(gj, axis=0))
+        key = y_ref[keys, :].astype(f) * _exp(total - jnp.cumsum(gj, axis=0))
         for Xs, d_ref in zip(Xq, d_refs):
             d_ref[rows, keys] = _dot(Xs, key, precision, trans_b=True).astype(d_ref.dtype)
         e = _exp(total)
@@ -609,10 +617,6 @@ def _rows_backward(x_refs, y_ref, ddt_refs, dx_refs, dy_ref, dg_ref, cols, lo, n
     return later
 
 
-def _acc(ref):
-    return jnp.promote_types(ref.dtype, jnp.float32)  # float32 (float64 in interpret mode)
-
-
 def _scalar_factors(g_row):
     """[t, s] e^{S[t, s]} for scalar log decays g_row [1, C], S the sum of g_u over
     s < u <= t by a scan over t (sums of the tokens each covers) on the pairs s < t; 1
@@ -644,11 +648,13 @@ def _scalar_forward_kernel(*refs, strict, precision, exact):
     a = len(strict)
     x_refs, (y_ref, g_ref), d_refs = refs[:a], refs[a:a + 2], refs[a + 2:]
     C = y_ref.shape[0]
-    factors = _scalar_factors(g_ref[...].astype(_acc(y_ref)))
-    Y = y_ref[...]
+    f = _acc(y_ref)
+    factors = _scalar_factors(g_ref[...].astype(f))
+    Y = y_ref[...].astype(f)
     for x_ref, d_ref, s in zip(x_refs, d_refs, strict):
         W = _scalar_decays(factors, s, C // x_ref.shape[0], exact)
-        d_ref[...] = (_dot(x_ref[...], Y, precision, trans_b=True) * W).astype(d_ref.dtype)
+        d_ref[...] = (_dot(x_ref[...].astype(f), Y, precision, trans_b=True)
+                      * W).astype(d_ref.dtype)
 
 
 def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref, *, strict,
@@ -751,10 +757,10 @@ def _products(X, Y, g, flag, strict, cfg):
     if g.ndim == 1:
         kernel = functools.partial(_scalar_forward_kernel, strict=strict,
                                    precision=cfg.precision, exact=cfg.exact)
-        outs = [jax.ShapeDtypeStruct((x.shape[0], C), x.dtype) for x in X]
+        outs = [jax.ShapeDtypeStruct((x.shape[0], C), _acc(Y)) for x in X]
         return tuple(_call(kernel, Xp + (Yp, gp), outs, cfg.interpret, cfg.fwd,
                            "dplr_decayed_scalar_fwd"))
-    f = lambda *shape: jax.ShapeDtypeStruct(shape, X[0].dtype)
+    f = lambda *shape: jax.ShapeDtypeStruct(shape, _acc(Y))
     bounded = lambda gate=None: tuple(_call(
         functools.partial(_bounded_forward_kernel, precision=cfg.precision, strict=strict),
         Xp + (Yp, gp), [f(C, C)] * a, cfg.interpret, cfg.fwd, "dplr_decayed_fwd",
@@ -860,10 +866,15 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
     The kernels take every query rank of every side (X a tuple, or X's rank axis) against
     one key rank in one pass: the sides share the keys' loads and the decay factors (per
     channel: the exponents and their exp2, the key side; scalar: the pairs' C x C factors,
-    forward only)."""
-    if g is None or (g.ndim == 1 and scalar_launch is None):
-        return chunked.decayed_products(X, Y, g, bounded, strict)
+    forward only). A side may be [rows, K], one query rank without its axis: a query as
+    given, which moved to add the axis under the engine's vmaps would be copied (a
+    forward-only call's q, api.run_chunked); its product is [rows, 1, C, b] all the same.
+    16-bit X and Y are computed in float32 (the kernels cast them as they load them)."""
     sides, flags = (X, strict) if isinstance(X, tuple) else ((X,), (strict,))
+    if g is None or (g.ndim == 1 and scalar_launch is None):
+        up = lambda x: (x if x.ndim == 3 else x[:, None]).astype(_acc(x))
+        out = chunked.decayed_products(tuple(map(up, sides)), up(Y), g, bounded, flags)
+        return out if isinstance(X, tuple) else out[0]
     # bounded: True or False, or a traced bool of the chunk (chunked.chunked's "check"), the
     # kernels' flag; scalar decays have no bounded kernels.
     flag = (None if isinstance(bounded, bool) or g.ndim == 1
@@ -874,12 +885,14 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
     # The per-channel kernels take a query per token: a side of every n-th token's rows is
     # spread (zeros between) and its rows kept after; the scalar ones take such rows as they are.
     every = [1 if g.ndim == 1 else C // x.shape[0] for x in sides]
-    cols = [c for x, n in zip(sides, every) for c in jnp.unstack(chunked.at_last(x, n), axis=1)]
-    col_flags = tuple(s for x, s in zip(sides, flags) for _ in range(x.shape[1]))
+    ranks = [1 if x.ndim == 2 else x.shape[1] for x in sides]
+    cols = [c for x, n in zip(sides, every)
+            for c in ([chunked.at_last(x, n)] if x.ndim == 2
+                      else jnp.unstack(chunked.at_last(x, n), axis=1))]
+    col_flags = tuple(s for a, s in zip(ranks, flags) for _ in range(a))
     per_key = [_products(tuple(cols), Y[:, j], g, flag, col_flags, cfg) for j in range(b)]
     outs, start = [], 0
-    for x, n in zip(sides, every):
-        a = x.shape[1]
+    for a, n in zip(ranks, every):
         outs.append(jnp.stack([jnp.stack([per_key[j][c][n - 1::n] for j in range(b)], axis=-1)
                                for c in range(start, start + a)], axis=1))  # [rows, a, C, b]
         start += a

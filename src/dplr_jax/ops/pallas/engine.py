@@ -12,6 +12,14 @@ token: every op but DPLR of a higher rank) the rest runs in the kernels of facto
 (`Config.factors`); otherwise it is the XLA `chunk_factors` of chunked.py, differentiated
 by JAX and rematerialized in the backward pass but for the decayed products and the UT
 inverse, which it keeps (chunked.SAVED).
+
+A call without gradients (the primal of _forward_only's custom_vjp) reads q and the keys as
+given: no float32 copies of 16-bit inputs, q in place, the kernels casting as they load.
+With gradients they are cast first, so that each input's float32 cotangents from the kernels
+that read it are summed before one rounding. On the H100 at B=4, T=4096, H=16, K=V=128 bf16
+the forward went from 1.34 to 1.23 ms for gla, 1.59 to 1.46 for gated_delta_rule, 3.15 to
+2.67 for gated_delta_product n=2 (benchmarks/NOTES.md, twenty-sixth session); kda, dplr and
+hdla keep the copies (api.run_chunked says why).
 """
 
 from __future__ import annotations
@@ -19,18 +27,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dplr_jax.ops import chunked
 from dplr_jax.ops.api import run_chunked
 from dplr_jax.ops.pallas import decayed, factors
+from dplr_jax.ops.pallas.decayed import _acc
 from dplr_jax.ops.pallas.state_pass import Config, _pow2, state_pass
 
 
-def _scan(layout, factors, h0, *, cfg, o_dtype):
-    """Phases 2 and 3 in the state-pass kernel: (o [B, NC, C, H, V] in o_dtype, final states)
-    from phase 1's factored transitions (chunked.chunk_factors) and the initial states h0
-    [N, H, K, V]."""
+def _scan(layout, factors, h0, *, cfg, o_dtype, scale=1.0):
+    """Phases 2 and 3 in the state-pass kernel: (o [B, NC, C, H, V] in o_dtype, times scale,
+    final states) from phase 1's factored transitions (chunked.chunk_factors) and the initial
+    states h0 [N, H, K, V]."""
     N = h0.shape[0]
     B, NC = factors[4].shape[0], layout.NC
     Nb = N // B  # states per batch row: 1, or the N packed sequences
@@ -42,7 +53,8 @@ def _scan(layout, factors, h0, *, cfg, o_dtype):
     # X stays 16-bit where it is the values as given (forms without probed keys: GLA).
     keep = lambda i, x: i == 3 and factors[2] is None and x.dtype.itemsize == 2
     o, finals = state_pass(*(x if x is None or keep(i, x) else x.astype(jnp.float32)
-                             for i, x in enumerate(factors)), h0, src, dst, cfg, o_dtype)
+                             for i, x in enumerate(factors)), h0, src, dst, cfg, o_dtype,
+                          scale)
     return o, finals.reshape((N,) + finals.shape[2:])
 
 
@@ -53,8 +65,9 @@ def _phase1(q, g, E, y, P, F, Vk, *, decayed, own_decay, **kernel):
     if factors.takes(E, F):
         return factors.low_rank_factors(q, g, E, y, P, F, Vk, decayed=decayed,
                                         own_decay=own_decay, **kernel)
+    up = lambda x: None if x is None else x.astype(_acc(x))  # 16-bit as given
     return chunked.checkpointed(chunked.chunk_factors, decayed=decayed, own_decay=own_decay)(
-        q, g, E, y, P, F, Vk)
+        *map(up, (q, g, E, y, P, F, Vk)))
 
 
 def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config, bounded=False):
@@ -78,9 +91,33 @@ def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config,
     scan = functools.partial(_scan, cfg=cfg, o_dtype=o_dtype)
     if cfg.max_k is not None and _pow2(inputs[0].shape[-1]) > cfg.max_k:
         scan = None  # the state is too wide for the kernel: XLA's scan (chunked.py)
-    return run_chunked(name, inputs, scale=scale, initial_state=initial_state,
-                       cu_seqlens=cu_seqlens, chunk_size=chunk_size, bounded=bounded,
-                       decayed=products, scan=scan, factors=phase1)
+    run = functools.partial(run_chunked, name, scale=scale, chunk_size=chunk_size,
+                            bounded=bounded, decayed=products, scan=scan, factors=phase1)
+    if phase1 is None or scan is None or not isinstance(scale, (int, float, np.number)):
+        return run(inputs, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    return _forward_only(run)(inputs, initial_state, cu_seqlens)
+
+
+def _forward_only(run):
+    """run (run_chunked with the Pallas phases) as a function of (inputs, initial state,
+    cu_seqlens) whose primal, a call without gradients, reads q and the keys as given
+    (run_chunked's forward_only: for 16-bit inputs no float32 copies and half the kernels'
+    reads of them, q in place), and whose gradients are those of the path that casts them.
+    There each kernel's custom_vjp returns float32 cotangents, which XLA sums before one
+    rounding to the input's dtype; with q and the keys as given, q's (read by the products
+    and the factors kernels) would be rounded once per kernel."""
+    @jax.custom_vjp
+    def forward(inputs, h0, cu_seqlens):
+        return run(inputs, initial_state=h0, cu_seqlens=cu_seqlens, forward_only=True)
+
+    def forward_fwd(inputs, h0, cu_seqlens):
+        return jax.vjp(lambda x, h: run(x, initial_state=h, cu_seqlens=cu_seqlens), inputs, h0)
+
+    def forward_bwd(pullback, cts):
+        return (*pullback(cts), None)  # no cotangent for cu_seqlens
+
+    forward.defvjp(forward_fwd, forward_bwd)
+    return forward
 
 
 def kernel(name, cfg: Config):

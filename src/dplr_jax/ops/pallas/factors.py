@@ -79,7 +79,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from dplr_jax.ops.chunked import SUB, intra_products
-from dplr_jax.ops.pallas.decayed import _iota, _tokens
+from dplr_jax.ops.pallas.decayed import _acc, _iota, _tokens
 from dplr_jax.ops.pallas.state_pass import Launch, _dot, _exp, _mask_dot, _pad_to, _pow2
 
 BLOCK = 64  # columns of K (and V) per program
@@ -193,18 +193,20 @@ def _decays(r, fm, decay, ks, exact, own):
     return incl, excl, suffix_e, suffix_f, total
 
 
-def _value_cols(r, name, vs):
-    """Value columns vs of y or Vk, which arrive as the op was given them (16-bit values:
-    half the bytes, and no float32 copy in XLA; api.run_chunked), in the kernels' dtype."""
-    return r[name][:, vs].astype(r["q"].dtype)
+def _load(r, name, cols):
+    """Columns `cols` of input `name` in the kernels' dtype (decayed._acc). The values y, Vk
+    arrive as the op was given them (16-bit values: half the bytes, and no float32 copy in
+    XLA; api.run_chunked), and so do q and the keys in a call without gradients for the
+    forms whose kernels gain by it (api.run_chunked's forward_only): cast as loaded."""
+    return r[name][:, cols].astype(_acc(r["q"]))
 
 
 def _rhs(r, vs, Vk, precision):
     """Value columns vs of y - PF Vk (y absent: zero; Vk None: no plain keys)."""
     if Vk is None:
-        return _value_cols(r, "y", vs)
+        return _load(r, "y", vs)
     PFV = _dot(r["pf"][...], Vk, precision)
-    return -PFV if "y" not in r else _value_cols(r, "y", vs) - PFV
+    return -PFV if "y" not in r else _load(r, "y", vs) - PFV
 
 
 # One program per (chunk, block of 64 key or value columns): the key columns of Z, W, Qs and
@@ -223,14 +225,14 @@ def _forward_kernel(*refs, names, n, own, decay, precision, exact):
         ks = pl.ds(j * bk, bk)
         incl, excl, suffix_e, suffix_f, total = _decays(r, fm, decay, ks, exact, own)
         if fm.m:  # W before q is loaded: fewer registers live across its dot
-            W = _dot(r["ti"][...], _scaled(r["p"][:, ks], excl), precision)
+            W = _dot(r["ti"][...], _scaled(_load(r, "p", ks), excl), precision)
             r["w"][:, ks] = W.astype(r["w"].dtype)
-            Qs = _scaled(r["q"][:, ks], incl) - _dot(r["qe"][...], W, precision)
-            r["z"][fm.e_rows, ks] = _scaled(r["e"][:, ks], suffix_e).astype(r["z"].dtype)
+            Qs = _scaled(_load(r, "q", ks), incl) - _dot(r["qe"][...], W, precision)
+            r["z"][fm.e_rows, ks] = _scaled(_load(r, "e", ks), suffix_e).astype(r["z"].dtype)
         else:
-            Qs = _scaled(r["q"][:, ks], incl)
+            Qs = _scaled(_load(r, "q", ks), incl)
         if fm.rk:
-            r["z"][fm.f_rows, ks] = _scaled(r["f"][:, ks], suffix_f).astype(r["z"].dtype)
+            r["z"][fm.f_rows, ks] = _scaled(_load(r, "f", ks), suffix_f).astype(r["z"].dtype)
         r["qs"][:, ks] = Qs.astype(r["qs"].dtype)
         gam = jnp.ones((1, 1), r["gam"].dtype) if total is None else _exp(total)
         r["gam"][:, ks] = jnp.broadcast_to(gam, (1, bk)).astype(r["gam"].dtype)
@@ -244,7 +246,7 @@ def _forward_kernel(*refs, names, n, own, decay, precision, exact):
         O0 = 0.0
         Vk = None
         if fm.rk:
-            Vk = _value_cols(r, "vk", vs)
+            Vk = _load(r, "vk", vs)
             O0 = _dot(r["qf"][...], Vk, precision)
             r["x"][fm.f_rows, vs] = Vk.astype(r["x"].dtype)
         X0 = _dot(r["ti"][...], _rhs(r, vs, Vk, precision), precision)
@@ -334,7 +336,7 @@ def _backward_kernel(*refs, names, n, own, decay, precision, exact, key_block):
         dO0 = r["do0"][:, vs]
         Vk = None
         if rk:
-            Vk = _value_cols(r, "vk", vs)
+            Vk = _load(r, "vk", vs)
             dVk = _dot(r["qf"][...], dO0, precision, trans_a=True)
             dQF = _dot(dO0, Vk, precision, trans_b=True)
             partial("dqf", dQF, _pairs(dQF.shape, 1, rk, False, n), j - nk)
@@ -459,7 +461,7 @@ def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n, own):
     # (chunked.chunk_factors): the kernels read no values (QF is None).
     res = (q, g, E, y, P, QE, Tinv, F, Vk if ne else None, QF, PF)
     names, ins, Kp, Vp = _kernel_inputs(*res)
-    f = lambda *s: jax.ShapeDtypeStruct(s, q.dtype)
+    f = lambda *s: jax.ShapeDtypeStruct(s, _acc(q))
     outs = {"gam": f(1, Kp), "z": f(ne + nf, Kp), "qs": f(Cq, Kp)}
     if ne:
         outs.update(w=f(ne, Kp), x=f(ne + nf, Vp), o0=f(Cq, Vp))
@@ -551,10 +553,12 @@ def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, own_decay=False, interpre
     n = C // q.shape[0]
     m, rk = (0 if x is None else x.shape[1] for x in (E, F))
 
+    # q goes to the products without a rank axis (decayed.decayed_products takes [rows, K]):
+    # added under the engine's vmaps, it would move a q read in place (api.run_chunked).
     def products(q, g, E, P, F):  # [rows * a, K] and [C * b, K] -> [rows * a, C * b]
         rank = lambda x, r: None if x is None else x.reshape(C, r, x.shape[-1])
         return tuple(None if D is None else D.reshape(D.shape[0] * D.shape[1], -1)
-                     for D in intra_products(q[:, None], g, rank(E, m), rank(P, m), rank(F, rk),
+                     for D in intra_products(q, g, rank(E, m), rank(P, m), rank(F, rk),
                                              decayed, own_decay))
 
     # Rematerialized in the backward pass, not saved: XLA's products (per-token or no decay)

@@ -214,10 +214,10 @@ def _chunk_rows(ref, c, rows, C):
     return (c, rows) if ref.ndim == 3 else (pl.ds(c * C + rows.start, rows.size),)
 
 
-def _forward_chunk(c, src, dst, S, r, *, rb, precision):
+def _forward_chunk(c, src, dst, S, r, *, rb, precision, scale):
     """One chunk of the forward recurrence: reset, save S_c (when "sin" is an output), write
-    o_c, and S_{c+1} as final state dst if dst >= 0; returns S_{c+1}. r: the kernel's refs by
-    name."""
+    o_c = scale (Qs_c S_c + O0_c), and S_{c+1} as final state dst if dst >= 0; returns
+    S_{c+1}. r: the kernel's refs by name."""
     S = jnp.where(src >= 0, r["h0"][jnp.maximum(src, 0)].astype(jnp.float32), S)
     if "sin" in r:
         r["sin"][c] = S
@@ -225,7 +225,7 @@ def _forward_chunk(c, src, dst, S, r, *, rb, precision):
     queries = _query_blocks(C, rb)
 
     def write(q, o):
-        r["o"][_chunk_rows(r["o"], c, q, C)] = o.astype(r["o"].dtype)
+        r["o"][_chunk_rows(r["o"], c, q, C)] = (scale * o).astype(r["o"].dtype)
 
     o = []  # with QF, the rows' Qs S, to which O0 = QF X adds with X's blocks
     for q in queries:
@@ -256,7 +256,7 @@ def _forward_chunk(c, src, dst, S, r, *, rb, precision):
     return out
 
 
-def _backward_chunk(c, src, dst, G, r, *, rb, precision):
+def _backward_chunk(c, src, dst, G, r, *, rb, precision, scale):
     """One chunk of the reverse recurrence: saves G_c; returns G_{c-1}."""
     # A sequence's last chunk: its S_{c+1} is the final state (the next chunk resets).
     G = jax.lax.cond(dst >= 0, lambda: G + r["dfin"][jnp.maximum(dst, 0)], lambda: G)
@@ -264,7 +264,7 @@ def _backward_chunk(c, src, dst, G, r, *, rb, precision):
     dS = r["gam"][c] * G
     C = r["qs"].shape[-2]
     for rows in _query_blocks(C, rb):
-        do = r["do"][_chunk_rows(r["do"], c, rows, C)].astype(jnp.float32)  # in o's dtype
+        do = scale * r["do"][_chunk_rows(r["do"], c, rows, C)].astype(jnp.float32)  # o's dtype
         dS = dS + _dot(r["qs"][c, rows], do, precision, trans_a=True)
     for rows, _ in _row_blocks(r, rb, probed_only=True):
         dU = _dot(r["z"][c, rows], G, precision)
@@ -279,7 +279,7 @@ def _backward_chunk(c, src, dst, G, r, *, rb, precision):
     return jnp.where(reset, jnp.zeros_like(dS), dS)
 
 
-def _grads_kernel(*refs, names, rb, bv, precision, sync):
+def _grads_kernel(*refs, names, rb, bv, precision, sync, scale):
     """The factors' and Qs's gradients of one chunk from its S_c and G_c (and the forward's U_c
     on the probed rows), all of V in blocks of bv columns. One [rb, K] float32 accumulator is
     live at a time (dQs of each query row block, dZ of each row block of Z, dW of each probed
@@ -291,7 +291,7 @@ def _grads_kernel(*refs, names, rb, bv, precision, sync):
     cols = [pl.ds(j, bv) for j in range(0, V, bv)]
     queries = _query_blocks(r["dqs"].shape[-2], rb)
     load = lambda name, col: r[name][:, col]
-    do = lambda rows, col: r["do"][rows, col].astype(jnp.float32)  # in o's dtype
+    do = lambda rows, col: scale * r["do"][rows, col].astype(jnp.float32)  # in o's dtype
     dgam = 0.0
     for col in cols:
         dgam = dgam + jnp.sum(load("g", col) * load("sin", col), axis=1, keepdims=True)
@@ -345,31 +345,33 @@ def _clear(ref):
     jax.lax.fori_loop(0, ref.shape[0], body, 0)
 
 
-def _loop_forward_kernel(*refs, names, rb, precision):
+def _loop_forward_kernel(*refs, names, rb, precision, scale):
     r = dict(zip(names, refs))
     NC = r["src"].shape[0]
     _, K, BV = r["fin"].shape
     _clear(r["fin"])
 
     def body(c, S):
-        return _forward_chunk(c, r["src"][c], r["dst"][c], S, r, rb=rb, precision=precision)
+        return _forward_chunk(c, r["src"][c], r["dst"][c], S, r, rb=rb, precision=precision,
+                              scale=scale)
 
     jax.lax.fori_loop(0, NC, body, jnp.zeros((K, BV), jnp.float32))
 
 
-def _loop_backward_kernel(*refs, names, rb, precision):
+def _loop_backward_kernel(*refs, names, rb, precision, scale):
     r = dict(zip(names, refs))
     NC, K, BV = r["g"].shape
     _clear(r["dh0"])
 
     def body(i, G):
         c = NC - 1 - i
-        return _backward_chunk(c, r["src"][c], r["dst"][c], G, r, rb=rb, precision=precision)
+        return _backward_chunk(c, r["src"][c], r["dst"][c], G, r, rb=rb, precision=precision,
+                               scale=scale)
 
     jax.lax.fori_loop(0, NC, body, jnp.zeros((K, BV), jnp.float32))
 
 
-def _grid_forward_kernel(*refs, names, H, rb, precision):
+def _grid_forward_kernel(*refs, names, H, rb, precision, scale):
     r, s_ref = dict(zip(names, refs)), refs[-1]
     b, c = _div(pl.program_id(0), H), pl.program_id(2)
 
@@ -378,10 +380,10 @@ def _grid_forward_kernel(*refs, names, H, rb, precision):
         r["fin"][...] = jnp.zeros_like(r["fin"])
 
     s_ref[...] = _forward_chunk(0, r["src"][b, c], r["dst"][b, c], s_ref[...], r, rb=rb,
-                                precision=precision)
+                                precision=precision, scale=scale)
 
 
-def _grid_backward_kernel(*refs, names, H, rb, precision):
+def _grid_backward_kernel(*refs, names, H, rb, precision, scale):
     r, g_ref = dict(zip(names, refs)), refs[-1]
     b, i = _div(pl.program_id(0), H), pl.program_id(2)
     NC = pl.num_programs(2)
@@ -392,7 +394,7 @@ def _grid_backward_kernel(*refs, names, H, rb, precision):
         g_ref[...] = jnp.zeros_like(g_ref)
 
     g_ref[...] = _backward_chunk(0, r["src"][b, NC - 1 - i], r["dst"][b, NC - 1 - i],
-                                 g_ref[...], r, rb=rb, precision=precision)
+                                 g_ref[...], r, rb=rb, precision=precision, scale=scale)
 
 
 def _params(cfg, launch, semantics):
@@ -404,12 +406,13 @@ def _params(cfg, launch, semantics):
     return pl_triton.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
-def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
+def _sequential(cfg, launch, ins, outs, state, H, rb, reverse, scale):
     """pallas_call of the forward (reverse=False) or backward sequential kernel over named
     [BH, NC, a, b] inputs (and src, dst [B, NC], the states h0, dh0, fin, dfin [B, Nb, H, K,
     V], and in the "loop" form o, do [B, NC * C, H, V]) and (name, shape, dtype) outputs, for
-    a state of shape `state` = (K, V): grid (BH, V/BV) with the whole chunk axis per program
-    ("loop"), or (BH, V/BV, NC) with one chunk per step, descending if reverse ("grid")."""
+    a state of shape `state` = (K, V), o = scale (Qs S + O0): grid (BH, V/BV) with the whole
+    chunk axis per program ("loop"), or (BH, V/BV, NC) with one chunk per step, descending if
+    reverse ("grid")."""
     BH, NC = ins["z"].shape[:2]
     K, V = state
     BV = launch.block_v
@@ -436,11 +439,13 @@ def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
     names = tuple(ins) + tuple(n for n, *_ in outs)
     if grid_form:
         kernel = _grid_backward_kernel if reverse else _grid_forward_kernel
-        kernel = functools.partial(kernel, names=names, H=H, rb=rb, precision=cfg.precision)
+        kernel = functools.partial(kernel, names=names, H=H, rb=rb, precision=cfg.precision,
+                                   scale=scale)
         grid, scratch = (BH, V // BV, NC), [pltpu.VMEM((K, BV), jnp.float32)]
     else:
         kernel = _loop_backward_kernel if reverse else _loop_forward_kernel
-        kernel = functools.partial(kernel, names=names, rb=rb, precision=cfg.precision)
+        kernel = functools.partial(kernel, names=names, rb=rb, precision=cfg.precision,
+                                   scale=scale)
         grid, scratch = (BH, V // BV), ()
     return pl.pallas_call(
         kernel, out_shape=[jax.ShapeDtypeStruct(shape, dtype) for _, shape, dtype in outs],
@@ -451,7 +456,7 @@ def _sequential(cfg, launch, ins, outs, state, H, rb, reverse):
         name="dplr_state_pass_" + ("bwd" if reverse else "fwd"))(*ins.values())
 
 
-def _grads(cfg, ins, rb, H, qs_shape):
+def _grads(cfg, ins, rb, H, qs_shape, scale):
     """The parallel half of the backward: one program per (batch * head, chunk)."""
     BH, NC, K, V = ins["sin"].shape
     C = qs_shape[2]
@@ -471,7 +476,7 @@ def _grads(cfg, ins, rb, H, qs_shape):
     bv = V if cfg.form == "grid" else min(V, cfg.grads.block_v or 64)
     kernel = functools.partial(_grads_kernel, names=tuple(ins) + names, rb=rb, bv=bv,
                                precision=cfg.precision,
-                               sync=cfg.form == "loop" and not cfg.interpret)
+                               sync=cfg.form == "loop" and not cfg.interpret, scale=scale)
     # dX in X's dtype: 16-bit where X is the values as given (then without probed rows, so
     # that dW reads back no rounded dX).
     dtype = lambda n: ins["x"].dtype if n == "dx" and "x" in ins else jnp.float32
@@ -500,7 +505,7 @@ def _o_shape(cfg, H, qs_shape, V):
     return (BH // H, NC * C, H, V) if cfg.form == "loop" else (BH, NC, C, V)
 
 
-def _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, QF, h0, src, dst, save):
+def _forward(cfg, H, rb, o_dtype, scale, gam, Z, W, X, Qs, O0, QF, h0, src, dst, save):
     """The forward kernel: o (in o_dtype; _o_shape), the final states and, with save, every S_c
     (for the backward; 268 MB at B=4, T=4096, H=16, K=V=128, so a call without gradients does
     not write them)."""
@@ -512,17 +517,17 @@ def _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, QF, h0, src, dst, save):
         outs.append(("sin", (BH, NC, K, V), jnp.float32))
         if W is not None:
             outs.append(("u", (BH, NC, W.shape[-2], V), jnp.float32))
-    return _sequential(cfg, cfg.fwd, ins, outs, (K, V), H, rb, reverse=False)
+    return _sequential(cfg, cfg.fwd, ins, outs, (K, V), H, rb, reverse=False, scale=scale)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _state_pass(cfg, H, rb, o_dtype, *args):
-    return tuple(_forward(cfg, H, rb, o_dtype, *args, save=False))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _state_pass(cfg, H, rb, o_dtype, scale, *args):
+    return tuple(_forward(cfg, H, rb, o_dtype, scale, *args, save=False))
 
 
-def _state_pass_fwd(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, QF, h0, src, dst):
-    o, fin, S_in, *U = _forward(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, QF, h0, src, dst,
-                                save=True)
+def _state_pass_fwd(cfg, H, rb, o_dtype, scale, gam, Z, W, X, Qs, O0, QF, h0, src, dst):
+    o, fin, S_in, *U = _forward(cfg, H, rb, o_dtype, scale, gam, Z, W, X, Qs, O0, QF, h0, src,
+                                dst, save=True)
     U = U[0] if U else None
     # The gradient kernel reads X only where U does not cover it: plain rows, or QF.
     if U is not None and U.shape[-2] == X.shape[-2] and QF is None:
@@ -530,19 +535,19 @@ def _state_pass_fwd(cfg, H, rb, o_dtype, gam, Z, W, X, Qs, O0, QF, h0, src, dst)
     return (o, fin), (gam, Z, W, U, X, Qs, QF, S_in, src, dst, h0.shape)
 
 
-def _state_pass_bwd(cfg, H, rb, o_dtype, res, cts):
+def _state_pass_bwd(cfg, H, rb, o_dtype, scale, res, cts):
     gam, Z, W, U, X, Qs, QF, S_in, src, dst, h0_shape = res
     do, dfin = cts
     ins = _pick(_BWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, qs=Qs, do=do, dfin=dfin)
     G, dh0 = _sequential(cfg, cfg.bwd, ins, [("g", S_in.shape, jnp.float32),
                                              ("dh0", h0_shape, jnp.float32)],
-                         S_in.shape[-2:], H, rb, reverse=True)
+                         S_in.shape[-2:], H, rb, reverse=True, scale=scale)
     d = _grads(cfg, _pick(_GRAD_IN, sin=S_in, g=G, z=Z, u=U, x=X, qf=QF, do=do), rb, H,
-               Qs.shape)
+               Qs.shape, scale)
     dO0 = None
     if QF is None:  # O0 was given
         BH, NC, C, _ = Qs.shape
-        dO0 = do.astype(jnp.float32)
+        dO0 = scale * do.astype(jnp.float32)
         if cfg.form == "loop":  # O0's layout
             dO0 = jnp.moveaxis(dO0.reshape(BH // H, NC, C, H, -1), 3, 1).reshape(BH, NC, C, -1)
     return (d["dgam"], d["dz"], d.get("dw"), d["dx"], d["dqs"], dO0, d.get("dqf"), dh0, None,
@@ -583,7 +588,8 @@ def fit_launches(cfg, rows, probed_rows, Kp, Vp, rb):
     return dataclasses.replace(cfg, fwd=fit(cfg.fwd, rows), bwd=fit(cfg.bwd, probed_rows))
 
 
-def state_pass(gamma, Z, W, X, Qs, O0, QF, h0, src, dst, cfg: Config, o_dtype=jnp.float32):
+def state_pass(gamma, Z, W, X, Qs, O0, QF, h0, src, dst, cfg: Config, o_dtype=jnp.float32,
+               scale=1.0):
     """The inter-chunk state pass on factored transitions; differentiable in (gamma, Z, W, X,
     Qs, O0 or QF, h0).
 
@@ -596,10 +602,11 @@ def state_pass(gamma, Z, W, X, Qs, O0, QF, h0, src, dst, cfg: Config, o_dtype=jn
     reset; chunk 0 of every row must reset); dst [B, NC] int32: the index into the final states of
     row b that the state leaving chunk c is written to, or -1 (the engine names each
     sequence's last chunk; an index no chunk names stays zero). K and V are zero-padded to
-    powers of two >= 16. Returns o [B, NC, C, H, V] (the tokens' layout in chunks) in o_dtype
-    (the caller's output dtype: o rounded once, by the kernel, and half the bytes of float32
-    for 16-bit outputs; its cotangent arrives in the same dtype) and the final states [B, Nb,
-    H, K, V], float32.
+    powers of two >= 16. Returns o = scale (Qs S + O0) [B, NC, C, H, V] (the tokens' layout
+    in chunks) in o_dtype (the caller's output dtype: o rounded once, by the kernel, and half
+    the bytes of float32 for 16-bit outputs; its cotangent arrives in the same dtype) and the
+    final states [B, Nb, H, K, V], float32. scale (a Python number) is the op's: the kernels
+    apply it to o and to o's cotangent, so that q reaches phase 1 unscaled (api.run_chunked).
     """
     B, H, NC, C, K = Qs.shape
     V = X.shape[-1]
@@ -627,7 +634,7 @@ def state_pass(gamma, Z, W, X, Qs, O0, QF, h0, src, dst, cfg: Config, o_dtype=jn
     h0 = _pad_to(_pad_to(h0.astype(jnp.float32), 3, Kp), 4, Vp)
     cfg = fit_launches(cfg, Z.shape[-2], 0 if W is None else W.shape[-2], Kp, Vp, rb)
     flat = lambda x: None if x is None else x.reshape((B * H,) + x.shape[2:])
-    o, finals = _state_pass(cfg, H, rb, jnp.dtype(o_dtype),
+    o, finals = _state_pass(cfg, H, rb, jnp.dtype(o_dtype), float(scale),
                             *(flat(x) for x in (gamma, Z, W, X, Qs, O0, QF)), h0, src, dst)
     o = (o.reshape(B, NC, C, H, Vp) if cfg.form == "loop"
          else jnp.moveaxis(o.reshape(B, H, NC, C, Vp), 1, 3))
