@@ -216,16 +216,16 @@ def test_forward_only(case, rng, x64):
     assert_close(S, S_ref, 1e-5 if dtype == jnp.float32 else 5e-3, "final state")
 
 
-# bf16 arrays of q's size cast to float32 and moved in a call without gradients: gla's k and
-# v move with their rank axis; Gated DeltaNet's k is cast for beta k and moves as the probes;
-# kda's q and keys are cast (api.run_chunked: per-channel decays with probed keys).
-AS_GIVEN = {"gla": (0, 2), "gated_delta_rule": (1, 1), "kda": (3, 0)}
+# bf16 arrays of q's size cast to float32 and moved in a call without gradients: gla's v
+# moves with its rank axis (to the state pass); Gated DeltaNet's k is cast for beta k; kda's
+# q and keys are cast (api.run_chunked: per-channel decays with probed keys).
+AS_GIVEN = {"gla": (0, 1), "gated_delta_rule": (1, 0), "kda": (3, 0)}
 
 
 @pytest.mark.parametrize("name", sorted(AS_GIVEN))
 def test_forward_only_reads_q_and_keys_as_given(name):
-    """Without gradients q is read as given and in place, the keys as given (AS_GIVEN counts
-    the casts and moves that remain); under jax.vjp q and the keys are cast (the kernels'
+    """Without gradients q and the keys of rank 1 are read as given and in place (AS_GIVEN
+    counts the casts and moves that remain); under jax.vjp q and the keys are cast (the kernels'
     float32 cotangents are summed before one rounding)."""
     B, T, H, K, C = 1, 64, 2, 16, 16
     args = list(cast(make_inputs(name, np.random.default_rng(0), B=B, T=T, H=H, K=K, V=K),

@@ -201,6 +201,7 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     # otherwise every virtual token's, and keeps the last.
     whole = chunk_size % n == 0 and chunk_size // n >= 16
     q, *rest = form.engine_inputs()
+    keys_as_given = forward_only
     if forward_only and rest[0] is not None and rest[0].ndim == 4 and rest[1] is not None:
         # Per-channel decays with probed keys (kda, dplr, hdla): their products kernels, with
         # two query sides (q and the probes), ran slower on 16-bit sides than the copies
@@ -209,6 +210,7 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
         # q and the keys go cast, as with gradients.
         up = lambda x: None if x is None else x.astype(dtype)
         q, rest = up(q), [up(x) if i in (1, 3, 4) else x for i, x in enumerate(rest)]
+        keys_as_given = False
     # Inputs as given go to the Pallas kernels in their chunks, where the move to the
     # chunk-major layout would be a copy of its own (chunked.chunked's in_place): log decays
     # in the accumulation dtype (not cast, not formed by the op; a cast or formed g is
@@ -220,8 +222,14 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
             rest[0] is x and x0.dtype == dtype for x, x0 in zip(xs, inputs) if x is not None):
         in_place += ("g",)
     y = rest[2]
-    if factors is not None and scan is not None and n == 1 and y is not None and y.shape[3] == 1:
+    rank1 = lambda x: factors is not None and scan is not None and n == 1 and (
+        x is not None and x.shape[3] == 1)
+    if rank1(y):
         in_place += ("y",)
+    # ... and in a call without gradients the keys as given of rank 1 (the probes of the
+    # delta family: k itself; GLA's plain keys)
+    in_place += tuple(name for name, x in (("P", rest[3]), ("F", rest[4]))
+                      if keys_as_given and rank1(x))
     o, S = chunked.chunked(q if whole else chunked.at_last(q, n, axis=1), *rest, h0,
                            chunk_size=chunk_size, in_place=in_place,
                            cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,

@@ -355,25 +355,26 @@ def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, in_place=(), fla
     q_layout's chunks). summary: a function of one chunk's (q, g, E, y, P, F, Vk), or with
     flags [B, H, NC] of (its flag, q, g, ...).
 
-    in_place: names of inputs ("q", "g", "y") that stay [B, NC, C, H, ...] (chunked.chunked's
-    in_place), which a Pallas kernel under vmap reads where they lie; y then loses its rank
-    axis (of size 1) here, where that is a reshape, and each chunk's is [C, V]. The other
-    inputs are moved."""
-    def chunks(x, layout=layout, move=True):
-        if x is None:
-            return None
-        x = layout.to_chunks(x)
-        return jnp.moveaxis(x, 3, 1) if move else x
+    in_place: names of inputs ("q", "g", "y", "P", "F") that stay [B, NC, C, H, ...]
+    (chunked.chunked's in_place), which a Pallas kernel under vmap reads where they lie; y,
+    P and F then lose their rank axis (of size 1) here, where that is a reshape, and each
+    chunk's is [C, V] or [C, K]. The other inputs are moved."""
+    names = ("q", "g", "E", "y", "P", "F", "Vk")
+    xs = dict(zip(names, (q, g, E, y, P, F, Vk)))
+    for name in ("y", "P", "F"):
+        if name in in_place:
+            xs[name] = xs[name][..., 0, :]
 
-    if "y" in in_place:
-        y = y[..., 0, :]
-    axis = lambda name: 2 if name in in_place else 0
+    def chunks(name):
+        if xs[name] is None:
+            return None
+        x = (q_layout if name == "q" else layout).to_chunks(xs[name])
+        return x if name in in_place else jnp.moveaxis(x, 3, 1)
+
     flag = () if flags is None else (0,)
-    fn = jax.vmap(jax.vmap(jax.vmap(summary),
-                           in_axes=flag + (axis("q"), axis("g"), 0, axis("y"), 0, 0, 0)))
-    return fn(*(() if flags is None else (flags,)), chunks(q, q_layout, "q" not in in_place),
-              chunks(g, move="g" not in in_place), chunks(E),
-              chunks(y, move="y" not in in_place), *(chunks(x) for x in (P, F, Vk)))
+    fn = jax.vmap(jax.vmap(jax.vmap(summary), in_axes=flag + tuple(
+        2 if name in in_place else 0 for name in names)))
+    return fn(*(() if flags is None else (flags,)), *map(chunks, names))
 
 
 def _scan_outputs(layout, M, Bc, Qs, O0, h0):
@@ -414,11 +415,12 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
 
     in_place: names of the inputs that phase 1 reads in their [B, NC, C, H, ...] chunks
     rather than moved to [B, H, NC, C, ...] with the others, for Pallas phases and inputs
-    that would be copied for the move alone (api.run_chunked): "q", "g", and "y" of rank 1,
-    which phase 1 then gets as [C, V] per chunk (`factors` must take that: the kernels of
-    factors.py do). On the H100 at B=4, T=4096, H=16, K=128 the copy of a float32 g took 0.09
-    ms; reading its rows 8 KB apart cost gla's bounded products backward 0.11 ms (the exact
-    products kernels read no g; benchmarks/NOTES.md, nineteenth session).
+    that would be copied for the move alone (api.run_chunked): "q", "g", and "y", "P", "F"
+    of rank 1, which phase 1 then gets as [C, V] or [C, K] per chunk (`factors` must take
+    that: the kernels of factors.py do). On the H100 at B=4, T=4096, H=16, K=128 the copy
+    of a float32 g took 0.09 ms; reading its rows 8 KB apart cost gla's bounded products
+    backward 0.11 ms (the exact products kernels read no g; benchmarks/NOTES.md, nineteenth
+    session).
     """
     B, T = (E if E is not None else F).shape[:2]
     n = T // q.shape[1]

@@ -866,9 +866,10 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
     The kernels take every query rank of every side (X a tuple, or X's rank axis) against
     one key rank in one pass: the sides share the keys' loads and the decay factors (per
     channel: the exponents and their exp2, the key side; scalar: the pairs' C x C factors,
-    forward only). A side may be [rows, K], one query rank without its axis: a query as
-    given, which moved to add the axis under the engine's vmaps would be copied (a
-    forward-only call's q, api.run_chunked); its product is [rows, 1, C, b] all the same.
+    forward only). A side may be [rows, K] and Y [C, K], one rank without its axis: inputs
+    read in place, which moved to add the axis under the engine's vmaps would be copied (a
+    forward-only call's q and keys, api.run_chunked); the products are [rows, a, C, b] all
+    the same.
     16-bit X and Y are computed in float32 (the kernels cast them as they load them)."""
     sides, flags = (X, strict) if isinstance(X, tuple) else ((X,), (strict,))
     if g is None or (g.ndim == 1 and scalar_launch is None):
@@ -881,7 +882,8 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
             else jnp.asarray(bounded, jnp.int32).reshape(1))
     cfg = _Cfg(interpret, precision, exact, bounded is True,
                *(scalar_launch if g.ndim == 1 else launch))
-    C, b = Y.shape[:2]
+    C, b = Y.shape[0], 1 if Y.ndim == 2 else Y.shape[1]
+    keys = [Y] if Y.ndim == 2 else [Y[:, j] for j in range(b)]
     # The per-channel kernels take a query per token: a side of every n-th token's rows is
     # spread (zeros between) and its rows kept after; the scalar ones take such rows as they are.
     every = [1 if g.ndim == 1 else C // x.shape[0] for x in sides]
@@ -890,7 +892,7 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
             for c in ([chunked.at_last(x, n)] if x.ndim == 2
                       else jnp.unstack(chunked.at_last(x, n), axis=1))]
     col_flags = tuple(s for a, s in zip(ranks, flags) for _ in range(a))
-    per_key = [_products(tuple(cols), Y[:, j], g, flag, col_flags, cfg) for j in range(b)]
+    per_key = [_products(tuple(cols), y, g, flag, col_flags, cfg) for y in keys]
     outs, start = [], 0
     for a, n in zip(ranks, every):
         outs.append(jnp.stack([jnp.stack([per_key[j][c][n - 1::n] for j in range(b)], axis=-1)

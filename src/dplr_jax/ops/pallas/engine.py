@@ -18,8 +18,9 @@ given: no float32 copies of 16-bit inputs, q in place, the kernels casting as th
 With gradients they are cast first, so that each input's float32 cotangents from the kernels
 that read it are summed before one rounding. On the H100 at B=4, T=4096, H=16, K=V=128 bf16
 the forward went from 1.34 to 1.23 ms for gla, 1.59 to 1.46 for gated_delta_rule, 3.15 to
-2.67 for gated_delta_product n=2 (benchmarks/NOTES.md, twenty-sixth session); kda, dplr and
-hdla keep the copies (api.run_chunked says why).
+2.67 for gated_delta_product n=2, and with the keys of rank 1 in place too gla to 1.18 and
+gated_delta_rule to 1.39 (benchmarks/NOTES.md, twenty-sixth session); kda, dplr and hdla
+keep the copies (api.run_chunked says why).
 """
 
 from __future__ import annotations

@@ -539,24 +539,31 @@ def takes(E, F):
     ranks) up to MAX_ROWS rows (C x C x rank^2 float32 products and inverse on chip: at C = 64
     that is rank 2)."""
     C = (E if E is not None else F).shape[0]
-    ranks = [x.shape[1] for x in (E, F) if x is not None]
+    ranks = [_rank(x) for x in (E, F) if x is not None]
     return all(r in RANKS and (r == 1 or C * r <= MAX_ROWS) for r in ranks)
+
+
+def _rank(x):
+    """Keys of a token in x: [C, rank, K], or [C, K] for one key read in place (a rank axis
+    added under the engine's vmaps would move it: chunked._summaries)."""
+    return 1 if x.ndim == 2 else x.shape[1]
 
 
 def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, own_decay=False, interpret, precision,
                      exact, launch):
     """chunked.chunk_factors for one chunk of a form the kernels take (`takes`): q [C / n, K]
     (the last of every n tokens' queries), E, y, P [C, m, ...] or None, F, Vk [C, rk, ...]
-    or None, not both None; own_decay: P holds p (chunked.chunked); the intra-chunk products
+    or None, not both None (y, P, F of rank 1 may come without their rank axis: in place,
+    chunked._summaries); own_decay: P holds p (chunked.chunked); the intra-chunk products
     from `decayed`, the rest in the kernels above. launch: (forward, backward) Launch."""
     C = (E if E is not None else F).shape[0]
     n = C // q.shape[0]
-    m, rk = (0 if x is None else x.shape[1] for x in (E, F))
+    m, rk = (0 if x is None else _rank(x) for x in (E, F))
 
-    # q goes to the products without a rank axis (decayed.decayed_products takes [rows, K]):
-    # added under the engine's vmaps, it would move a q read in place (api.run_chunked).
+    # q and keys of rank 1 go to the products without a rank axis (decayed.decayed_products
+    # takes [C, K]): added under the engine's vmaps, it would move an input read in place.
     def products(q, g, E, P, F):  # [rows * a, K] and [C * b, K] -> [rows * a, C * b]
-        rank = lambda x, r: None if x is None else x.reshape(C, r, x.shape[-1])
+        rank = lambda x, r: x if x is None or r == 1 else x.reshape(C, r, x.shape[-1])
         return tuple(None if D is None else D.reshape(D.shape[0] * D.shape[1], -1)
                      for D in intra_products(q, g, rank(E, m), rank(P, m), rank(F, rk),
                                              decayed, own_decay))
