@@ -311,3 +311,19 @@ def test_backward_keeps_phase1_products(rng, name):
     assert names.count("dplr_decayed_diag") == names.count("dplr_decayed_diag_bwd") == products
     for kernel in ("fwd", "bwd", "grads"):
         assert names.count(f"dplr_state_pass_{kernel}") == 1, names
+
+
+def test_traced_scale(rng, x64):
+    """A scale traced under jit (not a Python number) cannot be the state pass's static scale:
+    q is multiplied in XLA instead (api.run_chunked), forward and gradients still exact."""
+    args = cast(make_inputs("gla", rng, T=40, K=16, V=16), jnp.float32)
+    run = lambda s, *a: ops.gla(*a, scale=s, backend="pallas", chunk_size=16)[0]
+    loss = lambda s, *a: jnp.sum(run(s, *a) ** 2)
+    o, grads = jax.jit(lambda s, *a: (run(s, *a), jax.grad(loss, argnums=1)(s, *a)))(
+        jnp.float32(0.3), *args)
+    a64 = cast(args, jnp.float64)
+    o_ref = ops.gla(*a64, scale=0.3, backend="reference")[0]
+    dq_ref = jax.grad(lambda q: jnp.sum(ops.gla(q, *a64[1:], scale=0.3,
+                                                backend="reference")[0] ** 2))(a64[0])
+    assert_close(o, o_ref, 1e-5, "o")
+    assert_close(grads, dq_ref, 1e-5, "d q")
