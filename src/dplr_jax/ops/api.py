@@ -159,6 +159,11 @@ def _initial_state(initial_state, N, HV, K, V, dtype):
     return jnp.asarray(initial_state, dtype)
 
 
+def static_scale(scale):
+    """Whether scale is a Python or NumPy number (not traced): a static argument of kernels."""
+    return isinstance(scale, (int, float, np.number))
+
+
 def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, bounded=False,
                 decayed=None, scan=None, factors=None, forward_only=False):
     """The chunk engine for op `name` on validated inputs (backend "xla"; the Pallas kernels
@@ -187,7 +192,7 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     xs = [x if i in as_given or x is None else x.astype(dtype) for i, x in enumerate(inputs)]
     # The Pallas state pass applies a static scale to o (and to o's cotangent) in its kernels:
     # q reaches phase 1 unscaled, with no multiply of its own.
-    if scan is not None and isinstance(scale, (int, float, np.number)):
+    if scan is not None and static_scale(scale):
         scan = functools.partial(scan, scale=scale)
     else:
         xs[0] = xs[0] * scale

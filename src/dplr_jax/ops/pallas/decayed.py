@@ -159,6 +159,12 @@ def _acc(x):
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
+def _rank(x):
+    """Rows of a token in x: [C, rank, K], or [C, K] for one row read in place (a rank axis
+    added under the engine's vmaps would move it: chunked._summaries)."""
+    return 1 if x.ndim == 2 else x.shape[1]
+
+
 def _iota(shape, axis):
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
@@ -882,12 +888,12 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
             else jnp.asarray(bounded, jnp.int32).reshape(1))
     cfg = _Cfg(interpret, precision, exact, bounded is True,
                *(scalar_launch if g.ndim == 1 else launch))
-    C, b = Y.shape[0], 1 if Y.ndim == 2 else Y.shape[1]
+    C, b = Y.shape[0], _rank(Y)
     keys = [Y] if Y.ndim == 2 else [Y[:, j] for j in range(b)]
     # The per-channel kernels take a query per token: a side of every n-th token's rows is
     # spread (zeros between) and its rows kept after; the scalar ones take such rows as they are.
     every = [1 if g.ndim == 1 else C // x.shape[0] for x in sides]
-    ranks = [1 if x.ndim == 2 else x.shape[1] for x in sides]
+    ranks = [_rank(x) for x in sides]
     cols = [c for x, n in zip(sides, every)
             for c in ([chunked.at_last(x, n)] if x.ndim == 2
                       else jnp.unstack(chunked.at_last(x, n), axis=1))]

@@ -30,10 +30,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dplr_jax.ops import chunked
-from dplr_jax.ops.api import run_chunked
+from dplr_jax.ops.api import run_chunked, static_scale
 from dplr_jax.ops.pallas import decayed, factors
 from dplr_jax.ops.pallas.decayed import _acc
 from dplr_jax.ops.pallas.state_pass import Config, _pow2, state_pass
@@ -94,7 +93,7 @@ def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config,
         scan = None  # the state is too wide for the kernel: XLA's scan (chunked.py)
     run = functools.partial(run_chunked, name, scale=scale, chunk_size=chunk_size,
                             bounded=bounded, decayed=products, scan=scan, factors=phase1)
-    if phase1 is None or scan is None or not isinstance(scale, (int, float, np.number)):
+    if phase1 is None or scan is None or not static_scale(scale):
         return run(inputs, initial_state=initial_state, cu_seqlens=cu_seqlens)
     return _forward_only(run)(inputs, initial_state, cu_seqlens)
 

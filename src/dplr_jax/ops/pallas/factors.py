@@ -79,7 +79,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from dplr_jax.ops.chunked import SUB, intra_products
-from dplr_jax.ops.pallas.decayed import _acc, _iota, _tokens
+from dplr_jax.ops.pallas.decayed import _acc, _iota, _rank, _tokens
 from dplr_jax.ops.pallas.state_pass import Launch, _dot, _exp, _mask_dot, _pad_to, _pow2
 
 BLOCK = 64  # columns of K (and V) per program
@@ -542,11 +542,6 @@ def takes(E, F):
     ranks = [_rank(x) for x in (E, F) if x is not None]
     return all(r in RANKS and (r == 1 or C * r <= MAX_ROWS) for r in ranks)
 
-
-def _rank(x):
-    """Keys of a token in x: [C, rank, K], or [C, K] for one key read in place (a rank axis
-    added under the engine's vmaps would move it: chunked._summaries)."""
-    return 1 if x.ndim == 2 else x.shape[1]
 
 
 def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, own_decay=False, interpret, precision,
