@@ -102,7 +102,7 @@ def launch_of(name):
                 "dplr_decayed_diag": Launch(num_warps=decayed.DIAGONAL_WARPS, num_stages=1),
                 "dplr_decayed_diag_bwd": Launch(num_warps=decayed.DIAGONAL_WARPS, num_stages=1),
                 "dplr_state_pass_fwd": cfg.fwd, "dplr_state_pass_bwd": cfg.bwd,
-                "dplr_state_pass_grads": cfg.grads, "dplr_fused_fwd": cfg.fused}
+                "dplr_state_pass_grads": cfg.grads}
     return launches[name.split("#")[0]]
 
 

@@ -165,7 +165,7 @@ def static_scale(scale):
 
 
 def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, bounded=False,
-                decayed=None, scan=None, factors=None, fused=None, forward_only=False):
+                decayed=None, scan=None, factors=None, forward_only=False):
     """The chunk engine for op `name` on validated inputs (backend "xla"; the Pallas kernels
     pass their phases as `decayed` / `scan` / `factors`, see chunked.chunked): cast to the
     accumulation dtype (but v, which `factors` takes as given), scale q (with `scan`, the
@@ -177,9 +177,7 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     without it, the Pallas products (`decayed`) check per chunk and head whether their bounded
     version is safe for these decays (chunked.chunked, "check").
     forward_only (with `factors` and `scan`; not differentiable: pallas.engine.op's primal):
-    q and the keys stay as given too, and q goes to phase 1 in place (chunked.chunked); and
-    where `fused` (pallas/fused.plan's signature) returns a plan for the form, phases 2 and
-    3 form phase 1's factors on chip (chunked.chunked's `fused`).
+    q and the keys stay as given too, and q goes to phase 1 in place (chunked.chunked).
     Returns o (accumulation dtype) and the final states."""
     dtype = acc_dtype(*inputs, initial_state)
     # With phase 1's kernels the values v stay as given (16-bit: half the bytes, and no
@@ -237,16 +235,13 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     # delta family: k itself; GLA's plain keys)
     in_place += tuple(name for name, x in (("P", rest[3]), ("F", rest[4]))
                       if keys_as_given and rank1(x))
-    plan = None
-    if forward_only and fused is not None:
-        plan = fused(n, q, *rest, own_decay=form.own_decay, chunk_size=chunk_size)
     o, S = chunked.chunked(q if whole else chunked.at_last(q, n, axis=1), *rest, h0,
                            chunk_size=chunk_size, in_place=in_place,
                            cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
                            own_decay=form.own_decay,
                            decayed=decayed or chunked.decayed_products,
                            bounded=bounded or ("check" if decayed is not None else False),
-                           scan=scan, factors=factors, fused=plan)
+                           scan=scan, factors=factors)
     if not whole:
         o = o.reshape(o.shape[0], -1, n, *o.shape[2:])[:, :, -1]
     return o, S

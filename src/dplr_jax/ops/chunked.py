@@ -392,8 +392,7 @@ def _scan_outputs(layout, M, Bc, Qs, O0, h0):
 
 
 def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=False,
-            decayed=decayed_products, bounded=False, scan=None, factors=None, in_place=(),
-            fused=None):
+            decayed=decayed_products, bounded=False, scan=None, factors=None, in_place=()):
     """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype but q
     [B, T / n, H, K]: the queries of the last of every n tokens (n = 1: every token; n must
     divide chunk_size, so that a chunk holds whole groups); h0 [N, H, K, V]; cu_seqlens
@@ -413,12 +412,6 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     factors(q, g, E, y, P, F, Vk, decayed=...) replaces the checkpointed chunk_factors of
     one chunk (the Pallas kernels of the delta family). Without scan, phase 1 multiplies the
     transitions out (chunk_summary) for XLA's scan (_scan_outputs).
-
-    fused: (phase1, run) where phases 2 and 3 take the inputs themselves (a call without
-    gradients: pallas/fused.py): phase1(q, g, E, y, P, F, Vk, decayed=...) per chunk, and
-    run(layout, inputs, phase 1's outputs [B, H, NC, ...], h0) -> (o [B, NC, C, H, V],
-    final states), the inputs by name (q, g, e, y, p, f, vk) in their [B, NC, C, H, ...]
-    chunks without rank axes.
 
     in_place: names of the inputs that phase 1 reads in their [B, NC, C, H, ...] chunks
     rather than moved to [B, H, NC, C, ...] with the others, for Pallas phases and inputs
@@ -446,8 +439,6 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
 
     def summary(bounded):  # phase 1 of one chunk, its products given `bounded`
         d = functools.partial(decayed, bounded=bounded)
-        if fused is not None:
-            return functools.partial(fused[0], decayed=d, own_decay=own_decay)
         if scan is None or factors is None:
             return checkpointed(chunk_summary if scan is None else chunk_factors, decayed=d,
                                 own_decay=own_decay)
@@ -455,13 +446,7 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
 
     fn = summary(bounded) if flags is None else lambda flag, *xs: summary(flag)(*xs)
     out = _summaries(layout, q_layout, fn, *inputs, in_place=in_place, flags=flags)
-    if fused is not None:
-        ranked = ("E", "y", "P", "F", "Vk")
-        xs = {name.lower(): layout.to_chunks(x[..., 0, :] if name in ranked else x)
-              for name, x in zip(("q", "g", "E", "y", "P", "F", "Vk"), inputs)
-              if x is not None}
-        o, finals = fused[1](layout, xs, out, h0)
-    elif scan is None:
+    if scan is None:
         M, Bc, Qs, O0 = out
         o, S_in = _scan_outputs(layout, M, Bc, Qs, O0, h0)
         o = jnp.moveaxis(o, 1, 3)

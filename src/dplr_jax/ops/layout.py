@@ -50,17 +50,6 @@ class ChunkLayout:
         return ChunkLayout(1, T, C, NC, token_pos, reset, chunk_seq[None], jnp.zeros((N,), jnp.int32),
                            first + n_chunks - 1)
 
-    def state_rows(self, N):
-        """(src, dst) [B, NC] int32 for N sequences, Nb = N // B per batch row: the initial
-        state (among its row's Nb) that a chunk starting a sequence loads, else -1, and the
-        final state that the state leaving a sequence's last chunk is, else -1."""
-        Nb = N // self.B
-        src = jnp.where(self.reset[None, :], self.init_idx % Nb, -1).astype(jnp.int32)
-        dst = jnp.full((self.B, self.NC), -1, jnp.int32).at[self.final_row,
-                                                            self.final_chunk].set(
-            jnp.arange(N, dtype=jnp.int32) % Nb)
-        return src, dst
-
     def to_chunks(self, x):
         """[B, T, *rest] -> [B, NC, C, *rest], zero padded."""
         if x is None:

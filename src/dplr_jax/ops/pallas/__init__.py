@@ -25,14 +25,12 @@ PLATFORM_CONFIGS = {
                   scalar_products=(Launch(num_warps=4, num_stages=1),
                                    Launch(num_warps=4, num_stages=1)),
                   factors=(Launch(num_warps=4, num_stages=1), Launch(num_warps=4, num_stages=1)),
-                  fused=Launch(block_v=64, num_warps=8, num_stages=1),
                   # K = 256 overflowed shared memory when the state pass took M (K x K);
                   # with factors it fits (S is K x 64, the factors go in 64-row blocks).
                   max_k=256),
     "tpu": Config(form="grid"),
     "cpu": Config(form="loop", interpret=True, products=(Launch(), Launch()),
-                  scalar_products=(Launch(), Launch()), factors=(Launch(), Launch()),
-                  fused=Launch()),
+                  scalar_products=(Launch(), Launch()), factors=(Launch(), Launch())),
 }
 """Launch configuration of the registered kernels per platform."""
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from dplr_jax.ops import chunked
 from dplr_jax.ops.api import run_chunked, static_scale
-from dplr_jax.ops.pallas import decayed, factors, fused
+from dplr_jax.ops.pallas import decayed, factors
 from dplr_jax.ops.pallas.decayed import _acc
 from dplr_jax.ops.pallas.state_pass import Config, _pow2, state_pass
 
@@ -42,9 +42,13 @@ def _scan(layout, factors, h0, *, cfg, o_dtype, scale=1.0):
     """Phases 2 and 3 in the state-pass kernel: (o [B, NC, C, H, V] in o_dtype, times scale,
     final states) from phase 1's factored transitions (chunked.chunk_factors) and the initial
     states h0 [N, H, K, V]."""
-    N, B = h0.shape[0], layout.B
-    src, dst = layout.state_rows(N)
-    h0 = h0.reshape((B, N // B) + h0.shape[1:])  # one, or the N packed sequences
+    N = h0.shape[0]
+    B, NC = factors[4].shape[0], layout.NC
+    Nb = N // B  # states per batch row: 1, or the N packed sequences
+    src = jnp.where(layout.reset[None, :], layout.init_idx % Nb, -1).astype(jnp.int32)
+    dst = jnp.full((B, NC), -1, jnp.int32).at[layout.final_row, layout.final_chunk].set(
+        jnp.arange(N, dtype=jnp.int32) % Nb)
+    h0 = h0.reshape((B, Nb) + h0.shape[1:])
     # The kernels hold states in float32 (float64 inputs under x64 run them in float32 too);
     # X stays 16-bit where it is the values as given (forms without probed keys: GLA).
     keep = lambda i, x: i == 3 and factors[2] is None and x.dtype.itemsize == 2
@@ -91,10 +95,6 @@ def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config,
                             bounded=bounded, decayed=products, scan=scan, factors=phase1)
     if phase1 is None or scan is None or not static_scale(scale):
         return run(inputs, initial_state=initial_state, cu_seqlens=cu_seqlens)
-    if cfg.fused is not None:
-        run = functools.partial(run, fused=functools.partial(
-            fused.plan, cfg=factors._Cfg(cfg.interpret, cfg.precision, exact, *cfg.factors),
-            launch=cfg.fused, o_dtype=o_dtype, scale=float(scale)))
     return _forward_only(run)(inputs, initial_state, cu_seqlens)
 
 

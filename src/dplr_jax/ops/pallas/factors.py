@@ -544,16 +544,6 @@ def takes(E, F):
 
 
 
-def intra(q, g, E, P, F, *, C, decayed, own_decay):
-    """chunked.intra_products of one chunk of C tokens as 2-D [rows * a, C * b] matrices (L,
-    QE, QF, PF; None where the form lacks a part), from keys [C * rank, K]. q and keys of
-    rank 1 go to the products without a rank axis (decayed.decayed_products takes [C, K]):
-    added under the engine's vmaps, it would move an input read in place."""
-    rank = lambda x: x if x is None or x.shape[0] == C else x.reshape(C, -1, x.shape[-1])
-    return tuple(None if D is None else D.reshape(D.shape[0] * D.shape[1], -1)
-                 for D in intra_products(q, g, rank(E), rank(P), rank(F), decayed, own_decay))
-
-
 def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, own_decay=False, interpret, precision,
                      exact, launch):
     """chunked.chunk_factors for one chunk of a form the kernels take (`takes`): q [C / n, K]
@@ -563,6 +553,16 @@ def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, own_decay=False, interpre
     from `decayed`, the rest in the kernels above. launch: (forward, backward) Launch."""
     C = (E if E is not None else F).shape[0]
     n = C // q.shape[0]
+    m, rk = (0 if x is None else _rank(x) for x in (E, F))
+
+    # q and keys of rank 1 go to the products without a rank axis (decayed.decayed_products
+    # takes [C, K]): added under the engine's vmaps, it would move an input read in place.
+    def products(q, g, E, P, F):  # [rows * a, K] and [C * b, K] -> [rows * a, C * b]
+        rank = lambda x, r: x if x is None or r == 1 else x.reshape(C, r, x.shape[-1])
+        return tuple(None if D is None else D.reshape(D.shape[0] * D.shape[1], -1)
+                     for D in intra_products(q, g, rank(E, m), rank(P, m), rank(F, rk),
+                                             decayed, own_decay))
+
     # Rematerialized in the backward pass, not saved: XLA's products (per-token or no decay)
     # would keep their C x C intermediates (2.9x the residual bytes of XLA's checkpointed
     # phase 1 for gated_delta_rule at T=512, K=V=64: tests/test_pallas_factors.py), and its
@@ -571,9 +571,7 @@ def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, own_decay=False, interpre
     # of the [C, rank, K] ones would have XLA save both), and are not run again.
     flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])
     E, y, P, F, Vk = map(flat, (E, y, P, F, Vk))
-    L, QE, QF, PF = jax.checkpoint(functools.partial(intra, C=C, decayed=decayed,
-                                                     own_decay=own_decay),
-                                   policy=jax.checkpoint_policies.nothing_saveable)(
+    L, QE, QF, PF = jax.checkpoint(products, policy=jax.checkpoint_policies.nothing_saveable)(
         q, g, E, P, F)
     # Without E, QF goes to the state pass (chunked.chunk_factors).
     probed = E is not None

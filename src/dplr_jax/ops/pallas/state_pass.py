@@ -113,8 +113,7 @@ class Config:
     products: (forward, backward) launch of phase 1's decayed-product kernels (decayed.py,
     "loop" form only), or None to leave them to XLA (engine.py); scalar_products: likewise
     for the products of scalar decays (one per token); factors: likewise for the rest of
-    phase 1 of rank-1 forms (factors.py); fused: launch of the kernel that forms them in the
-    state pass in a call without gradients (fused.py; None: two passes there too); max_k: the largest padded
+    phase 1 of rank-1 forms (factors.py); max_k: the largest padded
     key width the state pass takes (None: any), wider states use XLA's scan (engine.py).
     """
 
@@ -128,7 +127,6 @@ class Config:
     products: tuple[Launch, Launch] | None = None
     scalar_products: tuple[Launch, Launch] | None = None
     factors: tuple[Launch, Launch] | None = None
-    fused: Launch | None = None
     max_k: int | None = None
 
 
