@@ -94,6 +94,25 @@ def test_scalar_decays_match_xla_in_float64(C, a, b, K, strong, rng, x64):
         assert_close(u, v, 1e-12, name)
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_no_decay_matches_xla_in_float64(every, rng, x64):
+    """g None (delta_rule): the scalar forward kernel with factors of 1 and the backward's
+    XLA dots, two query sides (the second strict) against two key ranks, one side with the
+    rows of every `every`-th token; values and cotangents as XLA's products (K = 40,
+    padded)."""
+    X, Y, _ = chunk(rng, C=64, a=1, b=2, K=40)
+    q, p = jnp.asarray(X[every - 1::every]), jnp.asarray(rng.standard_normal((64, 1, 40)))
+    Y = jnp.asarray(Y)
+    cts = (jnp.asarray(rng.standard_normal((64 // every, 1, 64, 2))),
+           jnp.asarray(rng.standard_normal((64, 1, 64, 2))))
+    run = lambda fn: jax.jit(lambda cts, *x: value_and_pullback(
+        lambda q, p, Y: fn((q, p), Y, None, False, (False, True)), x, cts))(cts, q, p, Y)
+    got, ref = run(KERNEL), run(chunked.decayed_products)
+    for name, u, v in zip(("QE", "L", "dq", "dp", "dY"), got[0] + got[1:], ref[0] + ref[1:]):
+        assert u.shape == v.shape and u.dtype == jnp.float64
+        assert_close(u, v, 1e-12, name)
+
+
 @pytest.mark.parametrize("scalar", [False, True], ids=["channel", "scalar"])
 @pytest.mark.parametrize("n", [2, 4])
 def test_rows_of_every_nth_token(n, scalar, rng, x64):
@@ -201,7 +220,10 @@ def test_used_for_per_channel_and_scalar_decays():
         text = jaxpr(name)
         assert "dplr_decayed_scalar_fwd" in text and "dplr_decayed_scalar_bwd" in text, name
         assert "dplr_decayed_fwd" not in text, name
-    assert "dplr_decayed" not in jaxpr("delta_rule")
+    # without decay: the scalar forward kernel, and XLA's dots for its backward
+    text = jaxpr("delta_rule")
+    assert "dplr_decayed_scalar_fwd" in text, text
+    assert "dplr_decayed_scalar_bwd" not in text and "dplr_decayed_fwd" not in text
 
 
 def sides_chunk(rng, scalar, every):

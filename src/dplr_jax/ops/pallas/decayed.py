@@ -108,7 +108,10 @@ chunk's scan by a one-hot 0/1 dot; the per-channel kernels take a query per toke
 (zeros between) and keep every n-th row. On the H100 (kda's L shape,
 4 warps): 0.15 ms forward against XLA's 0.27, 0.59 forward+backward against 0.68; Gated
 DeltaNet 2.43 -> 2.21 ms forward, 7.60 -> 6.95 forward+backward in one device call
-(benchmarks/NOTES.md).
+(benchmarks/NOTES.md). Without decay (delta_rule) the scalar forward kernel runs with
+factors of 1, and its backward is XLA's two dots per side (`_plain_backward`): on the H100
+at B=4, T=4096, H=16, K=V=128 delta_rule went from 1.69 to 1.43 ms forward and 5.46 to
+5.35 forward+backward, where XLA had formed the products too (twenty-seventh session).
 
 The kernels run on the GPU through Triton and on the CPU in interpret mode; the TPU
 configuration keeps XLA's version. K is padded with zeros to a power of two >= 16 (zeros add
@@ -647,15 +650,18 @@ def _scalar_decays(factors, strict, every, exact):
     return _mask_dot(_iota(shape, 1) == _tokens(shape, every), W, exact)
 
 
-def _scalar_forward_kernel(*refs, strict, precision, exact):
+def _scalar_forward_kernel(*refs, strict, precision, exact, decay):
     """Scalar decays: per query side (refs: the sides' x_refs, y_ref, g_ref, the sides' d_refs)
     the whole chunk as one dot X Y^T times the pairs' decay factors, formed once for all
-    sides (a side may hold only the rows of every n-th token: chunked.decayed_products)."""
+    sides (a side may hold only the rows of every n-th token: chunked.decayed_products).
+    Without decay (no g_ref) the factors are 1: the products masked."""
     a = len(strict)
-    x_refs, (y_ref, g_ref), d_refs = refs[:a], refs[a:a + 2], refs[a + 2:]
+    x_refs, y_ref = refs[:a], refs[a]
+    g_ref, d_refs = (refs[a + 1], refs[a + 2:]) if decay else (None, refs[a + 1:])
     C = y_ref.shape[0]
     f = _acc(y_ref)
-    factors = _scalar_factors(g_ref[...].astype(f))
+    factors = (_scalar_factors(g_ref[...].astype(f)) if decay
+               else jnp.ones((C, C), f))
     Y = y_ref[...].astype(f)
     for x_ref, d_ref, s in zip(x_refs, d_refs, strict):
         W = _scalar_decays(factors, s, C // x_ref.shape[0], exact)
@@ -741,8 +747,10 @@ def _pad_k(*xs):
 
 
 def _kernel_inputs(X, Y, g):
-    """K padded (_pad_k); a scalar decay per token as a row [1, C]. X: a tuple of sides."""
-    return _pad_k(*X), *_pad_k(Y), *((g[None, :],) if g.ndim == 1 else _pad_k(g))
+    """K padded (_pad_k); a scalar decay per token as a row [1, C]; no decay: the kernels' g
+    operand left out (None). X: a tuple of sides."""
+    gp = None if g is None else (g[None, :] if g.ndim == 1 else _pad_k(g)[0])
+    return _pad_k(*X), *_pad_k(Y), gp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -760,12 +768,13 @@ def _products(X, Y, g, flag, strict, cfg):
     C = Y.shape[0]
     a = len(X)
     Xp, Yp, gp = _kernel_inputs(X, Y, g)
-    if g.ndim == 1:
+    if g is None or g.ndim == 1:
         kernel = functools.partial(_scalar_forward_kernel, strict=strict,
-                                   precision=cfg.precision, exact=cfg.exact)
+                                   precision=cfg.precision, exact=cfg.exact,
+                                   decay=g is not None)
         outs = [jax.ShapeDtypeStruct((x.shape[0], C), _acc(Y)) for x in X]
-        return tuple(_call(kernel, Xp + (Yp, gp), outs, cfg.interpret, cfg.fwd,
-                           "dplr_decayed_scalar_fwd"))
+        return tuple(_call(kernel, Xp + (Yp,) + (() if g is None else (gp,)), outs,
+                           cfg.interpret, cfg.fwd, "dplr_decayed_scalar_fwd"))
     f = lambda *shape: jax.ShapeDtypeStruct(shape, _acc(Y))
     bounded = lambda gate=None: tuple(_call(
         functools.partial(_bounded_forward_kernel, precision=cfg.precision, strict=strict),
@@ -786,6 +795,23 @@ def _products(X, Y, g, flag, strict, cfg):
     return D if flag is None else bounded((flag, 1, D))
 
 
+def _plain_backward(X, Y, dD, strict, precision):
+    """The cotangents of products without decay (each side's D = M * (X Y^T), M its 0/1 mask
+    of the pairs s <= t, s < t if strict, t the token of each row): dX = (M dD) Y and
+    dY = sum (M dD)^T X, two dots per side in XLA, which had formed them (delta_rule) before
+    the forward kernel did; its backward is no slower than the scalar kernels' (these form
+    a log decay's gradient besides)."""
+    f = _acc(Y)
+    dX, dY = [], 0.0
+    for x, d, s in zip(X, dD, strict):
+        shape = d.shape
+        keep = _tokens(shape, Y.shape[0] // shape[0]) >= _iota(shape, 1) + (1 if s else 0)
+        m = jnp.where(keep, d, 0.0).astype(f)
+        dX.append(_dot(m, Y.astype(f), precision).astype(x.dtype))
+        dY = dY + _dot(m, x.astype(f), precision, trans_a=True)
+    return tuple(dX), dY.astype(Y.dtype)
+
+
 def _products_fwd(X, Y, g, flag, strict, cfg):
     return _products(X, Y, g, flag, strict, cfg), (X, Y, g, flag)
 
@@ -796,6 +822,8 @@ def _products_bwd(strict, cfg, res, dD):
     Xp, Yp, gp = _kernel_inputs(X, Y, g)
     f = lambda x: jax.ShapeDtypeStruct(x.shape, Y.dtype)
     K = Y.shape[-1]
+    if g is None:
+        return *_plain_backward(X, Y, dD, strict, cfg.precision), None, None
     if g.ndim == 1:
         # One call per side: both of gated_delta_rule's sides in one program hold 255
         # registers and spill; on the H100 that backward took 9.6 ms at chunk 32, two calls
@@ -864,10 +892,11 @@ _products.defvjp(_products_fwd, _products_bwd)
 def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precision, exact,
                      launch, scalar_launch=None):
     """Drop-in for chunked.decayed_products (one chunk): the kernels for per-channel and
-    scalar decays, XLA's version without decay. precision: of the products; exact: a
+    scalar decays, and without decay the scalar forward kernel (factors of 1) with XLA's
+    two dots per side for its backward. precision: of the products; exact: a
     float32-accurate one for the bounded path's prefix sums; launch, scalar_launch: (forward,
     backward) Launch of the per-channel and the scalar kernels (scalar_launch None: XLA's
-    version for scalar decays).
+    version for scalar decays and none).
 
     The kernels take every query rank of every side (X a tuple, or X's rank axis) against
     one key rank in one pass: the sides share the keys' loads and the decay factors (per
@@ -878,21 +907,22 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
     the same.
     16-bit X and Y are computed in float32 (the kernels cast them as they load them)."""
     sides, flags = (X, strict) if isinstance(X, tuple) else ((X,), (strict,))
-    if g is None or (g.ndim == 1 and scalar_launch is None):
+    scalar = g is None or g.ndim == 1  # the scalar kernels' (no decay: factors of 1)
+    if scalar and scalar_launch is None:
         up = lambda x: (x if x.ndim == 3 else x[:, None]).astype(_acc(x))
         out = chunked.decayed_products(tuple(map(up, sides)), up(Y), g, bounded, flags)
         return out if isinstance(X, tuple) else out[0]
     # bounded: True or False, or a traced bool of the chunk (chunked.chunked's "check"), the
     # kernels' flag; scalar decays have no bounded kernels.
-    flag = (None if isinstance(bounded, bool) or g.ndim == 1
+    flag = (None if isinstance(bounded, bool) or scalar
             else jnp.asarray(bounded, jnp.int32).reshape(1))
     cfg = _Cfg(interpret, precision, exact, bounded is True,
-               *(scalar_launch if g.ndim == 1 else launch))
+               *(scalar_launch if scalar else launch))
     C, b = Y.shape[0], _rank(Y)
     keys = [Y] if Y.ndim == 2 else [Y[:, j] for j in range(b)]
     # The per-channel kernels take a query per token: a side of every n-th token's rows is
     # spread (zeros between) and its rows kept after; the scalar ones take such rows as they are.
-    every = [1 if g.ndim == 1 else C // x.shape[0] for x in sides]
+    every = [1 if scalar else C // x.shape[0] for x in sides]
     ranks = [_rank(x) for x in sides]
     cols = [c for x, n in zip(sides, every)
             for c in ([chunked.at_last(x, n)] if x.ndim == 2
