@@ -96,10 +96,9 @@ def test_scalar_decays_match_xla_in_float64(C, a, b, K, strong, rng, x64):
 
 @pytest.mark.parametrize("every", [1, 2])
 def test_no_decay_matches_xla_in_float64(every, rng, x64):
-    """g None (delta_rule): the scalar forward kernel with factors of 1 and the backward's
-    XLA dots, two query sides (the second strict) against two key ranks, one side with the
-    rows of every `every`-th token; values and cotangents as XLA's products (K = 40,
-    padded)."""
+    """g None (delta_rule): the scalar kernels with factors of 1, two query sides (the second
+    strict) against two key ranks, one side with the rows of every `every`-th token; values
+    and cotangents as XLA's products (K = 40, padded)."""
     X, Y, _ = chunk(rng, C=64, a=1, b=2, K=40)
     q, p = jnp.asarray(X[every - 1::every]), jnp.asarray(rng.standard_normal((64, 1, 40)))
     Y = jnp.asarray(Y)
@@ -220,10 +219,10 @@ def test_used_for_per_channel_and_scalar_decays():
         text = jaxpr(name)
         assert "dplr_decayed_scalar_fwd" in text and "dplr_decayed_scalar_bwd" in text, name
         assert "dplr_decayed_fwd" not in text, name
-    # without decay: the scalar forward kernel, and XLA's dots for its backward
+    # without decay: the scalar kernels, with factors of 1
     text = jaxpr("delta_rule")
-    assert "dplr_decayed_scalar_fwd" in text, text
-    assert "dplr_decayed_scalar_bwd" not in text and "dplr_decayed_fwd" not in text
+    assert "dplr_decayed_scalar_fwd" in text and "dplr_decayed_scalar_bwd" in text
+    assert "dplr_decayed_fwd" not in text
 
 
 def sides_chunk(rng, scalar, every):

@@ -59,11 +59,10 @@ def test_forward_and_backward_lower(target, case):
     assert all(text.count(f"dplr_state_pass_{k}") >= 1 for k in ("fwd", "bwd", "grads"))
     per_channel = target == "cuda" and name in ("kda", "gla", "dplr")
     assert ("dplr_decayed_fwd" in text and "dplr_decayed_bwd" in text) == per_channel
-    scalar = target == "cuda" and name in ("gated_delta_rule", "gated_delta_product")
-    assert ("dplr_decayed_scalar_bwd" in text) == scalar
-    # ... whose forward kernel also forms the products without decay (delta_rule)
-    assert ("dplr_decayed_scalar_fwd" in text) == (scalar or (target == "cuda"
-                                                              and name == "delta_rule"))
+    # ... and of scalar decays, which also form the products without decay (delta_rule)
+    scalar = target == "cuda" and name in ("gated_delta_rule", "gated_delta_product",
+                                           "delta_rule")
+    assert ("dplr_decayed_scalar_fwd" in text and "dplr_decayed_scalar_bwd" in text) == scalar
     # ... and the factors kernels of rank-1 forms (every op here: make_inputs' dplr is rank 1)
     assert ("dplr_factors_fwd" in text and "dplr_factors_bwd" in text) == (target == "cuda")
     # exp in the kernels is exp2 (state_pass._exp: one MUFU.EX2), never libdevice's expf, whose

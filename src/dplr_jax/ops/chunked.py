@@ -261,7 +261,9 @@ def intra_products(q1, g, E, P, F, decayed, own_decay):
       products that drops). DPLR: one pass for QE and L and one for QF and PF, not four."""
     if E is None:  # plain keys only (GLA)
         return None, None, decayed(q1, F, g), None
-    own = own_decay and g is not None
+    # Without decay a probe reads the same state before and after its token's (none): P's
+    # strict products, with no move of P up a row and of L back down.
+    own = own_decay or g is None
     sides, back = ((q1, P), lambda D: D) if own else ((q1, _rows_up(P)), _rows_down)
     QE, L = decayed(sides, E, g, strict=(False, own))
     QF = PF = None

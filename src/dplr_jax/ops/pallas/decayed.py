@@ -109,9 +109,10 @@ chunk's scan by a one-hot 0/1 dot; the per-channel kernels take a query per toke
 4 warps): 0.15 ms forward against XLA's 0.27, 0.59 forward+backward against 0.68; Gated
 DeltaNet 2.43 -> 2.21 ms forward, 7.60 -> 6.95 forward+backward in one device call
 (benchmarks/NOTES.md). Without decay (delta_rule) the scalar forward kernel runs with
-factors of 1, and its backward is XLA's two dots per side (`_plain_backward`): on the H100
-at B=4, T=4096, H=16, K=V=128 delta_rule went from 1.69 to 1.43 ms forward and 5.46 to
-5.35 forward+backward, where XLA had formed the products too (twenty-seventh session).
+factors of 1 (forward and backward, no log decays' gradient), and its probes' products are
+their strict ones (chunked.intra_products: no move of P up a row): on the H100 at B=4,
+T=4096, H=16, K=V=128 delta_rule went from 1.63 to 1.35 ms forward and 5.46 to 5.04
+forward+backward, where XLA had formed the products (twenty-seventh session).
 
 The kernels run on the GPU through Triton and on the CPU in interpret mode; the TPU
 configuration keeps XLA's version. K is padded with zeros to a power of two >= 16 (zeros add
@@ -669,14 +670,18 @@ def _scalar_forward_kernel(*refs, strict, precision, exact, decay):
                       * W).astype(d_ref.dtype)
 
 
-def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref, *, strict,
-                            precision, exact):
+def _scalar_backward_kernel(*refs, strict, precision, exact, decay):
     """One query side, one program per block of BLOCK key columns: its columns of
     dX = (dD e^S) Y and dY = (dD e^S)^T X, and its share [1, C] of the log decays' gradient,
     dg_u = the sum of dD D over the pairs whose decay spans u (s < u <= t; D = X Y^T e^S
     is a sum over the key columns), as a 0/1 dot over s and a masked sum over t; XLA adds
     the shares. The pairs without decay stay out of that sum (they span no
-    token; their float32 rounding would enter it as a difference of large terms)."""
+    token; their float32 rounding would enter it as a difference of large terms). Without
+    decay (no g_ref, no dg_ref) the factors are 1."""
+    if decay:
+        x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref = refs
+    else:
+        x_ref, y_ref, dd_ref, dx_ref, dy_ref = refs
     f = _acc(x_ref)
     (rows, K), C = x_ref.shape, y_ref.shape[0]
     every = C // rows
@@ -684,10 +689,12 @@ def _scalar_backward_kernel(x_ref, y_ref, g_ref, dd_ref, dx_ref, dy_ref, dg_ref,
     j = _program_id(0)
     cols = pl.ds(j * kb, kb)
     X, Y = x_ref[:, cols], y_ref[:, cols]
-    A = dd_ref[...].astype(f) * _scalar_decays(_scalar_factors(g_ref[...].astype(f)), strict,
-                                               every, exact)
+    factors = _scalar_factors(g_ref[...].astype(f)) if decay else jnp.ones((C, C), f)
+    A = dd_ref[...].astype(f) * _scalar_decays(factors, strict, every, exact)
     dx_ref[:, cols] = _dot(A, Y, precision).astype(dx_ref.dtype)
     dy_ref[:, cols] = _dot(A, X, precision, trans_a=True).astype(dy_ref.dtype)
+    if not decay:
+        return
     t, u = _tokens((rows, C), every), _iota((rows, C), 1)
     dS = jnp.where(t > u, A * _dot(X, Y, precision, trans_b=True), 0.0)  # [t, s]
     later = (_iota((C, C), 0) < _iota((C, C), 1)).astype(f)  # [s, u]: s < u
@@ -795,23 +802,6 @@ def _products(X, Y, g, flag, strict, cfg):
     return D if flag is None else bounded((flag, 1, D))
 
 
-def _plain_backward(X, Y, dD, strict, precision):
-    """The cotangents of products without decay (each side's D = M * (X Y^T), M its 0/1 mask
-    of the pairs s <= t, s < t if strict, t the token of each row): dX = (M dD) Y and
-    dY = sum (M dD)^T X, two dots per side in XLA, which had formed them (delta_rule) before
-    the forward kernel did; its backward is no slower than the scalar kernels' (these form
-    a log decay's gradient besides)."""
-    f = _acc(Y)
-    dX, dY = [], 0.0
-    for x, d, s in zip(X, dD, strict):
-        shape = d.shape
-        keep = _tokens(shape, Y.shape[0] // shape[0]) >= _iota(shape, 1) + (1 if s else 0)
-        m = jnp.where(keep, d, 0.0).astype(f)
-        dX.append(_dot(m, Y.astype(f), precision).astype(x.dtype))
-        dY = dY + _dot(m, x.astype(f), precision, trans_a=True)
-    return tuple(dX), dY.astype(Y.dtype)
-
-
 def _products_fwd(X, Y, g, flag, strict, cfg):
     return _products(X, Y, g, flag, strict, cfg), (X, Y, g, flag)
 
@@ -822,9 +812,7 @@ def _products_bwd(strict, cfg, res, dD):
     Xp, Yp, gp = _kernel_inputs(X, Y, g)
     f = lambda x: jax.ShapeDtypeStruct(x.shape, Y.dtype)
     K = Y.shape[-1]
-    if g is None:
-        return *_plain_backward(X, Y, dD, strict, cfg.precision), None, None
-    if g.ndim == 1:
+    if g is None or g.ndim == 1:
         # One call per side: both of gated_delta_rule's sides in one program hold 255
         # registers and spill; on the H100 that backward took 9.6 ms at chunk 32, two calls
         # 1.05 (at chunk 64 it was faster: gdn 0.09 ms, gdp n=2 0.34 in all; NOTES, fifteenth
@@ -834,13 +822,19 @@ def _products_bwd(strict, cfg, res, dD):
         dX, dY, dg = [], 0.0, 0.0
         for x, d, s in zip(Xp, dD, strict):
             kernel = functools.partial(_scalar_backward_kernel, strict=s,
-                                       precision=cfg.precision, exact=cfg.exact)
-            dx, dy, dgs = _call(kernel, (x, Yp, gp, d.astype(Y.dtype)),
-                                [f(x), f(Yp), jax.ShapeDtypeStruct((n, gp.shape[1]), g.dtype)],
-                                cfg.interpret, cfg.bwd, "dplr_decayed_scalar_bwd", grid=(n,))
+                                       precision=cfg.precision, exact=cfg.exact,
+                                       decay=g is not None)
+            ins, outs = (x, Yp, d.astype(Y.dtype)), [f(x), f(Yp)]
+            if g is not None:
+                ins = (x, Yp, gp, d.astype(Y.dtype))
+                outs.append(jax.ShapeDtypeStruct((n, gp.shape[1]), g.dtype))
+            dx, dy, *dgs = _call(kernel, ins, outs, cfg.interpret, cfg.bwd,
+                                 "dplr_decayed_scalar_bwd", grid=(n,))
             dX.append(dx[:, :K])
-            dY, dg = dY + dy[:, :K], dg + dgs.sum(axis=0)
-        return tuple(dX), dY, dg, None
+            dY = dY + dy[:, :K]
+            if g is not None:
+                dg = dg + dgs[0].sum(axis=0)
+        return tuple(dX), dY, None if g is None else dg, None
     ddt = tuple(d.T.astype(Y.dtype) for d in dD)
     args = Xp + (Yp, gp) + ddt
     Kp = Yp.shape[1]
@@ -892,8 +886,8 @@ _products.defvjp(_products_fwd, _products_bwd)
 def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precision, exact,
                      launch, scalar_launch=None):
     """Drop-in for chunked.decayed_products (one chunk): the kernels for per-channel and
-    scalar decays, and without decay the scalar forward kernel (factors of 1) with XLA's
-    two dots per side for its backward. precision: of the products; exact: a
+    scalar decays, and without decay the scalar kernels with factors of 1. precision: of the
+    products; exact: a
     float32-accurate one for the bounded path's prefix sums; launch, scalar_launch: (forward,
     backward) Launch of the per-channel and the scalar kernels (scalar_launch None: XLA's
     version for scalar decays and none).
