@@ -173,6 +173,40 @@ def test_own_decay_is_the_probe_decayed_by_its_token(impl, decay, rng, x64):
         close(u, v, 1e-12, name)
 
 
+@pytest.mark.parametrize("decay", [None, "scalar", "channel"])
+def test_probed_keys_formed_from_beta(decay, rng, x64):
+    """beta (the delta family's keys beta k formed on chip from E = k: a call without
+    gradients, api.run_chunked) against E = beta k formed before: every factor and the
+    cotangents of q, g, k, y and beta agree to float64 rounding, hard resets; the scalar
+    products kernel scales its factors, the per-channel ones take the keys formed by XLA."""
+    q, g, _, y, k, _, _ = cast(chunk(rng, decay, 64, 40, 24, True, "own"), jnp.float64)
+    beta = jnp.asarray(rng.uniform(0.0, 2.0, 64))
+    own = decay is not None
+
+    def run(on_chip):
+        def f(q, g, k, y, beta):
+            E = k if on_chip else beta[:, None, None] * k
+            return factors.low_rank_factors(q, g, E, y, k, None, None, beta if on_chip else None,
+                                            decayed=PRODUCTS, own_decay=own, **KERNELS)
+        args = (q, g, k, y, beta) if g is not None else (q, k, y, beta)
+        fn = f if g is not None else lambda q, k, y, beta: f(q, None, k, y, beta)
+        out, pull = jax.vjp(fn, *args)
+        cts = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(1).standard_normal(
+            x.shape)), out)
+        return out, pull(cts)
+
+    (out, grads), (ref, ref_grads) = run(True), run(False)
+    for name, u, v in zip(NAMES, out, ref):
+        if v is None:
+            assert u is None, name
+        else:
+            close(u, v, 1e-12, name)
+    names = ("dq",) + (() if g is None else ("dg",)) + ("dk", "dy", "dbeta")
+    assert len(grads) == len(names)
+    for name, u, v in zip(names, grads, ref_grads):
+        close(u, v, 1e-12, name)
+
+
 @pytest.mark.parametrize("form", ["both", "both_y"])
 @pytest.mark.parametrize("decay", ["channel", "scalar"])
 @pytest.mark.parametrize("C,m,rk", [(32, 2, 1), (32, 1, 2), (32, 2, 4), (16, 4, 2)])

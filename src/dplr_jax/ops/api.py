@@ -235,13 +235,20 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     # delta family: k itself; GLA's plain keys)
     in_place += tuple(name for name, x in (("P", rest[3]), ("F", rest[4]))
                       if keys_as_given and rank1(x))
+    # ... and for scalar decays or none their probed keys beta k as k and beta, which the
+    # kernels multiply (no float32 copy of beta k; the per-channel products take it formed)
+    beta = None
+    if (keys_as_given and form.beta is not None and rest[3].shape[3] == 1
+            and (rest[0] is None or rest[0].ndim == 3)):
+        rest[1], beta = rest[3], form.beta
+        in_place += ("E",) if "P" in in_place else ()
     o, S = chunked.chunked(q if whole else chunked.at_last(q, n, axis=1), *rest, h0,
                            chunk_size=chunk_size, in_place=in_place,
                            cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
                            own_decay=form.own_decay,
                            decayed=decayed or chunked.decayed_products,
                            bounded=bounded or ("check" if decayed is not None else False),
-                           scan=scan, factors=factors)
+                           scan=scan, factors=factors, beta=beta)
     if not whole:
         o = o.reshape(o.shape[0], -1, n, *o.shape[2:])[:, :, -1]
     return o, S

@@ -352,7 +352,8 @@ def checkpointed(summary, *, decayed, own_decay=False):
                           policy=jax.checkpoint_policies.save_only_these_names(SAVED))
 
 
-def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, in_place=(), flags=None):
+def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, beta=None, in_place=(),
+               flags=None):
     """Phase 1 over all (batch, head, chunk): inputs [B, T, H, ...] -> [B, H, NC, ...] (q in
     q_layout's chunks). summary: a function of one chunk's (q, g, E, y, P, F, Vk), or with
     flags [B, H, NC] of (its flag, q, g, ...).
@@ -360,10 +361,11 @@ def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, in_place=(), fla
     in_place: names of inputs ("q", "g", "y", "P", "F") that stay [B, NC, C, H, ...]
     (chunked.chunked's in_place), which a Pallas kernel under vmap reads where they lie; y,
     P and F then lose their rank axis (of size 1) here, where that is a reshape, and each
-    chunk's is [C, V] or [C, K]. The other inputs are moved."""
-    names = ("q", "g", "E", "y", "P", "F", "Vk")
-    xs = dict(zip(names, (q, g, E, y, P, F, Vk)))
-    for name in ("y", "P", "F"):
+    chunk's is [C, V] or [C, K]. The other inputs are moved. beta (with E in place): the
+    keys' row scale [B, T, H] (a row [C] per chunk), summary's last input."""
+    names = ("q", "g", "E", "y", "P", "F", "Vk") + (() if beta is None else ("beta",))
+    xs = dict(zip(names, (q, g, E, y, P, F, Vk, beta)))
+    for name in ("E", "y", "P", "F"):
         if name in in_place:
             xs[name] = xs[name][..., 0, :]
 
@@ -394,7 +396,8 @@ def _scan_outputs(layout, M, Bc, Qs, O0, h0):
 
 
 def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=False,
-            decayed=decayed_products, bounded=False, scan=None, factors=None, in_place=()):
+            decayed=decayed_products, bounded=False, scan=None, factors=None, in_place=(),
+            beta=None):
     """Runs the engine recurrence. All inputs [B, T, H, ...] in the accumulation dtype but q
     [B, T / n, H, K]: the queries of the last of every n tokens (n = 1: every token; n must
     divide chunk_size, so that a chunk holds whole groups); h0 [N, H, K, V]; cu_seqlens
@@ -419,7 +422,9 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     rather than moved to [B, H, NC, C, ...] with the others, for Pallas phases and inputs
     that would be copied for the move alone (api.run_chunked): "q", "g", and "y", "P", "F"
     of rank 1, which phase 1 then gets as [C, V] or [C, K] per chunk (`factors` must take
-    that: the kernels of factors.py do). On the H100 at B=4, T=4096, H=16, K=128 the copy
+    that: the kernels of factors.py do), and "E" with `beta` [B, T, H] (and `factors`): the
+    probed keys are E beta, which the kernels form (E then P itself, as given: the delta
+    family's beta k without a float32 copy). On the H100 at B=4, T=4096, H=16, K=128 the copy
     of a float32 g took 0.09 ms; reading its rows 8 KB apart cost gla's bounded products
     backward 0.11 ms (the exact products kernels read no g; benchmarks/NOTES.md, nineteenth
     session).
@@ -447,7 +452,7 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
         return functools.partial(factors, decayed=d, own_decay=own_decay)
 
     fn = summary(bounded) if flags is None else lambda flag, *xs: summary(flag)(*xs)
-    out = _summaries(layout, q_layout, fn, *inputs, in_place=in_place, flags=flags)
+    out = _summaries(layout, q_layout, fn, *inputs, beta, in_place=in_place, flags=flags)
     if scan is None:
         M, Bc, Qs, O0 = out
         o, S_in = _scan_outputs(layout, M, Bc, Qs, O0, h0)

@@ -26,6 +26,7 @@ class Form:
     V: jnp.ndarray | None = None
     n_virtual: int = 1
     own_decay: bool = False  # the probes are P_t = p_t e^{g_t}; P holds p (chunked.chunked)
+    beta: jnp.ndarray | None = None  # [B, T, H]: E = beta P (rank 1), for kernels to form
 
     def engine_inputs(self):
         return self.q, self.g, self.E, self.y, self.P, self.F, self.V
@@ -48,7 +49,8 @@ def delta_rule(q, k, v, beta, g=None):
     """The probe reads the state after the token's decay: P_t = k_t e^{g_t} (own_decay)."""
     hv = v.shape[2]
     q, k = to_heads(q, hv), to_heads(k, hv)
-    return Form(q, g, _one(beta[..., None] * k), _one(v), _one(k), own_decay=g is not None)
+    return Form(q, g, _one(beta[..., None] * k), _one(v), _one(k), own_decay=g is not None,
+                beta=beta)
 
 
 def gated_delta_rule(q, k, v, g, beta):
@@ -87,7 +89,7 @@ def gated_delta_product(q, k, v, g, beta):
                 E=_one(_interleave(*[beta[..., j, None] * k[..., j, :] for j in range(n)])),
                 y=_one(_interleave(*[v[..., j, :] for j in range(n)])),
                 P=_one(_interleave(*[k[..., j, :] for j in range(n)])), n_virtual=n,
-                own_decay=True)
+                own_decay=True, beta=_interleave(*[beta[..., j] for j in range(n)]))
 
 
 FORMS = {

@@ -651,18 +651,25 @@ def _scalar_decays(factors, strict, every, exact):
     return _mask_dot(_iota(shape, 1) == _tokens(shape, every), W, exact)
 
 
-def _scalar_forward_kernel(*refs, strict, precision, exact, decay):
-    """Scalar decays: per query side (refs: the sides' x_refs, y_ref, g_ref, the sides' d_refs)
-    the whole chunk as one dot X Y^T times the pairs' decay factors, formed once for all
-    sides (a side may hold only the rows of every n-th token: chunked.decayed_products).
-    Without decay (no g_ref) the factors are 1: the products masked."""
+def _scalar_forward_kernel(*refs, strict, precision, exact, decay, scaled):
+    """Scalar decays: per query side (refs: the sides' x_refs, y_ref, g_ref, s_ref, the sides'
+    d_refs) the whole chunk as one dot X Y^T times the pairs' decay factors, formed once for
+    all sides (a side may hold only the rows of every n-th token: chunked.decayed_products).
+    Without decay (no g_ref) the factors are 1: the products masked. With a row scale of
+    the keys (s_ref [1, C]: beta, the delta family's keys beta k formed here) the factors
+    carry it."""
     a = len(strict)
     x_refs, y_ref = refs[:a], refs[a]
-    g_ref, d_refs = (refs[a + 1], refs[a + 2:]) if decay else (None, refs[a + 1:])
+    rest = list(refs[a + 1:])
+    g_ref = rest.pop(0) if decay else None
+    s_ref = rest.pop(0) if scaled else None
+    d_refs = rest
     C = y_ref.shape[0]
     f = _acc(y_ref)
     factors = (_scalar_factors(g_ref[...].astype(f)) if decay
                else jnp.ones((C, C), f))
+    if scaled:
+        factors = factors * s_ref[...].astype(f)
     Y = y_ref[...].astype(f)
     for x_ref, d_ref, s in zip(x_refs, d_refs, strict):
         W = _scalar_decays(factors, s, C // x_ref.shape[0], exact)
@@ -760,28 +767,30 @@ def _kernel_inputs(X, Y, g):
     return _pad_k(*X), *_pad_k(Y), gp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _products(X, Y, g, flag, strict, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _products(X, Y, g, ys, flag, strict, cfg):
     """The products of the query sides X (a tuple of [rows, K]; rows C, or for scalar decays
     C / n: every n-th token's) with the keys Y [C, K], one [rows, C] per side; strict: per
     side (chunked.decayed_products). flag: None, or int32 [1], 1 where the chunk's log decays
     allow the bounded kernels (chunked.bounded_chunks): then the exact kernels run where it is
     0 and the bounded ones where it is 1, over the exact ones' outputs (_call's gate), each
-    program reading its chunk's flag. Not lax.cond: under the engine's vmaps its predicate
-    would be batched (a select of both branches), and a per-call one still moves every
-    operand's batch axes to the front (a copy of g, which the kernels read in place) with no
-    fusion across its branches: kda's XLA work went from 1.2 to 1.7 ms on the H100
-    (benchmarks/NOTES.md, twenty-fourth session)."""
+    program reading its chunk's flag. ys: None, or [C] (scalar decays or none only): the
+    products of the keys Y ys (the scalar kernel scales its factors). Not lax.cond: under
+    the engine's vmaps its predicate would be batched (a select of both branches), and a
+    per-call one still moves every operand's batch axes to the front (a copy of g, which the
+    kernels read in place) with no fusion across its branches: kda's XLA work went from 1.2
+    to 1.7 ms on the H100 (benchmarks/NOTES.md, twenty-fourth session)."""
     C = Y.shape[0]
     a = len(X)
     Xp, Yp, gp = _kernel_inputs(X, Y, g)
     if g is None or g.ndim == 1:
         kernel = functools.partial(_scalar_forward_kernel, strict=strict,
                                    precision=cfg.precision, exact=cfg.exact,
-                                   decay=g is not None)
+                                   decay=g is not None, scaled=ys is not None)
         outs = [jax.ShapeDtypeStruct((x.shape[0], C), _acc(Y)) for x in X]
-        return tuple(_call(kernel, Xp + (Yp,) + (() if g is None else (gp,)), outs,
-                           cfg.interpret, cfg.fwd, "dplr_decayed_scalar_fwd"))
+        rows = tuple(x[None, :] for x in (g, ys) if x is not None)
+        return tuple(_call(kernel, Xp + (Yp,) + rows, outs, cfg.interpret, cfg.fwd,
+                           "dplr_decayed_scalar_fwd"))
     f = lambda *shape: jax.ShapeDtypeStruct(shape, _acc(Y))
     bounded = lambda gate=None: tuple(_call(
         functools.partial(_bounded_forward_kernel, precision=cfg.precision, strict=strict),
@@ -802,12 +811,17 @@ def _products(X, Y, g, flag, strict, cfg):
     return D if flag is None else bounded((flag, 1, D))
 
 
-def _products_fwd(X, Y, g, flag, strict, cfg):
-    return _products(X, Y, g, flag, strict, cfg), (X, Y, g, flag)
+def _products_fwd(X, Y, g, ys, flag, strict, cfg):
+    return _products(X, Y, g, ys, flag, strict, cfg), (X, Y, g, ys, flag)
 
 
 def _products_bwd(strict, cfg, res, dD):
-    X, Y, g, flag = res
+    X, Y, g, ys, flag = res
+    if ys is not None:  # through the keys Y ys, formed here
+        Ys = Y.astype(_acc(Y)) * ys[:, None]
+        dX, dYs, dg, _, _ = _products_bwd(strict, cfg, (X, Ys, g, None, flag), dD)
+        return (dX, (dYs * ys[:, None]).astype(Y.dtype), dg,
+                jnp.sum(dYs * Y.astype(dYs.dtype), axis=1).astype(ys.dtype), None)
     a = len(X)
     Xp, Yp, gp = _kernel_inputs(X, Y, g)
     f = lambda x: jax.ShapeDtypeStruct(x.shape, Y.dtype)
@@ -834,7 +848,7 @@ def _products_bwd(strict, cfg, res, dD):
             dY = dY + dy[:, :K]
             if g is not None:
                 dg = dg + dgs[0].sum(axis=0)
-        return tuple(dX), dY, None if g is None else dg, None
+        return tuple(dX), dY, None if g is None else dg, None, None
     ddt = tuple(d.T.astype(Y.dtype) for d in dD)
     args = Xp + (Yp, gp) + ddt
     Kp = Yp.shape[1]
@@ -877,14 +891,14 @@ def _products_bwd(strict, cfg, res, dD):
         d = jnp.diagonal(dDi).astype(Y.dtype)[:, None]  # dD[t, t]
         dX[i] = dX[i] + d * Y
         dY = dY + d * Xi
-    return tuple(dX), dY, dg[:, :K].astype(g.dtype), None  # no cotangent for the flag
+    return tuple(dX), dY, dg[:, :K].astype(g.dtype), None, None  # none for the flag
 
 
 _products.defvjp(_products_fwd, _products_bwd)
 
 
 def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precision, exact,
-                     launch, scalar_launch=None):
+                     launch, scalar_launch=None, y_scale=None):
     """Drop-in for chunked.decayed_products (one chunk): the kernels for per-channel and
     scalar decays, and without decay the scalar kernels with factors of 1. precision: of the
     products; exact: a
@@ -899,9 +913,14 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
     read in place, which moved to add the axis under the engine's vmaps would be copied (a
     forward-only call's q and keys, api.run_chunked); the products are [rows, a, C, b] all
     the same.
-    16-bit X and Y are computed in float32 (the kernels cast them as they load them)."""
+    16-bit X and Y are computed in float32 (the kernels cast them as they load them).
+    y_scale: None, or [C] for keys of rank 1: the products of the keys Y y_scale (the delta
+    family's beta k), which the scalar kernel forms on chip (elsewhere XLA multiplies)."""
     sides, flags = (X, strict) if isinstance(X, tuple) else ((X,), (strict,))
     scalar = g is None or g.ndim == 1  # the scalar kernels' (no decay: factors of 1)
+    if y_scale is not None and (not scalar or scalar_launch is None):
+        Y = (Y if Y.ndim == 2 else Y[:, 0]).astype(_acc(Y)) * y_scale[:, None]
+        y_scale = None
     if scalar and scalar_launch is None:
         up = lambda x: (x if x.ndim == 3 else x[:, None]).astype(_acc(x))
         out = chunked.decayed_products(tuple(map(up, sides)), up(Y), g, bounded, flags)
@@ -922,7 +941,9 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
             for c in ([chunked.at_last(x, n)] if x.ndim == 2
                       else jnp.unstack(chunked.at_last(x, n), axis=1))]
     col_flags = tuple(s for a, s in zip(ranks, flags) for _ in range(a))
-    per_key = [_products(tuple(cols), y, g, flag, col_flags, cfg) for y in keys]
+    if y_scale is not None and b != 1:
+        raise ValueError(f"decayed_products: y_scale takes keys of rank 1, not {Y.shape}")
+    per_key = [_products(tuple(cols), y, g, y_scale, flag, col_flags, cfg) for y in keys]
     outs, start = [], 0
     for a, n in zip(ranks, every):
         outs.append(jnp.stack([jnp.stack([per_key[j][c][n - 1::n] for j in range(b)], axis=-1)

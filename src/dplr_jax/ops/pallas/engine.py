@@ -59,12 +59,13 @@ def _scan(layout, factors, h0, *, cfg, o_dtype, scale=1.0):
     return o, finals.reshape((N,) + finals.shape[2:])
 
 
-def _phase1(q, g, E, y, P, F, Vk, *, decayed, own_decay, **kernel):
+def _phase1(q, g, E, y, P, F, Vk, beta=None, *, decayed, own_decay, **kernel):
     """Phase 1 of one chunk: in the kernels of factors.py where they take the form (one key
     of each kind per token, or DPLR of rank 2 or 4 in chunks of at most 128 rows:
-    factors.takes), otherwise in XLA (chunked.chunk_factors)."""
+    factors.takes), otherwise in XLA (chunked.chunk_factors). beta: E's row scale, formed
+    on chip (factors.low_rank_factors; rank-1 probed keys only, which the kernels take)."""
     if factors.takes(E, F):
-        return factors.low_rank_factors(q, g, E, y, P, F, Vk, decayed=decayed,
+        return factors.low_rank_factors(q, g, E, y, P, F, Vk, beta, decayed=decayed,
                                         own_decay=own_decay, **kernel)
     up = lambda x: None if x is None else x.astype(_acc(x))  # 16-bit as given
     return chunked.checkpointed(chunked.chunk_factors, decayed=decayed, own_decay=own_decay)(

@@ -228,7 +228,10 @@ def _forward_kernel(*refs, names, n, own, decay, precision, exact):
             W = _dot(r["ti"][...], _scaled(_load(r, "p", ks), excl), precision)
             r["w"][:, ks] = W.astype(r["w"].dtype)
             Qs = _scaled(_load(r, "q", ks), incl) - _dot(r["qe"][...], W, precision)
-            r["z"][fm.e_rows, ks] = _scaled(_load(r, "e", ks), suffix_e).astype(r["z"].dtype)
+            E = _load(r, "e", ks)
+            if "eb" in r:  # E = beta k, formed here
+                E = E * r["eb"][...].astype(E.dtype)
+            r["z"][fm.e_rows, ks] = _scaled(E, suffix_e).astype(r["z"].dtype)
         else:
             Qs = _scaled(_load(r, "q", ks), incl)
         if fm.rk:
@@ -376,10 +379,10 @@ def _decay_mode(g):
 
 # Operand names in call order; a name whose array is None (the form lacks that part) is left
 # out, so the kernels see only what the form has.
-_IN = ("q", "g", "e", "p", "y", "qe", "ti", "f", "vk", "qf", "pf")
+_IN = ("q", "g", "e", "p", "y", "qe", "ti", "f", "vk", "qf", "pf", "eb")
 
 
-def _kernel_inputs(q, g, E, y, P, QE, Tinv, F, Vk, QF, PF):
+def _kernel_inputs(q, g, E, y, P, QE, Tinv, F, Vk, QF, PF, eb=None):
     """(names, arrays, Kp, Vp) of the present inputs: K and V padded to powers of two >= 16
     (zeros add nothing; padded decays are 0), a per-token decay as a row; Vp = 0 without
     values (y and Vk None: no value programs, _blocks)."""
@@ -389,7 +392,8 @@ def _kernel_inputs(q, g, E, y, P, QE, Tinv, F, Vk, QF, PF):
     pv = lambda x: None if x is None else _pad_to(x, 1, Vp)
     if g is not None:
         g = g[None, :] if g.ndim == 1 else pk(g)
-    ins = (pk(q), g, pk(E), pk(P), pv(y), QE, Tinv, pk(F), pv(Vk), QF, PF)
+    ins = (pk(q), g, pk(E), pk(P), pv(y), QE, Tinv, pk(F), pv(Vk), QF, PF,
+           None if eb is None else eb[:, None])
     live = [(n, x) for n, x in zip(_IN, ins) if x is not None]
     return tuple(n for n, _ in live), tuple(x for _, x in live), Kp, Vp
 
@@ -448,18 +452,19 @@ def _inverse(L, cfg):
                           name="dplr_ut_inverse")(L)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13))
-def _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n, own):
-    return _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n, own)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14))
+def _tail(q, g, E, y, P, L, QE, F, Vk, QF, PF, eb, cfg, n, own):
+    return _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, eb, cfg, n, own)[0]
 
 
-def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n, own):
+def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, eb, cfg, n, own):
+    """eb: None, or the probed keys' row scale [ne] (beta: E is beta k, formed on chip)."""
     Cq, K = q.shape  # query rows: one token in n
     ne, nf = (0 if x is None else x.shape[0] for x in (E, F))  # probed and plain rows
     Tinv = None if E is None else _inverse(L, cfg)
     # Without probed keys X is the plain values themselves and O0 the state pass's
     # (chunked.chunk_factors): the kernels read no values (QF is None).
-    res = (q, g, E, y, P, QE, Tinv, F, Vk if ne else None, QF, PF)
+    res = (q, g, E, y, P, QE, Tinv, F, Vk if ne else None, QF, PF, eb)
     names, ins, Kp, Vp = _kernel_inputs(*res)
     f = lambda *s: jax.ShapeDtypeStruct(s, _acc(q))
     outs = {"gam": f(1, Kp), "z": f(ne + nf, Kp), "qs": f(Cq, Kp)}
@@ -477,6 +482,14 @@ def _tail_fwd(q, g, E, y, P, L, QE, F, Vk, QF, PF, cfg, n, own):
 
 
 def _tail_bwd(cfg, n, own, res, cts):
+    *res, eb = res
+    if eb is not None:  # through E = eb k, formed here
+        E = res[2]
+        res[2] = E.astype(_acc(E)) * eb[:, None]
+        d = _tail_bwd(cfg, n, own, tuple(res) + (None,), cts)
+        dE = d[2]
+        return (*d[:2], (dE * eb[:, None]).astype(E.dtype), *d[3:-1],
+                jnp.sum(dE * E.astype(dE.dtype), axis=1).astype(eb.dtype))
     q, g, E, y, P, QE, Tinv, F, Vk, QF, PF = res
     Cq, K = q.shape
     C = Cq * n  # tokens
@@ -524,7 +537,7 @@ def _tail_bwd(cfg, n, own, res, cts):
     if nf:  # plain values without probed keys are X itself: dX reaches them directly
         dVk = got["dvk"][:, :Vk.shape[-1]] if ne else dX
     return (key("dq"), dg, key("de"), dy, key("dp"), total("dl", ne), total("dqe", Cq),
-            key("df"), dVk, total("dqf", Cq), total("dpf", ne))
+            key("df"), dVk, total("dqf", Cq), total("dpf", ne), None)
 
 
 _tail.defvjp(_tail_fwd, _tail_bwd)
@@ -544,24 +557,27 @@ def takes(E, F):
 
 
 
-def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, own_decay=False, interpret, precision,
-                     exact, launch):
+def low_rank_factors(q, g, E, y, P, F, Vk, beta=None, *, decayed, own_decay=False, interpret,
+                     precision, exact, launch):
     """chunked.chunk_factors for one chunk of a form the kernels take (`takes`): q [C / n, K]
     (the last of every n tokens' queries), E, y, P [C, m, ...] or None, F, Vk [C, rk, ...]
     or None, not both None (y, P, F of rank 1 may come without their rank axis: in place,
-    chunked._summaries); own_decay: P holds p (chunked.chunked); the intra-chunk products
-    from `decayed`, the rest in the kernels above. launch: (forward, backward) Launch."""
+    chunked._summaries); own_decay: P holds p (chunked.chunked); beta: None, or [C] with
+    probed keys of rank 1: the keys are E beta, formed on chip (the delta family's beta k from
+    k as given: no float32 copy of its own); the intra-chunk products from `decayed`, the rest
+    in the kernels above. launch: (forward, backward) Launch."""
     C = (E if E is not None else F).shape[0]
     n = C // q.shape[0]
     m, rk = (0 if x is None else _rank(x) for x in (E, F))
 
     # q and keys of rank 1 go to the products without a rank axis (decayed.decayed_products
     # takes [C, K]): added under the engine's vmaps, it would move an input read in place.
-    def products(q, g, E, P, F):  # [rows * a, K] and [C * b, K] -> [rows * a, C * b]
+    def products(q, g, E, P, F, beta):  # [rows * a, K] and [C * b, K] -> [rows * a, C * b]
         rank = lambda x, r: x if x is None or r == 1 else x.reshape(C, r, x.shape[-1])
+        d = decayed if beta is None else functools.partial(decayed, y_scale=beta)
         return tuple(None if D is None else D.reshape(D.shape[0] * D.shape[1], -1)
                      for D in intra_products(q, g, rank(E, m), rank(P, m), rank(F, rk),
-                                             decayed, own_decay))
+                                             d, own_decay))
 
     # Rematerialized in the backward pass, not saved: XLA's products (per-token or no decay)
     # would keep their C x C intermediates (2.9x the residual bytes of XLA's checkpointed
@@ -572,9 +588,9 @@ def low_rank_factors(q, g, E, y, P, F, Vk, *, decayed, own_decay=False, interpre
     flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])
     E, y, P, F, Vk = map(flat, (E, y, P, F, Vk))
     L, QE, QF, PF = jax.checkpoint(products, policy=jax.checkpoint_policies.nothing_saveable)(
-        q, g, E, P, F)
+        q, g, E, P, F, beta)
     # Without E, QF goes to the state pass (chunked.chunk_factors).
     probed = E is not None
     cfg = _Cfg(interpret, precision, exact, *launch)
-    return _tail(q, g, E, y, P, L, QE, F, Vk, QF if probed else None, PF, cfg, n,
+    return _tail(q, g, E, y, P, L, QE, F, Vk, QF if probed else None, PF, beta, cfg, n,
                  own_decay and g is not None) + (None if probed else QF,)
