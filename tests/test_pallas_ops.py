@@ -217,9 +217,10 @@ def test_forward_only(case, rng, x64):
 
 
 # bf16 arrays of q's size cast to float32 and moved in a call without gradients: gla's v
-# moves with its rank axis (to the state pass); Gated DeltaNet's k is cast for beta k; kda's
-# q and keys are cast (api.run_chunked: per-channel decays with probed keys).
-AS_GIVEN = {"gla": (0, 1), "gated_delta_rule": (1, 0), "kda": (3, 0)}
+# moves with its rank axis (to the state pass); Gated DeltaNet's beta k is formed by the
+# kernels from k as given (Form.beta); kda's q and keys are cast (api.run_chunked:
+# per-channel decays with probed keys), k once for beta k.
+AS_GIVEN = {"gla": (0, 1), "gated_delta_rule": (0, 0), "kda": (3, 0)}
 
 
 @pytest.mark.parametrize("name", sorted(AS_GIVEN))

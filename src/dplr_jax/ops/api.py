@@ -205,7 +205,12 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     # outputs read (one per token; at least 16 rows per chunk, the kernels' smallest tiles);
     # otherwise every virtual token's, and keeps the last.
     whole = chunk_size % n == 0 and chunk_size // n >= 16
-    q, *rest = form.engine_inputs()
+    # In a call without gradients, for scalar decays or none, the delta family's probed keys
+    # beta k go as k (as given) and beta, which the kernels multiply: no float32 copy of
+    # beta k (the per-channel products take it formed, and kda's keys are cast below).
+    on_chip = (forward_only and form.beta is not None and form.P.shape[3] == 1
+               and (form.g is None or form.g.ndim == 3))
+    q, *rest = form.engine_inputs(keys_on_chip=on_chip)
     keys_as_given = forward_only
     if forward_only and rest[0] is not None and rest[0].ndim == 4 and rest[1] is not None:
         # Per-channel decays with probed keys (kda, dplr, hdla): their products kernels, with
@@ -235,20 +240,15 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     # delta family: k itself; GLA's plain keys)
     in_place += tuple(name for name, x in (("P", rest[3]), ("F", rest[4]))
                       if keys_as_given and rank1(x))
-    # ... and for scalar decays or none their probed keys beta k as k and beta, which the
-    # kernels multiply (no float32 copy of beta k; the per-channel products take it formed)
-    beta = None
-    if (keys_as_given and form.beta is not None and rest[3].shape[3] == 1
-            and (rest[0] is None or rest[0].ndim == 3)):
-        rest[1], beta = rest[3], form.beta
-        in_place += ("E",) if "P" in in_place else ()
+    # ... and E where it is P (on_chip)
+    in_place += ("E",) if on_chip and "P" in in_place else ()
     o, S = chunked.chunked(q if whole else chunked.at_last(q, n, axis=1), *rest, h0,
                            chunk_size=chunk_size, in_place=in_place,
                            cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
                            own_decay=form.own_decay,
                            decayed=decayed or chunked.decayed_products,
                            bounded=bounded or ("check" if decayed is not None else False),
-                           scan=scan, factors=factors, beta=beta)
+                           scan=scan, factors=factors, beta=form.beta if on_chip else None)
     if not whole:
         o = o.reshape(o.shape[0], -1, n, *o.shape[2:])[:, :, -1]
     return o, S

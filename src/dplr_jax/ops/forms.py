@@ -26,10 +26,15 @@ class Form:
     V: jnp.ndarray | None = None
     n_virtual: int = 1
     own_decay: bool = False  # the probes are P_t = p_t e^{g_t}; P holds p (chunked.chunked)
-    beta: jnp.ndarray | None = None  # [B, T, H]: E = beta P (rank 1), for kernels to form
+    beta: jnp.ndarray | None = None  # [B, T, H]: with E None, E = beta P (P of rank 1)
 
-    def engine_inputs(self):
-        return self.q, self.g, self.E, self.y, self.P, self.F, self.V
+    def engine_inputs(self, keys_on_chip=False):
+        """(q, g, E, y, P, F, V), E formed as beta P where the form gives beta; keys_on_chip:
+        P in E's place, for kernels that multiply by beta themselves (api.run_chunked)."""
+        E = self.E
+        if self.beta is not None:
+            E = self.P if keys_on_chip else self.beta[..., None, None] * self.P
+        return self.q, self.g, E, self.y, self.P, self.F, self.V
 
 
 def to_heads(x, hv):
@@ -49,8 +54,7 @@ def delta_rule(q, k, v, beta, g=None):
     """The probe reads the state after the token's decay: P_t = k_t e^{g_t} (own_decay)."""
     hv = v.shape[2]
     q, k = to_heads(q, hv), to_heads(k, hv)
-    return Form(q, g, _one(beta[..., None] * k), _one(v), _one(k), own_decay=g is not None,
-                beta=beta)
+    return Form(q, g, None, _one(v), _one(k), own_decay=g is not None, beta=beta)
 
 
 def gated_delta_rule(q, k, v, g, beta):
@@ -85,8 +89,7 @@ def gated_delta_product(q, k, v, g, beta):
     """Per token: decay, then n delta-rule steps (k_j, v_j, beta_j): n virtual tokens."""
     n = k.shape[3]
     gs = [g] + [jnp.zeros_like(g)] * (n - 1)
-    return Form(q=q, g=_interleave(*gs),
-                E=_one(_interleave(*[beta[..., j, None] * k[..., j, :] for j in range(n)])),
+    return Form(q=q, g=_interleave(*gs), E=None,
                 y=_one(_interleave(*[v[..., j, :] for j in range(n)])),
                 P=_one(_interleave(*[k[..., j, :] for j in range(n)])), n_virtual=n,
                 own_decay=True, beta=_interleave(*[beta[..., j] for j in range(n)]))
