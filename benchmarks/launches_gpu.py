@@ -2,10 +2,11 @@
 (columns per program, warps; against XLA's phase 1), the state pass (Triton pipelining
 stages of the sequential forward and backward kernels), its parallel gradient kernel (value
 columns per pass, warps, stages) or the decayed products of per-channel decays (warps of the
-forward and backward kernels).
+forward and backward kernels), or of scalar decays and none (warps and stages of both).
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=src python benchmarks/launches_gpu.py \
-        [--kernels factors state_pass grads products] [--ops kda gated_delta_rule] [--out DIR]
+        [--kernels factors state_pass grads products scalar_products] \
+        [--ops kda gated_delta_rule] [--out DIR]
 
 For each op at B=4, T=4096, H=16, K=V=128, bf16 (the inputs of ops_gpu.py), times forward and
 forward+backward of the GPU configuration with each variant swapped in. Prints a table and
@@ -49,6 +50,10 @@ GRADS = {"grads 64 columns, 4 warps, 2 stages": (64, 4, 2), "grads 64, 8, 2": (6
 # products (per-channel decays): name -> (forward warps, backward warps)
 PRODUCTS = {"warps 2 / 4": (2, 4), "warps 4 / 4": (4, 4), "warps 2 / 8": (2, 8),
             "warps 4 / 8": (4, 8)}
+# scalar_products: name -> (forward (warps, stages), backward (warps, stages))
+SCALAR_PRODUCTS = {"warps 4 / 4": ((4, 1), (4, 1)), "warps 8 / 8": ((8, 1), (8, 1)),
+                   "warps 2 / 2": ((2, 1), (2, 1)), "warps 8 / 4": ((8, 1), (4, 1)),
+                   "warps 4 / 8": ((4, 1), (8, 1)), "warps 4 / 4, stages 2 / 2": ((4, 2), (4, 2))}
 
 
 BLOCK = factors.BLOCK  # the committed columns per factors program (the variants set their own)
@@ -75,12 +80,17 @@ def variants(kernels):
         for name, (f, b) in PRODUCTS.items():
             out["products " + name] = BLOCK, dataclasses.replace(
                 gpu, products=(Launch(None, f, 1), Launch(None, b, 1)))
+    if "scalar_products" in kernels:
+        for name, (f, b) in SCALAR_PRODUCTS.items():
+            out["scalar products " + name] = BLOCK, dataclasses.replace(
+                gpu, scalar_products=(Launch(None, *f), Launch(None, *b)))
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kernels", nargs="+", choices=("factors", "state_pass", "grads", "products"),
+    ap.add_argument("--kernels", nargs="+",
+                    choices=("factors", "state_pass", "grads", "products", "scalar_products"),
                     default=["factors"])
     ap.add_argument("--ops", nargs="+", default=["kda", "gated_delta_rule"])
     ap.add_argument("--T", type=int, default=4096)
