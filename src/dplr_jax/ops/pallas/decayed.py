@@ -108,8 +108,8 @@ chunk's scan by a one-hot 0/1 dot; the per-channel kernels take a query per toke
 (zeros between) and keep every n-th row. On the H100 (kda's L shape,
 4 warps): 0.15 ms forward against XLA's 0.27, 0.59 forward+backward against 0.68; Gated
 DeltaNet 2.43 -> 2.21 ms forward, 7.60 -> 6.95 forward+backward in one device call
-(benchmarks/NOTES.md). Without decay (delta_rule) the scalar forward kernel runs with
-factors of 1 (forward and backward, no log decays' gradient), and its probes' products are
+(benchmarks/NOTES.md). Without decay (delta_rule) the scalar kernels run with factors of 1
+(forward and backward, no log decays' gradient), and its probes' products are
 their strict ones (chunked.intra_products: no move of P up a row): on the H100 at B=4,
 T=4096, H=16, K=V=128 delta_rule went from 1.63 to 1.35 ms forward and 5.46 to 5.04
 forward+backward, where XLA had formed the products (twenty-seventh session).
@@ -901,10 +901,9 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
                      launch, scalar_launch=None, y_scale=None):
     """Drop-in for chunked.decayed_products (one chunk): the kernels for per-channel and
     scalar decays, and without decay the scalar kernels with factors of 1. precision: of the
-    products; exact: a
-    float32-accurate one for the bounded path's prefix sums; launch, scalar_launch: (forward,
-    backward) Launch of the per-channel and the scalar kernels (scalar_launch None: XLA's
-    version for scalar decays and none).
+    products; exact: a float32-accurate one for the bounded path's prefix sums; launch,
+    scalar_launch: (forward, backward) Launch of the per-channel and the scalar kernels
+    (scalar_launch None: XLA's version for scalar decays and none).
 
     The kernels take every query rank of every side (X a tuple, or X's rank axis) against
     one key rank in one pass: the sides share the keys' loads and the decay factors (per
@@ -918,6 +917,8 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
     family's beta k), which the scalar kernel forms on chip (elsewhere XLA multiplies)."""
     sides, flags = (X, strict) if isinstance(X, tuple) else ((X,), (strict,))
     scalar = g is None or g.ndim == 1  # the scalar kernels' (no decay: factors of 1)
+    if y_scale is not None and _rank(Y) != 1:
+        raise ValueError(f"decayed_products: y_scale takes keys of rank 1, not {Y.shape}")
     if y_scale is not None and (not scalar or scalar_launch is None):
         Y = (Y if Y.ndim == 2 else Y[:, 0]).astype(_acc(Y)) * y_scale[:, None]
         y_scale = None
@@ -941,8 +942,6 @@ def decayed_products(X, Y, g, bounded=False, strict=False, *, interpret, precisi
             for c in ([chunked.at_last(x, n)] if x.ndim == 2
                       else jnp.unstack(chunked.at_last(x, n), axis=1))]
     col_flags = tuple(s for a, s in zip(ranks, flags) for _ in range(a))
-    if y_scale is not None and b != 1:
-        raise ValueError(f"decayed_products: y_scale takes keys of rank 1, not {Y.shape}")
     per_key = [_products(tuple(cols), y, g, y_scale, flag, col_flags, cfg) for y in keys]
     outs, start = [], 0
     for a, n in zip(ranks, every):

@@ -5,12 +5,11 @@ forward and two backward (state_pass.py: a sequential one and a parallel one per
 every op of forms.py, up to the key width `Config.max_k` (GPU: 256; wider states run XLA's
 scan, and XLA's phase 1 around the decayed-product kernels). Phase 1 (per-chunk factored
 transitions and Qs, O0): its intra-chunk decayed products of per-channel decays (kda, gla,
-dplr, hdla), of scalar ones (gated_delta_rule, gated_delta_product) and of none
-(delta_rule) run in the Pallas
-kernels of decayed.py where the configuration names their launch (`Config.products`,
-`Config.scalar_products`); for rank-1 forms (at most one probed and one plain key per
-token: every op but DPLR of a higher rank) the rest runs in the kernels of factors.py
-(`Config.factors`); otherwise it is the XLA `chunk_factors` of chunked.py, differentiated
+dplr, hdla), of scalar ones (gated_delta_rule, gated_delta_product) and of none (delta_rule)
+run in the Pallas kernels of decayed.py where the configuration names their launch
+(`Config.products`, `Config.scalar_products`); for rank-1 forms (at most one probed and
+one plain key per token: every op but DPLR of a higher rank) the rest runs in the kernels
+of factors.py (`Config.factors`); otherwise it is the XLA `chunk_factors` of chunked.py, differentiated
 by JAX and rematerialized in the backward pass but for the decayed products and the UT
 inverse, which it keeps (chunked.SAVED).
 
