@@ -9,9 +9,9 @@ dplr, hdla), of scalar ones (gated_delta_rule, gated_delta_product) and of none 
 run in the Pallas kernels of decayed.py where the configuration names their launch
 (`Config.products`, `Config.scalar_products`); for rank-1 forms (at most one probed and
 one plain key per token: every op but DPLR of a higher rank) the rest runs in the kernels
-of factors.py (`Config.factors`); otherwise it is the XLA `chunk_factors` of chunked.py, differentiated
-by JAX and rematerialized in the backward pass but for the decayed products and the UT
-inverse, which it keeps (chunked.SAVED).
+of factors.py (`Config.factors`); otherwise it is the XLA `chunk_factors` of chunked.py,
+differentiated by JAX and rematerialized in the backward pass but for the decayed products
+and the UT inverse, which it keeps (chunked.SAVED).
 
 A call without gradients (the primal of _forward_only's custom_vjp) reads q and the keys as
 given: no float32 copies of 16-bit inputs, q in place, the kernels casting as they load.
