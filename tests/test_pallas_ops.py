@@ -186,6 +186,8 @@ FORWARD_ONLY_CASES = [  # (op, dtype, options): calls without gradients (engine.
     ("dplr", jnp.float32, dict(R=3, Rkv=2)),  # rank 3: XLA's phase 1 on inputs as given
     ("kda", jnp.bfloat16, dict(varlen=True)),
     ("gla", jnp.float32, dict(varlen=True)),
+    # beta k formed by the kernels (Form.beta), grouped value heads, hard resets
+    ("gated_delta_rule", jnp.float32, dict(varlen=True, G=2)),
 ]
 
 
