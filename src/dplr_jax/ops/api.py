@@ -208,8 +208,7 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     # In a call without gradients, for scalar decays or none, the delta family's probed keys
     # beta k go as k (as given) and beta, which the kernels multiply: no float32 copy of
     # beta k (the per-channel products take it formed, and kda's keys are cast below).
-    on_chip = (forward_only and form.beta is not None and form.P.shape[3] == 1
-               and (form.g is None or form.g.ndim == 3))
+    on_chip = forward_only and form.beta is not None and (form.g is None or form.g.ndim == 3)
     q, *rest = form.engine_inputs(keys_on_chip=on_chip)
     keys_as_given = forward_only
     if forward_only and rest[0] is not None and rest[0].ndim == 4 and rest[1] is not None:

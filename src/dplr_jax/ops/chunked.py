@@ -358,9 +358,9 @@ def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, beta=None, in_pl
     q_layout's chunks). summary: a function of one chunk's (q, g, E, y, P, F, Vk), or with
     flags [B, H, NC] of (its flag, q, g, ...).
 
-    in_place: names of inputs ("q", "g", "y", "P", "F") that stay [B, NC, C, H, ...]
-    (chunked.chunked's in_place), which a Pallas kernel under vmap reads where they lie; y,
-    P and F then lose their rank axis (of size 1) here, where that is a reshape, and each
+    in_place: names of inputs ("q", "g", "E", "y", "P", "F") that stay [B, NC, C, H, ...]
+    (chunked.chunked's in_place), which a Pallas kernel under vmap reads where they lie; E,
+    y, P and F then lose their rank axis (of size 1) here, where that is a reshape, and each
     chunk's is [C, V] or [C, K]. The other inputs are moved. beta (with E in place): the
     keys' row scale [B, T, H] (a row [C] per chunk), summary's last input."""
     names = ("q", "g", "E", "y", "P", "F", "Vk") + (() if beta is None else ("beta",))
