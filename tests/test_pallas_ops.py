@@ -218,11 +218,11 @@ def test_forward_only(case, rng, x64):
     assert_close(S, S_ref, 1e-5 if dtype == jnp.float32 else 5e-3, "final state")
 
 
-# bf16 arrays of q's size cast to float32 and moved in a call without gradients: gla's v
-# moves with its rank axis (to the state pass); Gated DeltaNet's beta k is formed by the
-# kernels from k as given (Form.beta); kda's q and keys are cast (api.run_chunked:
-# per-channel decays with probed keys), k once for beta k.
-AS_GIVEN = {"gla": (0, 1), "gated_delta_rule": (0, 0), "kda": (3, 0)}
+# bf16 arrays of q's size cast to float32 and moved in a call without gradients: gla's v is
+# read by the state pass in the tokens' layout (chunked.chunked's values); Gated DeltaNet's
+# beta k is formed by the kernels from k as given (Form.beta); kda's q and keys are cast
+# (api.run_chunked: per-channel decays with probed keys), k once for beta k.
+AS_GIVEN = {"gla": (0, 0), "gated_delta_rule": (0, 0), "kda": (3, 0)}
 
 
 @pytest.mark.parametrize("name", sorted(AS_GIVEN))

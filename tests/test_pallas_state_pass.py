@@ -118,6 +118,17 @@ def test_o0_or_qf_exactly_one():
             state_pass(gamma, Z, W, X, Qs, o0, qf, h0, idx, idx, LOOP)
 
 
+def values_case(seed, B, H, NC, C, K, V):
+    """Random factored transitions without probed rows (GLA's: X the bf16 values, O0 = QF X):
+    (normal, gamma, Z, Qs, X, QF), normal drawing more from the same generator."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    gamma = jnp.asarray(rng.uniform(0.5, 1.0, (B, H, NC, K)), jnp.float32)
+    Z, Qs = 0.05 * normal(B, H, NC, C, K), normal(B, H, NC, C, K)
+    X, QF = normal(B, H, NC, C, V).astype(jnp.bfloat16), 0.1 * normal(B, H, NC, C, C)
+    return normal, gamma, Z, Qs, X, QF
+
+
 @pytest.mark.parametrize("form", ["loop", "grid"])
 def test_16bit_values_without_probes(form):
     """X may be 16-bit where W is None (the values as given: GLA): the kernels read it as it
@@ -125,11 +136,7 @@ def test_16bit_values_without_probes(form):
     else as from the float32 copy of X. With W, a 16-bit X is refused (dW reads dX back)."""
     cfg = LOOP if form == "loop" else Config(form="grid", interpret=pltpu.InterpretParams())
     B, H, NC, C, K, V = 1, 2, 2, 32, 16, 32
-    rng = np.random.default_rng(7)
-    normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-    gamma = jnp.asarray(rng.uniform(0.5, 1.0, (B, H, NC, K)), jnp.float32)
-    Z, Qs = 0.05 * normal(B, H, NC, C, K), normal(B, H, NC, C, K)
-    X, QF = normal(B, H, NC, C, V).astype(jnp.bfloat16), 0.1 * normal(B, H, NC, C, C)
+    normal, gamma, Z, Qs, X, QF = values_case(7, B, H, NC, C, K, V)
     h0, src = normal(B, 1, H, K, V), jnp.asarray([[0, -1]], jnp.int32)
     dst = jnp.asarray([[-1, 0]], jnp.int32)
     run = lambda x: jax.vjp(lambda *a: state_pass(*a, src, dst, cfg),
@@ -148,6 +155,38 @@ def test_16bit_values_without_probes(form):
             assert_close(got.astype(jnp.float32), want.astype(jnp.float32), 1e-6, f"grad {i}")
     with pytest.raises(ValueError, match="float32 where W"):
         state_pass(gamma, Z, Z, X, Qs, normal(B, H, NC, C, V), None, h0, src, dst, cfg)
+
+
+def test_values_in_tokens_layout():
+    """x_tokens: X (the values, W None) given in the tokens' layout [B, NC, C, H, V] gives
+    what the chunk-major X gives, o, final states and every gradient (dX in the same layout
+    and dtype), here with several V blocks and V padded (80 -> 128); W or the "grid" form
+    with it is refused."""
+    cfg = Config(form="loop", interpret=True, fwd=Launch(block_v=32), bwd=Launch(block_v=32))
+    B, H, NC, C, K, V = 2, 2, 3, 16, 16, 80
+    normal, gamma, Z, Qs, X, QF = values_case(11, B, H, NC, C, K, V)
+    h0 = normal(B, 2, H, K, V)
+    src = jnp.asarray([[0, -1, 1], [1, 0, -1]], jnp.int32)
+    dst = jnp.asarray([[-1, 1, 0], [0, -1, 1]], jnp.int32)
+    run = lambda x, tokens: jax.vjp(
+        lambda *a: state_pass(*a, src, dst, cfg, x_tokens=tokens), gamma, Z, None, x, Qs, None,
+        QF, h0)
+    (o, fin), pull = run(jnp.moveaxis(X, 1, 3), True)
+    (o_ref, fin_ref), pull_ref = run(X, False)
+    cts = (normal(*o.shape), normal(*fin.shape))
+    assert_close(o, o_ref, 1e-6, "o")
+    assert_close(fin, fin_ref, 1e-6, "final states")
+    grads, grads_ref = list(pull(cts)), pull_ref(cts)
+    assert grads[3].shape == (B, NC, C, H, V) and grads[3].dtype == jnp.bfloat16
+    grads[3] = jnp.moveaxis(grads[3], 3, 1)
+    for i, (got, want) in enumerate(zip(grads, grads_ref)):
+        if want is not None:
+            assert_close(got.astype(jnp.float32), want.astype(jnp.float32), 1e-6, f"grad {i}")
+    Xt = jnp.moveaxis(X, 1, 3).astype(jnp.float32)
+    for W, form in ((Z, cfg), (None, Config(form="grid", interpret=pltpu.InterpretParams()))):
+        with pytest.raises(ValueError, match="x_tokens"):
+            state_pass(gamma, Z, W, Xt, Qs, None if W is None else normal(B, H, NC, C, V),
+                       QF if W is None else None, h0, src, dst, form, x_tokens=True)
 
 
 @pytest.mark.parametrize("rows, probed, Kp, sixteen_bit, want", [

@@ -412,8 +412,10 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     take `bounded`: True (the caller's promise, log_decay_lower_bound), False, or "check":
     per chunk and head, bounded_chunks of g's chunks as a traced flag (the Pallas kernels run
     their bounded or their exact version by it; False without per-channel decays). And
-    scan(layout, factors, h0) -> (o [B, NC, C, H, V], final states) phases 2+3 on the
-    factored transitions (chunk_factors; the Pallas state pass plugs in here), and
+    scan(layout, factors, h0, values=) -> (o [B, NC, C, H, V], final states) phases 2+3 on
+    the factored transitions (chunk_factors; the Pallas state pass plugs in here; values:
+    None, or with `factors`, where X is Vk of rank 1 itself, Vk's [B, NC, C, H, V] chunks,
+    phase 1 then getting Vk None and returning X None), and
     factors(q, g, E, y, P, F, Vk, decayed=...) replaces the checkpointed chunk_factors of
     one chunk (the Pallas kernels of the delta family). Without scan, phase 1 multiplies the
     transitions out (chunk_summary) for XLA's scan (_scan_outputs).
@@ -437,6 +439,13 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
     layout = ChunkLayout.make(B, T, chunk_size, cu_seqlens)
     q_layout = layout if n == 1 else ChunkLayout.make(
         B, T // n, chunk_size // n, None if cu_seqlens is None else cu_seqlens // n)
+    # Without probed keys the plain values of rank 1 (GLA) are X itself, which phase 1's
+    # kernels only pass through: the scan takes them in their chunks of the tokens' layout
+    # (engine._scan: the state pass reads them where they lie) and phase 1 does without.
+    values = None
+    if scan is not None and factors is not None and E is None and Vk is not None and (
+            Vk.shape[3] == 1):
+        values, Vk = layout.to_chunks(Vk[..., 0, :]), None
     inputs = (q, g, E, y, P, F, Vk)
     flags = None  # per chunk and head: the products' bounded kernels are safe
     if bounded == "check":
@@ -460,5 +469,5 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
         r, c = layout.final_row, layout.final_chunk
         finals = _apply(M[r, :, c], S_in[r, :, c]) + Bc[r, :, c]
     else:
-        o, finals = scan(layout, out, h0)
+        o, finals = scan(layout, out, h0, values=values)
     return q_layout.from_chunks(o), finals

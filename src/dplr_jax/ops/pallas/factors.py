@@ -565,7 +565,9 @@ def low_rank_factors(q, g, E, y, P, F, Vk, beta=None, *, decayed, own_decay=Fals
     chunked._summaries); own_decay: P holds p (chunked.chunked); beta: None, or [C] with
     probed keys of rank 1: the keys are E beta, formed on chip (the delta family's beta k from
     k as given: no float32 copy of its own); the intra-chunk products from `decayed`, the rest
-    in the kernels above. launch: (forward, backward) Launch."""
+    in the kernels above. launch: (forward, backward) Launch. Without E, X is Vk itself,
+    which the kernels only pass through: Vk may be None (chunked.chunked hands the values
+    to the state pass where they lie), X then None."""
     C = (E if E is not None else F).shape[0]
     n = C // q.shape[0]
     m, rk = (0 if x is None else _rank(x) for x in (E, F))

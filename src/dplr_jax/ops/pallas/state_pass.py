@@ -185,7 +185,10 @@ _GRAD_IN = ("sin", "g", "z", "u", "x", "qf", "do")
 _GRAD_OUT = ("dgam", "dz", "dw", "dx", "dqs", "dqf")
 _GRAD_OF = {"dw": "u", "dqf": "qf"}  # a part's cotangent, and the input that says it exists
 _V_BLOCKED = ("x", "u", "o0", "o", "sin", "do", "g")
-_TOKEN_ROWS = ("o", "do")  # "loop" form: blocks of [B, NC * C, H, V], the tokens' layout
+# "loop" form: blocks of [B, NC * C, H, V], the tokens' layout (X and its cotangent too where
+# X is given so: state_pass's x_tokens)
+_TOKEN_ROWS = ("o", "do")
+_X_TOKEN_ROWS = ("x", "dx")
 _STATES = ("h0", "dh0", "fin", "dfin")  # [B, Nb, H, K, V]: one state per sequence a row holds
 
 
@@ -208,9 +211,9 @@ def _query_blocks(C, rb):
 
 
 def _chunk_rows(ref, c, rows, C):
-    """The index of chunk c's query rows `rows` (a static pl.ds of its C) in o or its
-    cotangent: a [NC, C, BV] block (the "grid" form's [1, C, BV]), or the "loop" form's
-    [NC * C, BV] (one batch row and head of the tokens' layout, _TOKEN_ROWS)."""
+    """The index of chunk c's rows `rows` (a static pl.ds of its C) in o, its cotangent or X:
+    a [NC, C, BV] block (the "grid" form's [1, C, BV]), or the "loop" form's [NC * C, BV] (one
+    batch row and head of the tokens' layout, _TOKEN_ROWS)."""
     return (c, rows) if ref.ndim == 3 else (pl.ds(c * C + rows.start, rows.size),)
 
 
@@ -238,7 +241,7 @@ def _forward_chunk(c, src, dst, S, r, *, rb, precision, scale):
     # X's blocks loaded once (o first, loading them twice, took gla's forward kernel 1.35 ->
     # 1.42 ms on the H100)
     for rows, probed in _row_blocks(r, rb):
-        U = r["x"][c, rows].astype(jnp.float32)
+        U = r["x"][_chunk_rows(r["x"], c, rows, C)].astype(jnp.float32)
         if "qf" in r:
             o = [oq + _dot(r["qf"][c, q, rows], U, precision) for oq, q in zip(o, queries)]
         if probed:
@@ -406,10 +409,11 @@ def _params(cfg, launch, semantics):
     return pl_triton.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
-def _sequential(cfg, launch, ins, outs, state, H, rb, reverse, scale):
+def _sequential(cfg, launch, ins, outs, state, H, rb, reverse, scale, tokens=_TOKEN_ROWS):
     """pallas_call of the forward (reverse=False) or backward sequential kernel over named
     [BH, NC, a, b] inputs (and src, dst [B, NC], the states h0, dh0, fin, dfin [B, Nb, H, K,
-    V], and in the "loop" form o, do [B, NC * C, H, V]) and (name, shape, dtype) outputs, for
+    V], and in the "loop" form those named in `tokens`, [B, NC * C, H, V]: o, do, and X where
+    state_pass takes it so) and (name, shape, dtype) outputs, for
     a state of shape `state` = (K, V), o = scale (Qs S + O0): grid (BH, V/BV) with the whole
     chunk axis per program ("loop"), or (BH, V/BV, NC) with one chunk per step, descending if
     reverse ("grid")."""
@@ -431,7 +435,7 @@ def _sequential(cfg, launch, ins, outs, state, H, rb, reverse, scale):
         if grid_form:
             return pl.BlockSpec((None, 1, shape[2], bv),
                                 lambda bh, j, i: (bh, at(i), 0, j if vj else 0))
-        if name in _TOKEN_ROWS:
+        if name in tokens:
             return pl.BlockSpec((None, shape[1], None, BV),
                                 lambda bh, j: (_div(bh, H), 0, _rem(bh, H), j))
         return pl.BlockSpec((None, NC, shape[2], bv), lambda bh, j: (bh, 0, 0, j if vj else 0))
@@ -456,21 +460,22 @@ def _sequential(cfg, launch, ins, outs, state, H, rb, reverse, scale):
         name="dplr_state_pass_" + ("bwd" if reverse else "fwd"))(*ins.values())
 
 
-def _grads(cfg, ins, rb, H, qs_shape, scale):
-    """The parallel half of the backward: one program per (batch * head, chunk)."""
+def _grads(cfg, ins, rb, H, qs_shape, scale, tokens=_TOKEN_ROWS):
+    """The parallel half of the backward: one program per (batch * head, chunk); the inputs
+    and outputs named in `tokens` in the tokens' layout (_sequential)."""
     BH, NC, K, V = ins["sin"].shape
     C = qs_shape[2]
     shapes = {"dgam": (BH, NC, K, 1), "dqs": qs_shape, "dz": ins["z"].shape,
-              "dx": ins["z"].shape[:3] + (V,)}
+              "dx": ins["x"].shape if "dx" in tokens else ins["z"].shape[:3] + (V,)}
     if "u" in ins:
         shapes["dw"] = ins["u"].shape[:3] + (K,)
     if "qf" in ins:
         shapes["dqf"] = ins["qf"].shape
     names = _outputs(_GRAD_OUT, ins)
     chunk = lambda shape: pl.BlockSpec((None, None) + shape[2:], lambda bh, c: (bh, c, 0, 0))
-    tokens = pl.BlockSpec((None, C, None, V), lambda bh, c: (_div(bh, H), c, _rem(bh, H), 0))
-    spec = lambda name, x: (tokens if name in _TOKEN_ROWS and cfg.form == "loop"
-                            else chunk(x.shape))
+    rows = pl.BlockSpec((None, C, None, V), lambda bh, c: (_div(bh, H), c, _rem(bh, H), 0))
+    spec = lambda name, shape: (rows if name in tokens and cfg.form == "loop"
+                                else chunk(shape))
     # Column blocks (cfg.grads.block_v, None: 64) keep the GPU's tiles small; on the TPU a
     # 64-lane slice of a 128-lane tile would cost relayouts, so it takes all of V at once.
     bv = V if cfg.form == "grid" else min(V, cfg.grads.block_v or 64)
@@ -482,8 +487,8 @@ def _grads(cfg, ins, rb, H, qs_shape, scale):
     dtype = lambda n: ins["x"].dtype if n == "dx" and "x" in ins else jnp.float32
     res = pl.pallas_call(
         kernel, out_shape=[jax.ShapeDtypeStruct(shapes[n], dtype(n)) for n in names],
-        grid=(BH, NC), in_specs=[spec(n, x) for n, x in ins.items()],
-        out_specs=[chunk(shapes[n]) for n in names], interpret=cfg.interpret,
+        grid=(BH, NC), in_specs=[spec(n, x.shape) for n, x in ins.items()],
+        out_specs=[spec(n, shapes[n]) for n in names], interpret=cfg.interpret,
         compiler_params=_params(cfg, cfg.grads, ("parallel", "parallel")),
         name="dplr_state_pass_grads")(*ins.values())
     return dict(zip(names, res))
@@ -505,7 +510,13 @@ def _o_shape(cfg, H, qs_shape, V):
     return (BH // H, NC * C, H, V) if cfg.form == "loop" else (BH, NC, C, V)
 
 
-def _forward(cfg, H, rb, o_dtype, scale, gam, Z, W, X, Qs, O0, QF, h0, src, dst, save):
+def _tokens(x_tokens):
+    """The operands in the tokens' layout ("loop" form): o, do, and X, dX where x_tokens."""
+    return _TOKEN_ROWS + (_X_TOKEN_ROWS if x_tokens else ())
+
+
+def _forward(cfg, H, rb, o_dtype, scale, x_tokens, gam, Z, W, X, Qs, O0, QF, h0, src, dst,
+             save):
     """The forward kernel: o (in o_dtype; _o_shape), the final states and, with save, every S_c
     (for the backward; 268 MB at B=4, T=4096, H=16, K=V=128, so a call without gradients does
     not write them)."""
@@ -517,17 +528,19 @@ def _forward(cfg, H, rb, o_dtype, scale, gam, Z, W, X, Qs, O0, QF, h0, src, dst,
         outs.append(("sin", (BH, NC, K, V), jnp.float32))
         if W is not None:
             outs.append(("u", (BH, NC, W.shape[-2], V), jnp.float32))
-    return _sequential(cfg, cfg.fwd, ins, outs, (K, V), H, rb, reverse=False, scale=scale)
+    return _sequential(cfg, cfg.fwd, ins, outs, (K, V), H, rb, reverse=False, scale=scale,
+                       tokens=_tokens(x_tokens))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _state_pass(cfg, H, rb, o_dtype, scale, *args):
-    return tuple(_forward(cfg, H, rb, o_dtype, scale, *args, save=False))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _state_pass(cfg, H, rb, o_dtype, scale, x_tokens, *args):
+    return tuple(_forward(cfg, H, rb, o_dtype, scale, x_tokens, *args, save=False))
 
 
-def _state_pass_fwd(cfg, H, rb, o_dtype, scale, gam, Z, W, X, Qs, O0, QF, h0, src, dst):
-    o, fin, S_in, *U = _forward(cfg, H, rb, o_dtype, scale, gam, Z, W, X, Qs, O0, QF, h0, src,
-                                dst, save=True)
+def _state_pass_fwd(cfg, H, rb, o_dtype, scale, x_tokens, gam, Z, W, X, Qs, O0, QF, h0, src,
+                    dst):
+    o, fin, S_in, *U = _forward(cfg, H, rb, o_dtype, scale, x_tokens, gam, Z, W, X, Qs, O0, QF,
+                                h0, src, dst, save=True)
     U = U[0] if U else None
     # The gradient kernel reads X only where U does not cover it: plain rows, or QF.
     if U is not None and U.shape[-2] == X.shape[-2] and QF is None:
@@ -535,7 +548,7 @@ def _state_pass_fwd(cfg, H, rb, o_dtype, scale, gam, Z, W, X, Qs, O0, QF, h0, sr
     return (o, fin), (gam, Z, W, U, X, Qs, QF, S_in, src, dst, h0.shape)
 
 
-def _state_pass_bwd(cfg, H, rb, o_dtype, scale, res, cts):
+def _state_pass_bwd(cfg, H, rb, o_dtype, scale, x_tokens, res, cts):
     gam, Z, W, U, X, Qs, QF, S_in, src, dst, h0_shape = res
     do, dfin = cts
     ins = _pick(_BWD_IN, src=src, dst=dst, gam=gam, z=Z, w=W, qs=Qs, do=do, dfin=dfin)
@@ -543,7 +556,7 @@ def _state_pass_bwd(cfg, H, rb, o_dtype, scale, res, cts):
                                              ("dh0", h0_shape, jnp.float32)],
                          S_in.shape[-2:], H, rb, reverse=True, scale=scale)
     d = _grads(cfg, _pick(_GRAD_IN, sin=S_in, g=G, z=Z, u=U, x=X, qf=QF, do=do), rb, H,
-               Qs.shape, scale)
+               Qs.shape, scale, _tokens(x_tokens))
     dO0 = None
     if QF is None:  # O0 was given
         BH, NC, C, _ = Qs.shape
@@ -589,7 +602,7 @@ def fit_launches(cfg, rows, probed_rows, Kp, Vp, rb):
 
 
 def state_pass(gamma, Z, W, X, Qs, O0, QF, h0, src, dst, cfg: Config, o_dtype=jnp.float32,
-               scale=1.0):
+               scale=1.0, x_tokens=False):
     """The inter-chunk state pass on factored transitions; differentiable in (gamma, Z, W, X,
     Qs, O0 or QF, h0).
 
@@ -607,8 +620,16 @@ def state_pass(gamma, Z, W, X, Qs, O0, QF, h0, src, dst, cfg: Config, o_dtype=jn
     the bytes of float32 for 16-bit outputs; its cotangent arrives in the same dtype) and the
     final states [B, Nb, H, K, V], float32. scale (a Python number) is the op's: the kernels
     apply it to o and to o's cotangent, so that q reaches phase 1 unscaled (api.run_chunked).
+    x_tokens ("loop" form only, W None, n = C): X comes as [B, NC, C, H, V], the tokens'
+    layout in chunks, as o leaves (the values as given, read where they lie: no move of them
+    to the chunk-major layout, and none of their cotangent back).
     """
     B, H, NC, C, K = Qs.shape
+    if x_tokens and (cfg.form != "loop" or W is not None
+                     or X.shape != (B, NC, C, H, X.shape[-1])):
+        raise ValueError(f"state_pass: x_tokens takes X [B, NC, C, H, V] = {(B, NC, C, H)} + "
+                         f"(V,), without W, in the \"loop\" form; X {X.shape}, W "
+                         f"{None if W is None else W.shape}, form {cfg.form!r}")
     V = X.shape[-1]
     Kp, Vp = _pow2(K), _pow2(V)
     # Rows per block: 64, or the largest power of two dividing the rows of Z and W (the
@@ -634,8 +655,10 @@ def state_pass(gamma, Z, W, X, Qs, O0, QF, h0, src, dst, cfg: Config, o_dtype=jn
     h0 = _pad_to(_pad_to(h0.astype(jnp.float32), 3, Kp), 4, Vp)
     cfg = fit_launches(cfg, Z.shape[-2], 0 if W is None else W.shape[-2], Kp, Vp, rb)
     flat = lambda x: None if x is None else x.reshape((B * H,) + x.shape[2:])
-    o, finals = _state_pass(cfg, H, rb, jnp.dtype(o_dtype), float(scale),
-                            *(flat(x) for x in (gamma, Z, W, X, Qs, O0, QF)), h0, src, dst)
+    X = X.reshape(B, NC * C, H, Vp) if x_tokens else flat(X)
+    o, finals = _state_pass(cfg, H, rb, jnp.dtype(o_dtype), float(scale), x_tokens,
+                            *(flat(x) for x in (gamma, Z, W)), X,
+                            *(flat(x) for x in (Qs, O0, QF)), h0, src, dst)
     o = (o.reshape(B, NC, C, H, Vp) if cfg.form == "loop"
          else jnp.moveaxis(o.reshape(B, H, NC, C, Vp), 1, 3))
     return o[..., :V], finals[..., :K, :V]
