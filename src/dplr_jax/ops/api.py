@@ -223,9 +223,10 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     # Inputs as given go to the Pallas kernels in their chunks, where the move to the
     # chunk-major layout would be a copy of its own (chunked.chunked's in_place): log decays
     # in the accumulation dtype (not cast, not formed by the op; a cast or formed g is
-    # written by XLA anyway and moves on the way), and the values y of one-factor forms (v
-    # itself with a rank axis, forms.delta_rule) where phase 1's kernels take them (with the
-    # state-pass kernel: without it chunked.chunked runs XLA's chunk_summary).
+    # written by XLA anyway and moves on the way), and the values of rank 1 (v itself with a
+    # rank axis: the delta family's y, DPLR's Vk; GLA's go to the state pass where they lie,
+    # chunked.chunked) where phase 1's kernels take them (with the state-pass kernel: without
+    # it chunked.chunked runs XLA's chunk_summary).
     in_place = ("q",) if forward_only else ()
     if (decayed is not None or factors is not None) and any(
             rest[0] is x and x0.dtype == dtype for x, x0 in zip(xs, inputs) if x is not None):
@@ -233,8 +234,7 @@ def run_chunked(name, inputs, *, scale, initial_state, cu_seqlens, chunk_size, b
     y = rest[2]
     rank1 = lambda x: factors is not None and scan is not None and n == 1 and (
         x is not None and x.shape[3] == 1)
-    if rank1(y):
-        in_place += ("y",)
+    in_place += tuple(name for name, x in (("y", y), ("Vk", rest[5])) if rank1(x))
     # ... and in a call without gradients the keys as given of rank 1 (the probes of the
     # delta family: k itself; GLA's plain keys)
     in_place += tuple(name for name, x in (("P", rest[3]), ("F", rest[4]))

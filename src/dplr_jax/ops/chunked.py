@@ -358,15 +358,15 @@ def _summaries(layout, q_layout, summary, q, g, E, y, P, F, Vk, beta=None, in_pl
     q_layout's chunks). summary: a function of one chunk's (q, g, E, y, P, F, Vk), or with
     flags [B, H, NC] of (its flag, q, g, ...).
 
-    in_place: names of inputs ("q", "g", "E", "y", "P", "F") that stay [B, NC, C, H, ...]
-    (chunked.chunked's in_place), which a Pallas kernel under vmap reads where they lie; E,
-    y, P and F then lose their rank axis (of size 1) here, where that is a reshape, and each
-    chunk's is [C, V] or [C, K]. The other inputs are moved. beta (with E in place): the
+    in_place: names of inputs ("q", "g", "E", "y", "P", "F", "Vk") that stay [B, NC, C, H,
+    ...] (chunked.chunked's in_place), which a Pallas kernel under vmap reads where they lie;
+    E, y, P, F and Vk then lose their rank axis (of size 1) here, where that is a reshape,
+    and each chunk's is [C, V] or [C, K]. The other inputs are moved. beta (with E in place): the
     keys' row scale [B, T, H] (a row [C] per chunk), summary's last input."""
     names = ("q", "g", "E", "y", "P", "F", "Vk") + (() if beta is None else ("beta",))
     xs = dict(zip(names, (q, g, E, y, P, F, Vk, beta)))
-    for name in ("E", "y", "P", "F"):
-        if name in in_place:
+    for name in ("E", "y", "P", "F", "Vk"):
+        if name in in_place and xs[name] is not None:
             xs[name] = xs[name][..., 0, :]
 
     def chunks(name):
@@ -422,8 +422,8 @@ def chunked(q, g, E, y, P, F, Vk, h0, *, chunk_size, cu_seqlens=None, own_decay=
 
     in_place: names of the inputs that phase 1 reads in their [B, NC, C, H, ...] chunks
     rather than moved to [B, H, NC, C, ...] with the others, for Pallas phases and inputs
-    that would be copied for the move alone (api.run_chunked): "q", "g", and "y", "P", "F"
-    of rank 1, which phase 1 then gets as [C, V] or [C, K] per chunk (`factors` must take
+    that would be copied for the move alone (api.run_chunked): "q", "g", and "y", "P", "F",
+    "Vk" of rank 1, which phase 1 then gets as [C, V] or [C, K] per chunk (`factors` must take
     that: the kernels of factors.py do), and "E" with `beta` [B, T, H] (and `factors`): the
     probed keys are E beta, which the kernels form (E then P itself, as given: the delta
     family's beta k without a float32 copy). On the H100 at B=4, T=4096, H=16, K=128 the copy

@@ -77,8 +77,9 @@ def _phase1(q, g, E, y, P, F, Vk, beta=None, *, decayed, own_decay, **kernel):
         return factors.low_rank_factors(q, g, E, y, P, F, Vk, beta, decayed=decayed,
                                         own_decay=own_decay, **kernel)
     up = lambda x: None if x is None else x.astype(_acc(x))  # 16-bit as given
+    ranked = lambda x: x if x is None or x.ndim == 3 else x[:, None]  # read in place
     return chunked.checkpointed(chunked.chunk_factors, decayed=decayed, own_decay=own_decay)(
-        *map(up, (q, g, E, y, P, F, Vk)))
+        up(q), up(g), *(up(ranked(x)) for x in (E, y, P, F, Vk)))
 
 
 def op(name, *inputs, scale, initial_state, cu_seqlens, chunk_size, cfg: Config, bounded=False):

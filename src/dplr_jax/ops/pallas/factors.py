@@ -561,7 +561,7 @@ def low_rank_factors(q, g, E, y, P, F, Vk, beta=None, *, decayed, own_decay=Fals
                      precision, exact, launch):
     """chunked.chunk_factors for one chunk of a form the kernels take (`takes`): q [C / n, K]
     (the last of every n tokens' queries), E, y, P [C, m, ...] or None, F, Vk [C, rk, ...]
-    or None, not both None (y, P, F of rank 1 may come without their rank axis: in place,
+    or None, not both None (y, P, F, Vk of rank 1 may come without their rank axis: in place,
     chunked._summaries); own_decay: P holds p (chunked.chunked); beta: None, or [C] with
     probed keys of rank 1: the keys are E beta, formed on chip (the delta family's beta k from
     k as given: no float32 copy of its own); the intra-chunk products from `decayed`, the rest
