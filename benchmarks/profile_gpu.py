@@ -148,7 +148,9 @@ def main():
         args = inputs(op, B, a.T, H, K, V, key, jnp.bfloat16, strong=a.strong, bound=bound)
         do = jax.random.normal(key, (B, a.T, H, V), jnp.bfloat16)
         for backend in a.backends:
-            fwd, fwd_bwd = jax_op_fns(op, backend, bound, a.chunk)
+            # (FLA's calls are built by fla_call; jax_op_fns is dplr_jax's backends only)
+            fwd, fwd_bwd = (None, None) if backend == "fla" else jax_op_fns(op, backend, bound,
+                                                                            a.chunk)
             for mode, fn, fargs in (("fwd", fwd, args), ("fwd+bwd", fwd_bwd, (do,) + args)):
                 if backend == "fla":
                     got = fla_kernel_times(op, args, do, mode, a.calls)
